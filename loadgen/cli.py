@@ -1,0 +1,138 @@
+"""`tlbsim load run`, `tlbsim demo`: thin command-line adapters over the runner."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from loadgen import output
+from loadgen.cluster import Cluster
+from loadgen.runner import run
+from loadgen.scenarios import SCENARIOS, RunConfig
+from services.common import policy as pol
+from services.common.errors import FailedPrecondition, InvalidArgument
+
+
+def add_policy_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy (chosen per run; the cluster is reset, not restarted)")
+    d = pol.Policy()
+    g.add_argument("--lock", choices=list(pol.LOCKS), default=d.lock,
+                   help="page-table locking: one lock per mm, or a lock per PTE table "
+                        f"(default {d.lock})")
+    g.add_argument("--flush", choices=list(pol.FLUSHES), default=d.flush,
+                   help=f"one shootdown per page, or mmu_gather batching (default {d.flush})")
+    g.add_argument("--ceiling", type=int, default=d.ceiling,
+                   help="ranges above this many pages become a full flush (default 33)")
+    g.add_argument("--batch", type=int, default=d.batch,
+                   help="gather batch-page size; a gather holds 8 + 19 batches before it "
+                        "must flush (default 510)")
+    g.add_argument("--lazy-tlb", choices=["on", "off"], default="on",
+                   help="idle CPUs keep the mm loaded and skip flushes (default on)")
+    g.add_argument("--transport", choices=list(pol.TRANSPORTS), default=d.transport,
+                   help="shootdown delivery: a unary call per CPU, or a stream per CPU")
+    g.add_argument("--tlb-entries", type=int, default=d.tlb_entries,
+                   help=f"TLB entries per CPU (default {d.tlb_entries})")
+    g.add_argument("--tlb-ways", type=int, default=d.tlb_ways,
+                   help=f"TLB associativity (default {d.tlb_ways})")
+    g.add_argument("--unsafe", choices=list(pol.UNSAFE), default="none",
+                   help="deliberately wrong orders, to show the oracle firing")
+    g.add_argument("--deadline", type=float, default=d.deadline_s,
+                   help="seconds a CPU has to acknowledge a shootdown before it is fenced")
+
+
+def policy_from(args: argparse.Namespace) -> pol.Policy:
+    return pol.Policy(lock=args.lock, flush=args.flush, ceiling=args.ceiling, batch=args.batch,
+                      lazy_tlb=args.lazy_tlb == "on", transport=args.transport,
+                      tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways, unsafe=args.unsafe,
+                      deadline_s=args.deadline)
+
+
+def add_workload_options(p: argparse.ArgumentParser, cpus: int = 4, pages: int = 512,
+                         rounds: int = 5) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--cpus", type=int, default=cpus, help=f"CPUs to use (default {cpus})")
+    g.add_argument("--pages", type=int, default=pages,
+                   help=f"pages per mapping (default {pages})")
+    g.add_argument("--rounds", type=int, default=rounds,
+                   help=f"repetitions (default {rounds})")
+    g.add_argument("--seed", type=int, default=0, help="seed for randomised choices")
+    g.add_argument("--readers", choices=["on", "off"], default="on",
+                   help="munmap: the other threads keep reading during the munmap (default "
+                        "on; off is LATR's quiet variant)")
+
+
+def config_from(args: argparse.Namespace, scenario: str) -> RunConfig:
+    for name in ("cpus", "pages", "rounds"):
+        if getattr(args, name) < 1:
+            raise InvalidArgument(f"--{name} must be at least 1")
+    if args.pages > 1 << 24:
+        raise InvalidArgument(f"--pages {args.pages}: at most {1 << 24} per mapping")
+    return RunConfig(scenario, policy_from(args), cpus=args.cpus, pages=args.pages,
+                     rounds=args.rounds, seed=args.seed, readers=args.readers == "on")
+
+
+def coordinator_address(args: argparse.Namespace) -> str:
+    """--cluster wins; otherwise the state file `tlbsim up` wrote."""
+    if args.cluster:
+        return args.cluster
+    from services.launcher import LauncherError, load_state
+    try:
+        return load_state(args.state).coordinator
+    except LauncherError as e:
+        raise FailedPrecondition(f"{e} (start one with `tlbsim up`, or pass --cluster)") from None
+
+
+def add_commands(sub) -> None:
+    load = sub.add_parser("load", help="drive workloads against a running cluster",
+                          description="Drive workloads against a running cluster.")
+    load_sub = load.add_subparsers(dest="load_command", required=True, metavar="COMMAND")
+    p = load_sub.add_parser(
+        "run", help="run one scenario and report (exit 1 if the oracle saw a stale access)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run one scenario against a running cluster, print a table, and write "
+                    "the JSON report with --json. Exits 1 when the safety oracle counted a "
+                    "stale access or the final audit found a stale TLB entry.\n\n"
+                    "scenarios (loadgen/scenarios.py says what each reproduces):\n"
+                    "  munmap         LATR's munmap microbenchmark: per-page vs gathered\n"
+                    "  fault-scaling  threads fault while one unmaps: mm vs split locks")
+    p.add_argument("scenario", choices=list(SCENARIOS))
+    p.add_argument("--cluster", metavar="ADDR",
+                   help="the coordinator's address (default: the state file of `tlbsim up`)")
+    p.add_argument("--state", metavar="PATH", help="state file of `tlbsim up --detach`")
+    p.add_argument("--json", metavar="PATH", help="write the JSON report here ('-' = stdout)")
+    add_workload_options(p)
+    add_policy_options(p)
+    p.set_defaults(func=_run)
+
+    d = sub.add_parser(
+        "demo", help="start a local cluster, compare policies side by side, stop it",
+        description="Start memory, coordinator and CPUs as local processes on loopback, run "
+                    "a short built-in comparison (per-page vs gathered shootdowns; mm vs "
+                    "split page-table locks), print the tables, and stop every process.")
+    d.add_argument("--cpus", type=int, default=4, help="CPUs (default 4)")
+    d.add_argument("--rounds", type=int, default=3, help="rounds per configuration (default 3)")
+    d.add_argument("--json", metavar="PATH", help="write all reports as one JSON document")
+    d.set_defaults(func=_demo)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = config_from(args, args.scenario)
+    address = coordinator_address(args)
+
+    async def main() -> int:
+        async with Cluster(address) as cluster:
+            with output.progress(cfg.rounds, f"{cfg.scenario}") as advance:
+                report = await run(cluster, cfg, advance)
+        output.print_report(report)
+        output.write_json(report, args.json)
+        return output.verdict(report)
+
+    return asyncio.run(main())
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from loadgen.demo import demo
+    if not 2 <= args.cpus <= 16:
+        raise InvalidArgument("demo --cpus must be between 2 and 16")
+    if not 1 <= args.rounds <= 100:
+        raise InvalidArgument("demo --rounds must be between 1 and 100")
+    return demo(args.cpus, args.rounds, args.json)

@@ -1,0 +1,86 @@
+"""A client's view of a running cluster: stubs for every service, found through
+the coordinator (or a `tlbsim up` state file), and the per-run reset."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import grpc
+
+from services.common.errors import FailedPrecondition
+from services.common.policy import Policy
+from services.common.server import channel
+from tlbsim.v1 import (coordinator_pb2, coordinator_pb2_grpc, cpu_pb2, cpu_pb2_grpc, memory_pb2,
+                       memory_pb2_grpc)
+
+RPC_TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass
+class Cpu:
+    id: int
+    stub: cpu_pb2_grpc.CpuServiceStub
+
+
+class Cluster:
+    def __init__(self, coordinator: str):
+        self.coordinator_address = coordinator
+        self._channels: list[grpc.aio.Channel] = []
+        self.coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(self._open(coordinator))
+        self.memory: memory_pb2_grpc.MemoryServiceStub | None = None
+        self.cpus: list[Cpu] = []
+
+    def _open(self, address: str) -> grpc.aio.Channel:
+        ch = channel(address)
+        self._channels.append(ch)
+        return ch
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            await ch.close()
+
+    async def __aenter__(self) -> "Cluster":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def discover(self, want_cpus: int, wait_s: float = 10.0) -> list[Cpu]:
+        """Wait until the memory service and `want_cpus` unfenced CPUs are registered."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + wait_s
+        while True:
+            try:
+                listing = await self.coordinator.ListCpus(
+                    coordinator_pb2.ListCpusRequest(), timeout=5, wait_for_ready=True)
+            except grpc.aio.AioRpcError as e:
+                raise FailedPrecondition(
+                    f"cannot reach the coordinator at {self.coordinator_address}: "
+                    f"{e.code().name}") from None
+            ready = [c for c in listing.cpus if not c.fenced]
+            if listing.memory_address and len(ready) >= want_cpus:
+                break
+            if loop.time() > give_up:
+                raise FailedPrecondition(
+                    f"the cluster has {len(ready)} usable CPUs"
+                    f"{'' if listing.memory_address else ' and no memory service'}; "
+                    f"this run needs {want_cpus}")
+            await asyncio.sleep(0.1)
+        if self.memory is None:
+            self.memory = memory_pb2_grpc.MemoryServiceStub(self._open(listing.memory_address))
+        self.cpus = [Cpu(c.cpu, cpu_pb2_grpc.CpuServiceStub(self._open(c.address)))
+                     for c in sorted(ready, key=lambda c: c.cpu)[:want_cpus]]
+        return self.cpus
+
+    async def reset(self, policy: Policy, cpus: int) -> int:
+        """A clean machine under `policy`: returns the memory service's new epoch."""
+        await self.discover(cpus)
+        pb = policy.to_proto()
+        await self.coordinator.Reset(coordinator_pb2.CoordinatorResetRequest(policy=pb),
+                                     timeout=RPC_TIMEOUT_S)
+        reply = await self.memory.Reset(memory_pb2.MemoryResetRequest(policy=pb),
+                                        timeout=RPC_TIMEOUT_S)
+        await asyncio.gather(*(c.stub.Reset(cpu_pb2.CpuResetRequest(
+            tlb_entries=policy.tlb_entries, tlb_ways=policy.tlb_ways, epoch=reply.epoch),
+            timeout=RPC_TIMEOUT_S) for c in self.cpus))
+        return reply.epoch

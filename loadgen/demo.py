@@ -1,0 +1,70 @@
+"""`tlbsim demo`: a local cluster, two built-in comparisons, nothing left running."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from loadgen import output
+from loadgen.cluster import Cluster
+from loadgen.runner import run
+from loadgen.scenarios import RunConfig
+from services.common.policy import Policy
+
+MUNMAP_ROWS = [
+    ("shootdowns", "shootdowns", "{}"), ("IPIs", "ipis", "{}"),
+    ("full flushes", "full_flushes", "{}"),
+    ("munmap latency p50 / p99", "munmap_latency_ms", "ms"),
+    ("stale accesses", "stale_accesses", "{}"),
+]
+LOCK_ROWS = [
+    ("faults/s", "faults_per_s", "{}"),
+    ("fault latency p50 / p99", "fault_latency_ms", "ms"),
+    ("lock wait p50 / p99", "lock_wait_ms", "ms"),
+    ("contended acquisitions", "contended_locks", "{}"),
+    ("stale accesses", "stale_accesses", "{}"),
+]
+
+
+def comparisons(cpus: int, rounds: int) -> list[tuple[str, list[tuple[str, RunConfig]], list]]:
+    base = Policy()
+    return [
+        (f"munmap of 512 pages on {cpus} CPUs: one shootdown per page vs mmu_gather",
+         [("A: per-page", RunConfig("munmap", dataclasses.replace(base, flush="per-page"),
+                                    cpus=cpus, pages=512, rounds=rounds)),
+          ("B: gather", RunConfig("munmap", base, cpus=cpus, pages=512, rounds=rounds))],
+         MUNMAP_ROWS),
+        (f"faults on {cpus - 1} CPUs while one unmaps: page_table_lock vs split PTE locks",
+         [("A: lock=mm", RunConfig("fault-scaling", dataclasses.replace(base, lock="mm"),
+                                   cpus=cpus, pages=512, rounds=rounds)),
+          ("B: lock=split", RunConfig("fault-scaling", base, cpus=cpus, pages=512,
+                                      rounds=rounds))],
+         LOCK_ROWS),
+    ]
+
+
+def demo(cpus: int, rounds: int, json_path: str | None) -> int:
+    from services.launcher import LocalCluster
+
+    cluster = LocalCluster()
+    try:
+        info = cluster.start(cpus)
+        output.console.print(f"local cluster: coordinator {info.coordinator}, memory "
+                             f"{info.memory}, {cpus} CPUs")
+        return asyncio.run(_compare(info.coordinator, cpus, rounds, json_path))
+    finally:
+        cluster.stop()
+
+
+async def _compare(coordinator: str, cpus: int, rounds: int, json_path: str | None) -> int:
+    everything, unsafe = [], False
+    async with Cluster(coordinator) as cluster:
+        for title, configs, rows in comparisons(cpus, rounds):
+            reports = []
+            for label, cfg in configs:
+                with output.progress(cfg.rounds, label) as advance:
+                    reports.append(await run(cluster, cfg, advance))
+            output.print_comparison(title, [label for label, _ in configs], reports, rows)
+            everything.extend(reports)
+            unsafe |= any(output.verdict(r) for r in reports)
+    output.write_json({"reports": everything}, json_path)
+    return 1 if unsafe else 0

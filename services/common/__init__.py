@@ -1,0 +1,1 @@
+"""Pieces every service shares: addresses, errors, policy, the gRPC server skeleton."""

@@ -1,0 +1,160 @@
+"""One simulated CPU: its TLB, the mm it runs, and the access loop (no I/O).
+
+TLB hits never leave the CPU; a miss calls the injected `miss` coroutine (the
+memory service's walk/fault handler). Every hit is recorded for the oracle as
+(tid << 1 | write, CLOCK_MONOTONIC ns)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from array import array
+from typing import Awaitable, Callable, Protocol, Sequence
+
+from services.common.errors import FailedPrecondition
+from services.cpu.tlb import Entry, Tlb
+
+
+class Translation(Protocol):
+    outcome: str
+    pfn: int
+    writable: bool
+    tid: int
+    local_flushes: list
+
+
+class FlushLike(Protocol):
+    mm: int
+    start_vpn: int
+    pages: int
+    new_tlb_gen: int
+    mm_tlb_gen: int
+
+
+MissHandler = Callable[[int, bool], Awaitable[Translation]]
+Pte = tuple[int, bool, int] | None  # (pfn, writable, tid) of a present PTE
+Walker = Callable[[list[int]], Awaitable[list[Pte]]]
+WALK_AHEAD = 64  # pages read per walk request: one round trip serves the misses that follow
+FAULTED = {"anon", "cow"}
+SEGV = {"segv", "prot"}
+
+
+@dataclasses.dataclass
+class AccessStats:
+    accesses: int = 0
+    hits: int = 0
+    misses: int = 0
+    faults: int = 0
+    segv: int = 0
+
+
+class CpuCore:
+    def __init__(self, cpu_id: int, tlb_entries: int, tlb_ways: int,
+                 clock: Callable[[], int] = time.monotonic_ns):
+        self.id = cpu_id
+        self.clock = clock
+        self.tlb = Tlb(tlb_entries, tlb_ways)
+        self.loaded_mm = 0
+        self.lazy = False
+        self.fenced = False
+        self._hit_words = array("Q")
+        self._hit_times = array("q")
+
+    def reset(self, tlb_entries: int, tlb_ways: int) -> None:
+        self.tlb = Tlb(tlb_entries, tlb_ways)
+        self.loaded_mm = 0
+        self.lazy = False
+        self.take_hits()
+
+    # --- scheduling ------------------------------------------------------------------
+    def switch(self, mm: int, mm_gen: int, lazy: bool = False) -> bool:
+        """Load `mm` (0 = idle). Returns True when the TLB had to flush to catch up."""
+        if mm == 0:
+            self.lazy = lazy
+            if not lazy:
+                self.loaded_mm = 0
+            return False
+        self.loaded_mm = mm
+        self.lazy = False
+        return self.tlb.switch_to(mm, mm_gen)
+
+    def require_runnable(self) -> int:
+        if self.fenced:
+            raise FailedPrecondition(
+                f"cpu {self.id} is fenced: it missed a shootdown deadline and must re-register")
+        if not self.loaded_mm or self.lazy:
+            raise FailedPrecondition(f"cpu {self.id} runs no mm: switch_mm first")
+        return self.loaded_mm
+
+    def fence(self) -> None:
+        """Missed a deadline: nothing cached may be trusted any more."""
+        self.fenced = True
+        self.tlb.invalidate_all()
+
+    # --- invalidation ------------------------------------------------------------------
+    def apply_flush(self, f: FlushLike) -> tuple[str, int]:
+        return self.tlb.apply_flush(f.mm, f.start_vpn, f.pages, f.new_tlb_gen, f.mm_tlb_gen)
+
+    # --- execution -------------------------------------------------------------------
+    async def run_accesses(self, vpns: Sequence[int], writes: Sequence[int], miss: MissHandler,
+                           walk: Walker | None = None,
+                           stop_on_segv: bool = False) -> AccessStats:
+        """Execute accesses in order. A TLB miss is served from a batched walk of the
+        pages ahead when possible (valid only while no flush reached this CPU since),
+        else by the memory service's fault handler."""
+        mm = self.require_runnable()
+        stats = AccessStats()
+        walked: dict[int, Pte] = {}
+        walked_at = -1  # flushes_applied when `walked` was read
+        tlb, words, times, clock = self.tlb, self._hit_words, self._hit_times, self.clock
+        for i, vpn in enumerate(vpns):
+            write = writes[i] if writes else 0
+            stats.accesses += 1
+            entry = tlb.lookup(mm, vpn)
+            if entry is not None and (not write or entry.writable):
+                words.append(entry.tid << 1 | write)
+                times.append(clock())
+                stats.hits += 1
+                continue
+            if walk is not None:
+                if walked_at != tlb.flushes_applied or vpn not in walked:
+                    ahead = list(dict.fromkeys(vpns[i:i + WALK_AHEAD]))
+                    walked_at = tlb.flushes_applied
+                    walked = dict(zip(ahead, await walk(ahead)))
+                pte = walked[vpn]
+                if walked_at == tlb.flushes_applied and pte is not None and \
+                        (not write or pte[1]):
+                    stats.misses += 1
+                    tlb.fill(mm, vpn, Entry(*pte))
+                    continue
+            segv = await self._miss(mm, vpn, bool(write), miss, stats)
+            if segv and stop_on_segv:
+                break
+        return stats
+
+    async def _miss(self, mm: int, vpn: int, write: bool, miss: MissHandler,
+                    stats: AccessStats) -> bool:
+        """Walk (and fault); fill the TLB unless a flush overtook the walk, then retry:
+        on hardware the fill and the invalidation cannot pass each other."""
+        while True:
+            stats.misses += 1
+            before = self.tlb.flushes_applied
+            t = await miss(vpn, write)
+            overtaken = self.tlb.flushes_applied != before
+            for f in t.local_flushes:
+                self.apply_flush(f)
+            if t.outcome in FAULTED:
+                stats.faults += 1
+            if t.outcome in SEGV:
+                stats.segv += 1
+                return True
+            if self.fenced or self.loaded_mm != mm:
+                self.require_runnable()
+            if not overtaken:
+                self.tlb.fill(mm, vpn, Entry(t.pfn, t.writable, t.tid))
+                return False
+
+    def take_hits(self) -> tuple[bytes, bytes]:
+        """The hits recorded since the last call, for the oracle."""
+        words, times = self._hit_words.tobytes(), self._hit_times.tobytes()
+        self._hit_words, self._hit_times = array("Q"), array("q")
+        return words, times

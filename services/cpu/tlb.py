@@ -1,0 +1,166 @@
+"""A set-associative, LRU TLB with per-mm flush generations (pure, no I/O).
+
+The generation rule is Linux's `flush_tlb_func` (DESIGN.md §2): a flush request
+for generation g, on a CPU whose local generation for the mm is l, while the mm
+is at generation m:
+  - g <= l: elided (a newer flush already covered it);
+  - l == m: elided (a concurrent flush caught up);
+  - a range flush only when g == l + 1 == m, otherwise a full flush of the mm —
+    two flushes can arrive in either order, so a partial flush must never skip
+    a generation;
+  - then l = m.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Iterator, NamedTuple
+
+
+class Entry(NamedTuple):
+    pfn: int
+    writable: bool
+    tid: int  # the translation's identity at fill time (the oracle's key)
+
+
+class _Slot(NamedTuple):
+    entry: Entry
+    epoch: int  # the mm's flush epoch at fill time; older epochs are dead
+
+
+@dataclasses.dataclass
+class Counters:
+    hits: int = 0
+    misses: int = 0
+    flush_page: int = 0      # single pages invalidated by range flushes
+    flush_range: int = 0
+    flush_full: int = 0
+    flush_elided: int = 0
+    flush_requests: int = 0
+    evictions: int = 0
+
+
+RANGE, FULL, ELIDED = "range", "full", "elided"
+
+
+class Tlb:
+    def __init__(self, entries: int, ways: int):
+        if entries < 1 or ways < 1 or entries % ways:
+            raise ValueError(f"a TLB of {entries} entries cannot have {ways} ways")
+        self.ways = ways
+        self.nsets = entries // ways
+        self._sets: list[OrderedDict[tuple[int, int], _Slot]] = [
+            OrderedDict() for _ in range(self.nsets)]
+        # A full flush of an mm bumps its epoch instead of visiting every set, the way
+        # a PCID is retired: entries of an older epoch are dead and dropped when met.
+        self._epoch: dict[int, int] = {}
+        self._live: dict[int, int] = {}  # mm -> live entries
+        self.local_gen: dict[int, int] = {}   # mm -> generation this TLB is current with
+        self.mm_gen_seen: dict[int, int] = {}  # mm -> newest mm generation ever announced
+        self.counters = Counters()
+        self.flushes_applied = 0  # lets a walk in flight notice an invalidation that overtook it
+
+    # --- lookups -----------------------------------------------------------------
+    def _set(self, mm: int, vpn: int) -> OrderedDict[tuple[int, int], _Slot]:
+        return self._sets[(vpn ^ (mm * 0x9E3779B1)) % self.nsets]
+
+    def _alive(self, mm: int, slot: _Slot) -> bool:
+        return slot.epoch == self._epoch.get(mm, 0)
+
+    def lookup(self, mm: int, vpn: int) -> Entry | None:
+        s = self._set(mm, vpn)
+        key = (mm, vpn)
+        slot = s.get(key)
+        if slot is None or slot.epoch != self._epoch.get(mm, 0):
+            if slot is not None:
+                del s[key]
+            self.counters.misses += 1
+            return None
+        s.move_to_end(key)
+        self.counters.hits += 1
+        return slot.entry
+
+    def fill(self, mm: int, vpn: int, entry: Entry) -> None:
+        s = self._set(mm, vpn)
+        key = (mm, vpn)
+        old = s.get(key)
+        if old is None or not self._alive(mm, old):
+            self._live[mm] = self._live.get(mm, 0) + 1
+        s[key] = _Slot(entry, self._epoch.get(mm, 0))
+        s.move_to_end(key)
+        if len(s) > self.ways:
+            (victim_mm, _), victim = s.popitem(last=False)
+            if self._alive(victim_mm, victim):
+                self._live[victim_mm] -= 1
+                self.counters.evictions += 1
+
+    def entries(self) -> Iterator[tuple[int, int, Entry]]:
+        for s in self._sets:
+            for (mm, vpn), slot in s.items():
+                if self._alive(mm, slot):
+                    yield mm, vpn, slot.entry
+
+    def __len__(self) -> int:
+        return sum(self._live.values())
+
+    # --- invalidation --------------------------------------------------------------
+    def invalidate_page(self, mm: int, vpn: int) -> int:
+        slot = self._set(mm, vpn).pop((mm, vpn), None)
+        if slot is None or not self._alive(mm, slot):
+            return 0
+        self._live[mm] -= 1
+        return 1
+
+    def invalidate_mm(self, mm: int) -> int:
+        removed = self._live.pop(mm, 0)
+        self._epoch[mm] = self._epoch.get(mm, 0) + 1
+        return removed
+
+    def invalidate_all(self) -> int:
+        removed = len(self)
+        self.flushes_applied += 1
+        for s in self._sets:
+            s.clear()
+        self._live.clear()
+        self.local_gen.clear()
+        return removed
+
+    def announce_gen(self, mm: int, gen: int) -> int:
+        """Record that `mm` has reached `gen`; return the newest generation known."""
+        newest = max(self.mm_gen_seen.get(mm, 0), gen)
+        self.mm_gen_seen[mm] = newest
+        return newest
+
+    def apply_flush(self, mm: int, start_vpn: int, pages: int, new_gen: int,
+                    mm_gen: int) -> tuple[str, int]:
+        """Apply one flush request by the generation rule; return (outcome, entries removed)."""
+        self.counters.flush_requests += 1
+        self.flushes_applied += 1
+        mm_gen = self.announce_gen(mm, max(mm_gen, new_gen))
+        local = self.local_gen.get(mm, 0)
+        if new_gen <= local or local == mm_gen:
+            self.counters.flush_elided += 1
+            return ELIDED, 0
+        if pages and new_gen == local + 1 == mm_gen:
+            removed = sum(self.invalidate_page(mm, vpn)
+                          for vpn in range(start_vpn, start_vpn + pages))
+            self.counters.flush_range += 1
+            self.counters.flush_page += pages
+            outcome = RANGE
+        else:
+            removed = self.invalidate_mm(mm)
+            self.counters.flush_full += 1
+            outcome = FULL
+        self.local_gen[mm] = mm_gen
+        return outcome, removed
+
+    def switch_to(self, mm: int, mm_gen: int) -> bool:
+        """switch_mm: flush the mm's entries if this TLB is behind its generation."""
+        mm_gen = self.announce_gen(mm, mm_gen)
+        if self.local_gen.get(mm, 0) >= mm_gen:
+            return False
+        self.invalidate_mm(mm)
+        self.flushes_applied += 1
+        self.counters.flush_full += 1
+        self.local_gen[mm] = mm_gen
+        return True

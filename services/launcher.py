@@ -1,0 +1,460 @@
+"""Run a tlbsim cluster on this machine as real processes (`tlbsim up` / `down`).
+
+Signals, without --detach: every child stays in the launcher's process group,
+so a Ctrl-C in the terminal sends SIGINT to the launcher and to each child at
+once. Each child shuts down gracefully by itself; the launcher, on its
+KeyboardInterrupt, sees that the SIGINT came from the terminal (its group is
+the terminal's foreground group) and only waits for the children, SIGKILLing
+any still there after the grace period, so no child is signalled twice. A
+SIGTERM (or a SIGINT sent to the launcher alone) is passed on once, as SIGTERM,
+to each child. If the launcher is killed outright, PR_SET_PDEATHSIG has the
+kernel send each child SIGTERM, so none outlives it.
+
+With --detach the children get a session of their own (no terminal, no death
+signal), the state file records them, and `tlbsim down` stops them later.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+MAX_CPUS = 64
+READY_TIMEOUT_S = 30.0
+STOP_GRACE_S = 5.0
+POLL_S = 0.02
+
+
+class LauncherError(Exception):
+    """A launcher failure with a message meant for the user."""
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread when `tlbsim up` receives SIGTERM."""
+
+
+@dataclass
+class ClusterInfo:
+    coordinator: str
+    memory: str
+    cpus: dict[int, str]
+    metrics: dict[str, int]  # service name (coordinator, memory, cpu0, ...) -> port
+    pids: dict[str, int]
+    log_dir: Path
+
+    def addresses(self) -> dict[str, str]:
+        """gRPC address of every service, by name, in start order."""
+        cpus = {f"cpu{i}": address for i, address in sorted(self.cpus.items())}
+        return {"coordinator": self.coordinator, "memory": self.memory, **cpus}
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["cpus"] = {str(i): address for i, address in self.cpus.items()}
+        data["log_dir"] = str(self.log_dir)
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ClusterInfo:
+        data = json.loads(text)
+        return cls(
+            coordinator=data["coordinator"],
+            memory=data["memory"],
+            cpus={int(i): address for i, address in data["cpus"].items()},
+            metrics=dict(data["metrics"]),
+            pids=dict(data["pids"]),
+            log_dir=Path(data["log_dir"]),
+        )
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    stdout: Path  # holds the ready line; a file, so no pipe can fill or break
+    stderr: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.stderr.read_text(errors="replace")
+        except OSError:
+            return "(no stderr log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(stderr is empty)"
+
+    def died_error(self) -> LauncherError:
+        return LauncherError(
+            f"{self.name} exited with code {self.proc.returncode} before it was ready; "
+            f"last lines of {self.stderr}:\n{self.tail()}"
+        )
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: have the kernel SIGTERM this child when the launcher dies."""
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _sigint_reached_children() -> bool:
+    """True if a SIGINT came from the terminal, which signals the whole
+    foreground process group: the (non-detached) children got it too."""
+    try:
+        with open("/dev/tty", "rb") as tty:
+            return os.tcgetpgrp(tty.fileno()) == os.getpgrp()
+    except OSError:
+        return False
+
+
+class LocalCluster:
+    """The coordinator, the memory service and N CPUs as child processes."""
+
+    def __init__(self, *, detach: bool = False, ready_timeout: float = READY_TIMEOUT_S) -> None:
+        self._detach = detach
+        self._ready_timeout = ready_timeout
+        self._children: list[_Child] = []
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.stop_after(exc)
+
+    def start(self, cpus: int, log_dir: Path | None = None) -> ClusterInfo:
+        if self._children:
+            raise LauncherError("this cluster is already running")
+        if not 1 <= cpus <= MAX_CPUS:
+            raise LauncherError(f"cpus must be between 1 and {MAX_CPUS}, got {cpus}")
+        log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="tlbsim-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self._ready_timeout
+        try:
+            return self._start(cpus, log_dir.resolve(), deadline)
+        except BaseException as exc:
+            self.stop_after(exc)
+            raise
+
+    def _start(self, cpus: int, log_dir: Path, deadline: float) -> ClusterInfo:
+        coordinator = self._wait_ready([self._spawn("coordinator", [], log_dir)], deadline)
+        coordinator_address = coordinator["coordinator"]["address"]
+        memory = self._wait_ready(
+            [self._spawn("memory", ["--coordinator", coordinator_address], log_dir)], deadline
+        )
+        memory_address = memory["memory"]["address"]
+        # The CPUs only need memory and the coordinator, so they start together.
+        cpu_children = [
+            self._spawn(
+                f"cpu{i}",
+                ["--id", str(i), "--memory", memory_address, "--coordinator", coordinator_address],
+                log_dir,
+            )
+            for i in range(cpus)
+        ]
+        ready = {**coordinator, **memory, **self._wait_ready(cpu_children, deadline)}
+        info = ClusterInfo(
+            coordinator=coordinator_address,
+            memory=memory_address,
+            cpus={i: ready[f"cpu{i}"]["address"] for i in range(cpus)},
+            metrics={name: int(line["metrics_port"]) for name, line in ready.items()},
+            pids={child.name: child.proc.pid for child in self._children},
+            log_dir=log_dir,
+        )
+        self._wait_serving(info.addresses(), deadline)
+        return info
+
+    def _spawn(self, name: str, extra: list[str], log_dir: Path) -> _Child:
+        service = name.rstrip("0123456789")
+        cmd = [sys.executable, "-m", "services", "serve", service,
+               "--listen", "127.0.0.1:0", "--metrics-port", "0", *extra]
+        stdout, stderr = log_dir / f"{name}.out", log_dir / f"{name}.log"
+        # The death signal belongs to the thread that forks: set it only from
+        # the main thread, or a finished worker thread would kill the child.
+        in_main = threading.current_thread() is threading.main_thread()
+        use_pdeathsig = not self._detach and in_main and sys.platform == "linux"
+        with open(stdout, "wb") as out, open(stderr, "wb") as err:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                # A file is block-buffered: make the ready line appear at once.
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=self._detach,
+                preexec_fn=_die_with_parent if use_pdeathsig else None,
+            )
+        child = _Child(name, proc, stdout, stderr)
+        self._children.append(child)
+        return child
+
+    def _wait_ready(self, children: list[_Child], deadline: float) -> dict[str, dict]:
+        """Wait for each child's ready line; return them by child name."""
+        ready: dict[str, dict] = {}
+        while len(ready) < len(children):
+            for child in children:
+                if child.name in ready:
+                    continue
+                line = _read_ready_line(child.stdout)
+                if line is not None:
+                    ready[child.name] = line
+                elif child.proc.poll() is not None:
+                    raise child.died_error()
+                elif time.monotonic() > deadline:
+                    raise LauncherError(
+                        f"{child.name} was not ready after {self._ready_timeout:.0f}s; "
+                        f"last lines of {child.stderr}:\n{child.tail()}"
+                    )
+            time.sleep(POLL_S)
+        return ready
+
+    def _wait_serving(self, addresses: dict[str, str], deadline: float) -> None:
+        children = {child.name: child for child in self._children}
+        for name, address in addresses.items():
+            with grpc.insecure_channel(address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while (status := _health_status(stub)) != "SERVING":
+                    if children[name].proc.poll() is not None:
+                        raise children[name].died_error()
+                    if time.monotonic() > deadline:
+                        raise LauncherError(f"{name} at {address} is not SERVING (last: {status})")
+                    time.sleep(POLL_S)
+
+    def first_exit(self) -> tuple[str, int, Path] | None:
+        """Name, exit code and stderr log of a child that has exited, if any."""
+        for child in self._children:
+            if child.proc.poll() is not None:
+                return child.name, child.proc.returncode, child.stderr
+        return None
+
+    def stop_after(self, exc: BaseException | None) -> None:
+        """Stop, without re-signalling children that a terminal Ctrl-C reached."""
+        reached = isinstance(exc, KeyboardInterrupt) and not self._detach and _sigint_reached_children()
+        self.stop(already_signalled=reached)
+
+    def stop(self, *, already_signalled: bool = False) -> None:
+        """SIGTERM every child (unless already signalled), wait, SIGKILL leftovers."""
+        children, self._children = self._children, []
+        if not already_signalled:
+            for child in reversed(children):
+                if child.proc.poll() is None:
+                    child.proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in children:
+            try:
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+
+
+def _read_ready_line(path: Path) -> dict | None:
+    """The first complete `{"event": "ready", ...}` line in path, if any yet."""
+    for line in path.read_text(errors="replace").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break  # still being written
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and data.get("event") == "ready":
+            return data
+    return None
+
+
+def _health_status(stub: health_pb2_grpc.HealthStub) -> str:
+    try:
+        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+    except grpc.RpcError as exc:
+        return str(exc.code())
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+# --- state file ------------------------------------------------------------
+
+def state_path(path: str | None) -> Path:
+    default = os.environ.get("TLBSIM_STATE") or Path.home() / ".tlbsim" / "cluster.json"
+    return Path(path or default).expanduser()
+
+
+def load_state(path: str | None) -> ClusterInfo:
+    file = state_path(path)
+    try:
+        return ClusterInfo.from_json(file.read_text())
+    except FileNotFoundError:
+        raise LauncherError(f"no cluster state at {file}; start one with `tlbsim up --detach`") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LauncherError(f"unreadable cluster state {file}: {exc!r}") from None
+
+
+def _write_state(file: Path, info: ClusterInfo) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(info.to_json() + "\n")
+    tmp.replace(file)  # readers never see half a file
+
+
+# --- processes known only by pid (tlbsim down) ------------------------------
+
+def _is_our_service(pid: int) -> bool:
+    """Alive and running `services serve` (the pid may have been reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return b"services serve" in cmdline and _is_alive(pid)
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait for the pids to exit; return those still alive after timeout."""
+    deadline = time.monotonic() + timeout
+    while (alive := [pid for pid in pids if _is_alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    return alive
+
+
+def stop_pids(pids: dict[str, int]) -> int:
+    """SIGTERM our services among pids, SIGKILL them after the grace period;
+    return how many were running."""
+    ours = [pid for pid in pids.values() if _is_our_service(pid)]
+    _signal_all(ours, signal.SIGTERM)
+    leftovers = _wait_gone(ours, STOP_GRACE_S)
+    _signal_all(leftovers, signal.SIGKILL)
+    _wait_gone(leftovers, 1.0)
+    return len(ours)
+
+
+# --- commands ----------------------------------------------------------------
+
+def _print_cluster(info: ClusterInfo) -> None:
+    rows = [(name, address, str(info.metrics.get(name, "")), str(info.pids.get(name, "")))
+            for name, address in info.addresses().items()]
+    if not sys.stdout.isatty():
+        for name, address, _, _ in rows:
+            print(f"{name} {address}", flush=True)
+        return
+    table = Table("service", "address", "metrics port", "pid")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _refuse_if_running(file: Path) -> None:
+    try:
+        info = load_state(str(file))
+    except LauncherError:
+        return  # no state, or a broken one: nothing we could stop anyway
+    if any(_is_our_service(pid) for pid in info.pids.values()):
+        raise LauncherError(f"a cluster is already running (state {file}); stop it with `tlbsim down`")
+
+
+def _supervise(cluster: LocalCluster) -> int:
+    """Block until Ctrl-C/SIGTERM (exit 0) or a child dies (exit 1)."""
+    try:
+        while (exited := cluster.first_exit()) is None:
+            time.sleep(0.2)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        print("tlbsim up: stopping the cluster", file=sys.stderr)
+        cluster.stop_after(exc)
+        return 0
+    name, code, log = exited
+    print(f"tlbsim up: {name} exited unexpectedly with code {code} (log: {log}); "
+          "stopping the rest", file=sys.stderr)
+    cluster.stop()
+    return 1
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if not 1 <= args.cpus <= MAX_CPUS:
+        print(f"tlbsim up: --cpus must be between 1 and {MAX_CPUS}, got {args.cpus}", file=sys.stderr)
+        return 2
+    file = state_path(args.state)
+    cluster = LocalCluster(detach=args.detach)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        _refuse_if_running(file)
+        info = cluster.start(args.cpus, args.log_dir)
+    except LauncherError as exc:
+        print(f"tlbsim up: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Terminated):
+        return 1  # start() has already stopped what it started
+    _write_state(file, info)
+    _print_cluster(info)
+    print(f"logs: {info.log_dir}  state: {file}", file=sys.stderr)
+    if args.detach:
+        print("detached; stop it with `tlbsim down`", file=sys.stderr)
+        return 0
+    print("running; Ctrl-C stops it", file=sys.stderr)
+    try:
+        return _supervise(cluster)
+    finally:
+        file.unlink(missing_ok=True)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        info = load_state(args.state)
+    except LauncherError as exc:
+        print(f"tlbsim down: {exc}", file=sys.stderr)
+        return 1
+    stopped = stop_pids(info.pids)
+    state_path(args.state).unlink(missing_ok=True)
+    print(f"stopped {stopped} of {len(info.pids)} processes")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `up` and `down` on the tlbsim CLI's subparsers."""
+    state_help = "cluster state file (default: $TLBSIM_STATE or ~/.tlbsim/cluster.json)"
+
+    up = subparsers.add_parser(
+        "up",
+        help="start a local cluster (coordinator, memory, N CPUs)",
+        description="Start the coordinator, the memory service and N CPU services as "
+                    "local processes, print their addresses, and run until Ctrl-C or "
+                    "SIGTERM (or, with --detach, leave them running for `tlbsim down`).",
+    )
+    up.add_argument("--cpus", type=int, default=4, help=f"number of CPU services, 1..{MAX_CPUS} (default 4)")
+    up.add_argument("--detach", action="store_true", help="leave the cluster running and exit")
+    up.add_argument("--state", help=state_help)
+    up.add_argument("--log-dir", type=Path, help="directory for each service's logs (default: a new temp dir)")
+    up.set_defaults(func=cmd_up)
+
+    down = subparsers.add_parser(
+        "down",
+        help="stop a cluster started with `tlbsim up --detach`",
+        description="Stop the processes recorded in the state file and remove it.",
+    )
+    down.add_argument("--state", help=state_help)
+    down.set_defaults(func=cmd_down)

@@ -1,0 +1,176 @@
+"""Locks with lockdep-style order validation and wait/hold accounting.
+
+The order (DESIGN.md §5): mmap_lock -> sharer-list (rmap) lock ->
+page_table_lock -> table ptl. Taking a lock of an earlier class while holding
+a later one, or two locks of one class out of key order, is an inversion: it
+is recorded with both orders seen and refused (Aborted) instead of risking a
+silent deadlock.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import time
+from typing import AsyncIterator
+
+from services.common.errors import Aborted
+
+
+class LockClass(enum.IntEnum):
+    MMAP = 0
+    RMAP = 1
+    PAGE_TABLE = 2
+    PTL = 3
+
+    @property
+    def label(self) -> str:
+        return {0: "mmap_lock", 1: "rmap", 2: "page_table_lock", 3: "ptl"}[self.value]
+
+
+@dataclasses.dataclass
+class ClassStats:
+    acquisitions: int = 0
+    contended: int = 0
+    wait_s: list[float] = dataclasses.field(default_factory=list)
+    hold_s: list[float] = dataclasses.field(default_factory=list)
+
+
+class LockStats:
+    def __init__(self) -> None:
+        self.by_class: dict[LockClass, ClassStats] = {c: ClassStats() for c in LockClass}
+
+    def all_waits(self) -> list[float]:
+        return [w for s in self.by_class.values() for w in s.wait_s]
+
+    @property
+    def contended(self) -> int:
+        return sum(s.contended for s in self.by_class.values())
+
+
+class LockValidator:
+    def __init__(self) -> None:
+        self.orders_seen: set[tuple[str, str]] = set()
+        self.reports: list[str] = []
+
+    def check(self, held: list["SimLock"], lock: "SimLock") -> None:
+        for h in held:
+            self.orders_seen.add((h.name, lock.name))
+            if (h.cls, h.key) >= (lock.cls, lock.key):
+                report = (f"lock order inversion: acquiring {lock.name} ({lock.cls.label}) "
+                          f"while holding {h.name} ({h.cls.label}); "
+                          f"order seen: {h.name} -> {lock.name}; "
+                          f"required: mmap_lock -> rmap -> page_table_lock -> ptl, "
+                          f"same class by ascending key")
+                self.reports.append(report)
+                raise Aborted(report)
+
+
+class OpContext:
+    """The locks one operation holds, in acquisition order."""
+
+    def __init__(self, validator: LockValidator, stats: LockStats):
+        self.validator = validator
+        self.stats = stats
+        self.held: list[SimLock] = []
+
+    @contextlib.asynccontextmanager
+    async def locked(self, lock: "SimLock") -> AsyncIterator[None]:
+        await lock.acquire(self)
+        try:
+            yield
+        finally:
+            lock.release(self)
+
+
+class SimLock:
+    """A mutex of a lock class; `key` orders locks within one class."""
+
+    def __init__(self, cls: LockClass, name: str, key: int = 0):
+        self.cls = cls
+        self.name = name
+        self.key = key
+        self._lock = asyncio.Lock()
+        self._since = 0.0
+
+    async def acquire(self, ctx: OpContext) -> None:
+        ctx.validator.check(ctx.held, self)
+        stats = ctx.stats.by_class[self.cls]
+        stats.acquisitions += 1
+        if self._lock.locked():
+            stats.contended += 1
+        t0 = time.perf_counter()
+        await self._lock.acquire()
+        self._since = time.perf_counter()
+        stats.wait_s.append(self._since - t0)
+        ctx.held.append(self)
+
+    def release(self, ctx: OpContext) -> None:
+        ctx.held.remove(self)
+        ctx.stats.by_class[self.cls].hold_s.append(time.perf_counter() - self._since)
+        self._lock.release()
+
+
+class RwLock:
+    """mmap_lock: shared for faults and zaps, exclusive for VMA changes."""
+
+    def __init__(self, name: str, key: int = 0):
+        self.cls = LockClass.MMAP
+        self.name = name
+        self.key = key
+        self._readers = 0
+        self._writer = False
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def read(self, ctx: OpContext) -> AsyncIterator[None]:
+        await self._acquire(ctx, write=False)
+        try:
+            yield
+        finally:
+            await self._release(ctx, write=False)
+
+    @contextlib.asynccontextmanager
+    async def write(self, ctx: OpContext) -> AsyncIterator["RwLock"]:
+        """Exclusive; the holder may `downgrade()` to shared, as munmap does for the zap."""
+        await self._acquire(ctx, write=True)
+        self._held_write = True
+        try:
+            yield self
+        finally:
+            await self._release(ctx, write=self._held_write)
+
+    async def downgrade(self) -> None:
+        async with self._cond:
+            self._writer = False
+            self._readers += 1
+            self._held_write = False
+            self._cond.notify_all()
+
+    async def _acquire(self, ctx: OpContext, write: bool) -> None:
+        ctx.validator.check(ctx.held, self)  # type: ignore[arg-type]
+        stats = ctx.stats.by_class[self.cls]
+        stats.acquisitions += 1
+        t0 = time.perf_counter()
+        async with self._cond:
+            busy = self._writer or (write and self._readers)
+            if busy:
+                stats.contended += 1
+            await self._cond.wait_for(
+                lambda: not self._writer and (not write or self._readers == 0))
+            if write:
+                self._writer = True
+            else:
+                self._readers += 1
+        stats.wait_s.append(time.perf_counter() - t0)
+        ctx.held.append(self)  # type: ignore[arg-type]
+
+    async def _release(self, ctx: OpContext, write: bool) -> None:
+        ctx.held.remove(self)  # type: ignore[arg-type]
+        async with self._cond:
+            if write:
+                self._writer = False
+            else:
+                self._readers -= 1
+            self._cond.notify_all()

@@ -1,0 +1,99 @@
+"""The mm struct and its VMAs."""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+from services.memory.locks import LockClass, RwLock, SimLock
+from services.memory.pagetable import PageTable
+
+MMAP_BASE_VPN = 0x10000          # first mmap address: 256 MiB
+HUGE_ALIGN_PAGES = 512           # mappings of 2 MiB or more start on a 2 MiB boundary
+
+
+@dataclasses.dataclass
+class Vma:
+    start: int  # first vpn
+    end: int    # one past the last vpn
+    writable: bool
+
+
+class Mm:
+    def __init__(self, mm_id: int, pgd: PageTable):
+        self.id = mm_id
+        self.pgd = pgd
+        self.vmas: list[Vma] = []
+        self.mmap_lock = RwLock(f"mmap_lock:{mm_id}", key=mm_id)
+        self.page_table_lock = SimLock(LockClass.PAGE_TABLE, f"page_table_lock:{mm_id}", key=mm_id)
+        self.cpumask: set[int] = set()
+        self.tlb_gen = 0
+        self.tlb_flush_pending = 0
+        self.exited = False
+        self.next_vpn = MMAP_BASE_VPN
+
+    # --- VMAs ------------------------------------------------------------------------
+    def find_vma(self, vpn: int) -> Vma | None:
+        i = bisect.bisect_right([v.start for v in self.vmas], vpn) - 1
+        if i >= 0 and self.vmas[i].start <= vpn < self.vmas[i].end:
+            return self.vmas[i]
+        return None
+
+    def covered(self, start: int, end: int) -> bool:
+        """Is every page of [start, end) inside some VMA?"""
+        at = start
+        for v in self.vmas:
+            if v.end <= at:
+                continue
+            if v.start > at:
+                return False
+            at = v.end
+            if at >= end:
+                return True
+        return at >= end
+
+    def overlaps(self, start: int, end: int) -> bool:
+        return any(v.start < end and start < v.end for v in self.vmas)
+
+    def place(self, pages: int) -> int:
+        """Pick an unmapped range for a new mapping (bump allocation)."""
+        start = self.next_vpn
+        if pages >= HUGE_ALIGN_PAGES:
+            start = -(-start // HUGE_ALIGN_PAGES) * HUGE_ALIGN_PAGES
+        self.next_vpn = start + pages
+        return start
+
+    def insert(self, vma: Vma) -> None:
+        bisect.insort(self.vmas, vma, key=lambda v: v.start)
+
+    def carve(self, start: int, end: int) -> list[Vma]:
+        """Split VMAs at the range's edges; return the pieces inside it (still listed)."""
+        out: list[Vma] = []
+        for v in list(self.vmas):
+            if v.end <= start or v.start >= end:
+                continue
+            self.vmas.remove(v)
+            for piece in (Vma(v.start, max(v.start, start), v.writable),
+                          Vma(max(v.start, start), min(v.end, end), v.writable),
+                          Vma(min(v.end, end), v.end, v.writable)):
+                if piece.start < piece.end:
+                    self.insert(piece)
+                    if start <= piece.start and piece.end <= end:
+                        out.append(piece)
+        return out
+
+    def remove(self, start: int, end: int) -> bool:
+        """munmap's VMA part: drop [start, end); return True if anything was mapped."""
+        inside = self.carve(start, end)
+        for v in inside:
+            self.vmas.remove(v)
+        return bool(inside)
+
+    def merge(self) -> None:
+        """Re-join neighbours with equal permissions (as vma_merge does)."""
+        merged: list[Vma] = []
+        for v in self.vmas:
+            if merged and merged[-1].end == v.start and merged[-1].writable == v.writable:
+                merged[-1] = Vma(merged[-1].start, v.end, v.writable)
+            else:
+                merged.append(v)
+        self.vmas = merged

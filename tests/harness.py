@@ -1,0 +1,44 @@
+"""A whole cluster in one process, over real gRPC on port 0 (after grpclib's
+ClientServer harness): coordinator, memory and CPUs, each its own server."""
+from __future__ import annotations
+
+import asyncio
+
+from loadgen.cluster import Cluster
+from services.common.server import RunningServer, start_server
+from services.coordinator.service import CoordinatorNode
+from services.cpu.service import CpuNode
+from services.memory.service import MemoryNode
+
+
+class InProcessCluster:
+    def __init__(self, cpus: int = 4, frames: int | None = None):
+        self.ncpus = cpus
+        self.frames = frames
+        self.coordinator: RunningServer | None = None
+        self.memory: RunningServer | None = None
+        self.cpus: dict[int, RunningServer] = {}
+        self.client: Cluster | None = None
+
+    async def start_cpu(self, cpu: int) -> RunningServer:
+        self.cpus[cpu] = await start_server(
+            CpuNode(cpu, self.memory.address, self.coordinator.address))
+        return self.cpus[cpu]
+
+    async def stop_cpu(self, cpu: int, grace: float = 0) -> None:
+        await self.cpus.pop(cpu).stop(grace)
+
+    async def __aenter__(self) -> "InProcessCluster":
+        self.coordinator = await start_server(CoordinatorNode())
+        self.memory = await start_server(MemoryNode(self.coordinator.address, self.frames))
+        for i in range(self.ncpus):
+            await self.start_cpu(i)
+        self.client = Cluster(self.coordinator.address)
+        await self.client.discover(self.ncpus)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.close()
+        for server in [*self.cpus.values(), self.memory, self.coordinator]:
+            await server.stop(0)
+        await asyncio.sleep(0)

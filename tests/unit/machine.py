@@ -1,0 +1,88 @@
+"""An in-process machine for domain tests: a Kernel and CpuCores wired directly.
+
+The shootdown port applies flushes to the real CPU cores (no network), records
+an event log, and can simulate CPUs that never answer (fenced at once)."""
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.policy import Policy
+from services.cpu.core import CpuCore
+from services.memory.kernel import FlushOrder, Kernel, ShootdownResult
+
+
+@dataclasses.dataclass
+class Machine:
+    kernel: Kernel
+    cpus: dict[int, CpuCore]
+    log: list[tuple]
+    dead: set[int]
+    batch_walks: bool = True
+
+    async def switch(self, cpu: int, mm: int) -> None:
+        gen = self.kernel.switch_mm(cpu, mm)
+        self.cpus[cpu].switch(mm, gen, lazy=not mm and self.kernel.policy.lazy_tlb)
+
+    async def access(self, cpu: int, addresses: list[int], write: bool = False):
+        core = self.cpus[cpu]
+
+        async def miss(vpn: int, w: bool):
+            return await self.kernel.handle_miss(cpu, core.loaded_mm, vpn, w)
+
+        async def walk(vpns: list[int]):
+            return self.kernel.walk(cpu, core.loaded_mm, vpns)
+
+        stats = await core.run_accesses([a >> 12 for a in addresses],
+                                        [int(write)] * len(addresses), miss,
+                                        walk if self.batch_walks else None)
+        words, times = core.take_hits()
+        self.report(words, times)
+        return stats
+
+    def report(self, words: bytes, times: bytes) -> int:
+        from array import array
+        w, t = array("Q"), array("q")
+        w.frombytes(words)
+        t.frombytes(times)
+        return self.kernel.report_accesses(list(w), list(t))
+
+    def apply_local(self, cpu: int, result) -> None:
+        for f in result.local_flushes:
+            self.cpus[cpu].apply_flush(f)
+
+    async def syscall(self, cpu: int, name: str, *args):
+        core = self.cpus[cpu]
+        result = await getattr(self.kernel, name)(cpu, core.loaded_mm, *args)
+        self.apply_local(cpu, result)
+        return result
+
+    def dumps(self) -> list[dict]:
+        return [dict(cpu=c.id, fenced=c.fenced, loaded_mm=c.loaded_mm, lazy=c.lazy,
+                     local_gen=dict(c.tlb.local_gen),
+                     entries=[(mm, vpn, e.pfn, e.writable, e.tid)
+                              for mm, vpn, e in c.tlb.entries()])
+                for c in self.cpus.values()]
+
+
+def make_machine(ncpus: int = 4, **policy) -> Machine:
+    log: list[tuple] = []
+    dead: set[int] = set()
+    cpus: dict[int, CpuCore] = {}
+
+    async def port(order: FlushOrder, targets: list[int]) -> ShootdownResult:
+        log.append(("shootdown", order.mm, order.start_vpn, order.pages, tuple(targets)))
+        acked, fenced = [], []
+        for t in targets:
+            if t in dead:
+                cpus[t].fence()
+                fenced.append(t)
+            else:
+                cpus[t].apply_flush(order)
+                acked.append(t)
+        return ShootdownResult(acked, fenced)
+
+    p = Policy(**policy)
+    kernel = Kernel(p, port)
+    for i in range(ncpus):
+        cpus[i] = CpuCore(i, p.tlb_entries, p.tlb_ways)
+    return Machine(kernel, cpus, log, dead)
