@@ -113,6 +113,20 @@ def add_commands(sub) -> None:
     d.add_argument("--json", metavar="PATH", help="write all reports as one JSON document")
     d.set_defaults(func=_demo)
 
+    b = sub.add_parser(
+        "bench", help="shootdown latency vs the bare fan-out floor; per-page vs gathered munmap",
+        description="Measure, in one run, shootdown latency to 1, 2 and 4 CPUs per transport "
+                    "next to a bare ping fan-out to the same CPUs (the floor), and munmap of 512 "
+                    "pages per-page vs gathered. Starts its own local cluster unless --cluster "
+                    "is given. Report ratios: these machines are noisy.")
+    b.add_argument("--cluster", metavar="ADDR", help="use a running cluster (needs 5 CPUs)")
+    b.add_argument("--rounds", type=int, default=200,
+                   help="shootdowns per transport and CPU count (default 200)")
+    b.add_argument("--munmap-rounds", type=int, default=3,
+                   help="munmaps per flush mode (default 3)")
+    b.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    b.set_defaults(func=_bench)
+
 
 def _run(args: argparse.Namespace) -> int:
     cfg = config_from(args, args.scenario)
@@ -127,6 +141,13 @@ def _run(args: argparse.Namespace) -> int:
         return output.verdict(report)
 
     return asyncio.run(main())
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from loadgen.bench import main
+    if not 1 <= args.rounds <= 100_000 or not 1 <= args.munmap_rounds <= 1000:
+        raise InvalidArgument("bench --rounds must be 1..100000 and --munmap-rounds 1..1000")
+    return main(args.cluster, args.rounds, args.munmap_rounds, args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:

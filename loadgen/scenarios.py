@@ -7,9 +7,10 @@ the memory service and coordinator count the rest.
   shootdowns and IPIs per munmap and munmap latency, per-page vs gathered.
 - fault-scaling — the split page-table lock case (Hugh Dickins 2005: "many-threaded
   application which concurrently initializes different parts of a large anonymous
-  area"): threads on CPUs 1..N-1 fault disjoint 2 MiB regions while CPU 0 maps,
-  touches and unmaps its own region, holding its table lock across each shootdown.
-  Look at fault latency and lock wait, mm vs split.
+  area"): threads on CPUs 1..N-1 fault disjoint 2 MiB regions while CPU 0 writes
+  and madvise(DONTNEED)s pages of its own 2 MiB (will-it-scale tlb_flush1), holding
+  that table's lock across each shootdown. Look at faults/s, fault latency and lock
+  wait, mm vs split.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Awaitable, Callable
 import grpc
 
 from loadgen.cluster import Cluster, Cpu
-from services.common.addresses import PAGE_SIZE
+from services.common.addresses import PAGE_SIZE, PTE_TABLE_PAGES
 from services.common.errors import FailedPrecondition
 from services.common.policy import Policy
 from tlbsim.v1 import common_pb2, cpu_pb2
@@ -171,35 +172,40 @@ async def fault_scaling(d: Driver, cfg: RunConfig, progress: Progress) -> None:
     cpus = d.cluster.cpus[:cfg.cpus]
     if len(cpus) < 2:
         raise FailedPrecondition("fault-scaling needs at least 2 CPUs: one unmaps, the rest fault")
-    unmapper, faulters = cpus[0], cpus[1:]
+    churner, faulters = cpus[0], cpus[1:]
     await d.new_process(cpus)
-    region = max(cfg.pages, 512)
+    region = max(cfg.pages, PTE_TABLE_PAGES)
+    # The churner's own 2 MiB: it stays mapped, so every zap flushes under that
+    # table's lock (the mm's page_table_lock in mm mode) and frees no table.
+    own = (await d.syscall(churner, mmap=common_pb2.MmapArgs(pages=PTE_TABLE_PAGES,
+                                                            writable=True))).address
     for rnd in range(cfg.rounds):
-        regions = [(await d.syscall(unmapper, mmap=common_pb2.MmapArgs(
+        regions = [(await d.syscall(churner, mmap=common_pb2.MmapArgs(
             pages=region, writable=True))).address for _ in faulters]
         done = asyncio.Event()
 
         async def churn() -> None:
-            # Map, touch and unmap a private range: every munmap shoots down while
-            # holding its table lock (the whole mm's lock in mm mode).
+            # will-it-scale tlb_flush1: write a page, madvise(DONTNEED) it, again.
+            page = 0
             while not done.is_set():
-                r = await d.syscall(unmapper, mmap=common_pb2.MmapArgs(pages=64, writable=True))
-                await d.access(unmapper, pages_at(r.address, 64), write=True)
+                address = own + (page % PTE_TABLE_PAGES) * PAGE_SIZE
+                await d.access(churner, [address], write=True)
                 t0 = time.perf_counter()
-                await d.syscall(unmapper, munmap=common_pb2.RangeArgs(address=r.address,
-                                                                      pages=64))
+                await d.syscall(churner, madvise_dontneed=common_pb2.RangeArgs(
+                    address=address, pages=1))
                 d.m.munmap_latency_s.append(time.perf_counter() - t0)
+                page += 1
 
         async def fault_in(cpu: Cpu, base: int) -> None:
             for chunk in range(0, region, 64):
                 await d.access(cpu, pages_at(base + chunk * PAGE_SIZE, 64), write=True)
 
-        churner = asyncio.create_task(churn())
+        churning = asyncio.create_task(churn())
         await asyncio.gather(*(fault_in(c, base) for c, base in zip(faulters, regions)))
         done.set()
-        await churner
+        await churning
         for base in regions:
-            await d.syscall(unmapper, munmap=common_pb2.RangeArgs(address=base, pages=region))
+            await d.syscall(churner, munmap=common_pb2.RangeArgs(address=base, pages=region))
         d.m.rounds_done = rnd + 1
         progress(rnd + 1)
 

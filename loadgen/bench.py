@@ -1,0 +1,121 @@
+"""`tlbsim bench`: each measurement next to its floor, from one run.
+
+- Shootdown latency to 1, 2 and 4 target CPUs per transport, measured inside the
+  coordinator, interleaved round by round with a bare ping fan-out to the same
+  CPUs over the same transport (the floor: what delivery alone costs).
+- munmap of 512 pages, one shootdown per page vs gathered (the quiet LATR variant).
+These machines are shared and noisy: compare the ratios, not the absolute numbers.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from loadgen import output
+from loadgen.cluster import Cluster
+from loadgen.runner import run
+from loadgen.scenarios import RunConfig
+from services.common.policy import TRANSPORTS, Policy
+from services.common.stats import p50_p99
+from tlbsim.v1 import common_pb2, coordinator_pb2, cpu_pb2, memory_pb2
+
+TARGETS = (1, 2, 4)
+BENCH_CPUS = 1 + max(TARGETS)  # the initiator plus the largest target set
+
+
+async def shootdown_vs_floor(cluster: Cluster, transport: str, targets: int,
+                             rounds: int) -> dict:
+    """Interleave one single-page munmap (one shootdown) with one ping fan-out."""
+    policy = Policy(transport=transport)
+    await cluster.reset(policy, BENCH_CPUS)
+    cpus = cluster.cpus[:targets + 1]
+    mm = (await cluster.memory.CreateMm(memory_pb2.CreateMmRequest())).mm
+    for c in cpus:
+        await c.stub.SwitchMm(cpu_pb2.SwitchMmRequest(mm=mm))
+    initiator = cpus[0].stub
+    anchor = (await initiator.Syscall(common_pb2.SyscallRequest(
+        mmap=common_pb2.MmapArgs(pages=512, writable=True)))).address
+    ping = coordinator_pb2.PingFanoutRequest(targets=[c.id for c in cpus[1:]],
+                                             transport=TRANSPORTS[transport], rounds=1)
+    floor: list[float] = []
+    for i in range(rounds):
+        address = anchor + (i % 511 + 1) * 4096  # page 0 keeps the table alive
+        for j, c in enumerate(cpus):
+            await c.stub.Access(cpu_pb2.AccessRequest(addresses=[address],
+                                                      writes=b"\x01" if j == 0 else b""))
+        await initiator.Syscall(common_pb2.SyscallRequest(
+            madvise_dontneed=common_pb2.RangeArgs(address=address, pages=1)))
+        floor.extend((await cluster.coordinator.PingFanout(ping)).latency_s)
+    stats = await cluster.coordinator.Stats(coordinator_pb2.CoordinatorStatsRequest())
+    f50, f99, _ = p50_p99(floor)
+    return {"transport": transport, "targets": targets, "rounds": rounds,
+            "shootdown_ms": {"p50": stats.latency_s.p50 * 1e3, "p99": stats.latency_s.p99 * 1e3},
+            "floor_ms": {"p50": f50 * 1e3, "p99": f99 * 1e3},
+            "ratio_p50": stats.latency_s.p50 / f50 if f50 else 0.0}
+
+
+async def munmap_per_page_vs_gather(cluster: Cluster, rounds: int) -> dict:
+    out = {}
+    for flush in ("per-page", "gather"):
+        cfg = RunConfig("munmap", Policy(flush=flush), cpus=4, pages=512, rounds=rounds,
+                        readers=False)
+        out[flush] = (await run(cluster, cfg))["results"]
+    a, b = (out[f]["munmap_latency_ms"]["p50"] for f in ("per-page", "gather"))
+    return {"per_page": out["per-page"], "gather": out["gather"],
+            "speedup_p50": a / b if b else 0.0}
+
+
+async def bench(coordinator: str, rounds: int, munmap_rounds: int) -> dict:
+    t0 = time.perf_counter()
+    async with Cluster(coordinator) as cluster:
+        await cluster.discover(BENCH_CPUS, wait_s=30)
+        shootdowns = []
+        for transport in TRANSPORTS:
+            for targets in TARGETS:
+                shootdowns.append(await shootdown_vs_floor(cluster, transport, targets, rounds))
+        munmap = await munmap_per_page_vs_gather(cluster, munmap_rounds)
+    return {"shootdown": shootdowns, "munmap_512": munmap,
+            "elapsed_s": round(time.perf_counter() - t0, 2)}
+
+
+def print_bench(result: dict) -> None:
+    from rich.table import Table
+    t = Table(title="shootdown latency vs bare fan-out floor (coordinator-side, ms)")
+    for col in ("transport", "targets", "shootdown p50 / p99", "floor p50 / p99", "p50 ratio"):
+        t.add_column(col, justify="right")
+    for r in result["shootdown"]:
+        t.add_row(r["transport"], str(r["targets"]),
+                  f"{r['shootdown_ms']['p50']:.3f} / {r['shootdown_ms']['p99']:.3f}",
+                  f"{r['floor_ms']['p50']:.3f} / {r['floor_ms']['p99']:.3f}",
+                  f"{r['ratio_p50']:.2f}x")
+    output.console.print(t)
+    m = result["munmap_512"]
+    t = Table(title="munmap of 512 pages on 4 CPUs: per-page vs gathered")
+    for col in ("flush", "shootdowns", "IPIs", "munmap p50 / p99 (ms)"):
+        t.add_column(col, justify="right")
+    for flush, key in (("per-page", "per_page"), ("gather", "gather")):
+        r = m[key]
+        t.add_row(flush, str(r["shootdowns"]), str(r["ipis"]),
+                  f"{r['munmap_latency_ms']['p50']:.3f} / {r['munmap_latency_ms']['p99']:.3f}")
+    output.console.print(t)
+    output.console.print(f"gathered munmap is {m['speedup_p50']:.1f}x faster (p50); "
+                         f"elapsed {result['elapsed_s']} s")
+
+
+def main(cluster_address: str | None, rounds: int, munmap_rounds: int,
+         json_path: str | None) -> int:
+    from services.launcher import LocalCluster
+
+    local = None
+    try:
+        if cluster_address is None:
+            local = LocalCluster()
+            cluster_address = local.start(BENCH_CPUS).coordinator
+        result = asyncio.run(bench(cluster_address, rounds, munmap_rounds))
+    finally:
+        if local is not None:
+            local.stop()
+    print_bench(result)
+    output.write_json(result, json_path)
+    return 0
+

@@ -1,0 +1,117 @@
+"""Bad input over real gRPC: the right status code, a message naming the problem,
+unchanged state, and a service that keeps serving."""
+import grpc
+import pytest
+
+from services.common.policy import Policy
+from tests.harness import InProcessCluster
+from tlbsim.v1 import (common_pb2, coordinator_pb2, cpu_pb2, memory_pb2)
+
+PAGE = 4096
+
+
+@pytest.fixture
+async def env():
+    async with InProcessCluster(cpus=2) as c:
+        cl = c.client
+        await cl.reset(Policy(), 2)
+        mm = (await cl.memory.CreateMm(memory_pb2.CreateMmRequest())).mm
+        cpu = cl.cpus[0].stub
+        await cpu.SwitchMm(cpu_pb2.SwitchMmRequest(mm=mm))
+        base = (await cpu.Syscall(common_pb2.SyscallRequest(
+            mmap=common_pb2.MmapArgs(pages=8, writable=True)))).address
+        await cpu.Access(cpu_pb2.AccessRequest(addresses=[base + i * PAGE for i in range(8)],
+                                               writes=b"\x01" * 8))
+        yield c, cl, cpu, mm, base
+
+
+async def state(cl):
+    s = await cl.memory.Stats(memory_pb2.MemoryStatsRequest())
+    return (s.used_frames, s.shootdowns, s.pages_freed, dict(s.faults))
+
+
+async def expect(call, code, text):
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await call
+    assert e.value.code() == code, e.value.details()
+    assert text in e.value.details()
+
+
+def munmap(address, pages):
+    return common_pb2.SyscallRequest(munmap=common_pb2.RangeArgs(address=address, pages=pages))
+
+
+@pytest.mark.parametrize("address,pages,code,text", [
+    (0x10001001, 1, grpc.StatusCode.INVALID_ARGUMENT, "not page-aligned"),
+    (0x10000000, 0, grpc.StatusCode.INVALID_ARGUMENT, "at least 1"),
+    (0x0000_9000_0000_0000, 1, grpc.StatusCode.INVALID_ARGUMENT, "not canonical"),
+    (0xFFFF_8000_0000_0000, 1, grpc.StatusCode.OUT_OF_RANGE, "kernel half"),
+    (0x7FFF_FFFF_0000, 1 << 40, grpc.StatusCode.OUT_OF_RANGE, "47-bit"),
+    (0x10000000, (1 << 64) - 1, grpc.StatusCode.OUT_OF_RANGE, "47-bit"),
+])
+async def test_bad_ranges(env, address, pages, code, text):
+    c, cl, cpu, mm, base = env
+    before = await state(cl)
+    await expect(cpu.Syscall(munmap(address, pages)), code, text)
+    assert await state(cl) == before
+    r = await cpu.Syscall(munmap(base, 8))  # still serving, state intact
+    assert r.pages_freed == 8
+
+
+async def test_bad_access_addresses(env):
+    c, cl, cpu, mm, base = env
+    before = await state(cl)
+    await expect(cpu.Access(cpu_pb2.AccessRequest(addresses=[base, 0x0001_0000_0000_0000])),
+                 grpc.StatusCode.INVALID_ARGUMENT, "not canonical")
+    await expect(cpu.Access(cpu_pb2.AccessRequest(addresses=[base], writes=b"\x01\x01")),
+                 grpc.StatusCode.INVALID_ARGUMENT, "writes has 2 flags for 1")
+    assert await state(cl) == before
+
+
+async def test_unknown_mm_and_exited_mm(env):
+    c, cl, cpu, mm, base = env
+    await expect(cpu.SwitchMm(cpu_pb2.SwitchMmRequest(mm=999)), grpc.StatusCode.NOT_FOUND,
+                 "no mm 999")
+    await cpu.Syscall(common_pb2.SyscallRequest(exit=common_pb2.ExitArgs()))
+    await expect(cpu.SwitchMm(cpu_pb2.SwitchMmRequest(mm=mm)),
+                 grpc.StatusCode.FAILED_PRECONDITION, f"mm {mm} has exited")
+    await expect(cl.memory.HandleMiss(memory_pb2.HandleMissRequest(cpu=0, mm=mm, vpn=1)),
+                 grpc.StatusCode.FAILED_PRECONDITION, "exited")
+
+
+async def test_cpu_not_running_the_mm(env):
+    c, cl, cpu, mm, base = env
+    await expect(cl.memory.HandleMiss(memory_pb2.HandleMissRequest(cpu=7, mm=mm, vpn=1)),
+                 grpc.StatusCode.FAILED_PRECONDITION, "cpu 7 is not running")
+    idle = cl.cpus[1].stub
+    await expect(idle.Access(cpu_pb2.AccessRequest(addresses=[base])),
+                 grpc.StatusCode.FAILED_PRECONDITION, "runs no mm")
+
+
+async def test_unknown_cpu_at_the_coordinator(env):
+    c, cl, cpu, mm, base = env
+    await expect(cl.coordinator.Heartbeat(coordinator_pb2.HeartbeatRequest(cpu=42)),
+                 grpc.StatusCode.NOT_FOUND, "cpu 42")
+    await expect(cl.coordinator.PingFanout(coordinator_pb2.PingFanoutRequest(
+        targets=[0, 42], transport=common_pb2.TRANSPORT_GRPC)), grpc.StatusCode.NOT_FOUND, "42")
+    await expect(cl.coordinator.Register(coordinator_pb2.RegisterRequest(cpu=5)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "address is empty")
+
+
+async def test_bad_policies_and_empty_calls(env):
+    c, cl, cpu, mm, base = env
+    before = await state(cl)
+    await expect(cl.memory.Reset(memory_pb2.MemoryResetRequest(policy=common_pb2.Policy())),
+                 grpc.StatusCode.INVALID_ARGUMENT, "lock is unspecified")
+    bad = Policy().to_proto()
+    bad.tlb_ways = 7
+    await expect(cl.coordinator.Reset(coordinator_pb2.CoordinatorResetRequest(policy=bad)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "not a multiple of 7 ways")
+    await expect(cpu.Reset(cpu_pb2.CpuResetRequest(tlb_entries=0, tlb_ways=0)),
+                 grpc.StatusCode.INVALID_ARGUMENT, "TLB of 0 entries")
+    await expect(cpu.Syscall(common_pb2.SyscallRequest()), grpc.StatusCode.INVALID_ARGUMENT,
+                 "no call")
+    await expect(cl.memory.ReportAccesses(memory_pb2.ReportAccessesRequest(tids=b"123")),
+                 grpc.StatusCode.INVALID_ARGUMENT, "8-byte")
+    assert await state(cl) == before
+    assert (await cpu.Access(cpu_pb2.AccessRequest(addresses=[base]))).hits == 1

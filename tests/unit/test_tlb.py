@@ -1,0 +1,76 @@
+"""The TLB alone: LRU, epochs, and the x86 flush generation rule (flush_tlb_func)."""
+import pytest
+
+from services.cpu.tlb import ELIDED, FULL, RANGE, Entry, Tlb
+
+
+def filled(mm=1, vpns=range(8), entries=64, ways=4) -> Tlb:
+    tlb = Tlb(entries, ways)
+    for v in vpns:
+        tlb.fill(mm, v, Entry(100 + v, True, 1000 + v))
+    return tlb
+
+
+def test_hit_miss_and_lru_eviction_within_a_set():
+    tlb = Tlb(2, 2)  # one set of two ways
+    tlb.fill(1, 10, Entry(1, True, 1))
+    tlb.fill(1, 11, Entry(2, True, 2))
+    assert tlb.lookup(1, 10).pfn == 1  # 10 becomes most recent
+    tlb.fill(1, 12, Entry(3, True, 3))  # evicts 11, the least recently used
+    assert tlb.lookup(1, 11) is None
+    assert tlb.lookup(1, 10) is not None and tlb.lookup(1, 12) is not None
+    assert tlb.counters.evictions == 1 and len(tlb) == 2
+
+
+def test_a_range_flush_needs_the_next_generation_exactly():
+    tlb = filled()
+    assert tlb.apply_flush(1, 2, 2, new_gen=1, mm_gen=1) == (RANGE, 2)
+    assert tlb.lookup(1, 2) is None and tlb.lookup(1, 4) is not None
+    assert tlb.local_gen[1] == 1
+
+
+def test_a_range_flush_that_would_skip_a_generation_becomes_full():
+    tlb = filled()
+    # Flush 2 arrives first while the mm is already at 2: flush 1 may still be in flight.
+    assert tlb.apply_flush(1, 5, 1, new_gen=2, mm_gen=2) == (FULL, 8)
+    assert len(tlb) == 0
+    # Flush 1 arrives late: already covered.
+    assert tlb.apply_flush(1, 0, 1, new_gen=1, mm_gen=2) == (ELIDED, 0)
+    assert tlb.counters.flush_elided == 1
+
+
+def test_a_range_flush_for_a_stale_mm_generation_is_full():
+    tlb = filled()
+    # new == local + 1 but the mm is further ahead: catch up completely.
+    assert tlb.apply_flush(1, 0, 1, new_gen=1, mm_gen=3)[0] == FULL
+    assert tlb.local_gen[1] == 3
+
+
+def test_full_flush_is_per_mm_and_o1():
+    tlb = filled(mm=1)
+    for v in range(4):
+        tlb.fill(2, v, Entry(v, False, v))
+    assert tlb.apply_flush(1, 0, 0, new_gen=1, mm_gen=1) == (FULL, 8)
+    assert len(tlb) == 4 and all(mm == 2 for mm, _, _ in tlb.entries())
+    tlb.fill(1, 3, Entry(9, True, 9))  # new fills after a full flush are live
+    assert tlb.lookup(1, 3).pfn == 9 and len(tlb) == 5
+
+
+def test_switch_flushes_only_when_behind():
+    tlb = filled()
+    assert tlb.switch_to(1, 0) is False and len(tlb) == 8
+    assert tlb.switch_to(1, 4) is True and len(tlb) == 0
+    assert tlb.local_gen[1] == 4
+
+
+def test_invalidate_all_counts_and_clears_generations():
+    tlb = filled()
+    tlb.apply_flush(1, 0, 1, 1, 1)
+    assert tlb.invalidate_all() == 7
+    assert len(tlb) == 0 and tlb.local_gen == {}
+
+
+@pytest.mark.parametrize("entries,ways", [(0, 1), (10, 3), (4, 0)])
+def test_bad_geometry(entries, ways):
+    with pytest.raises(ValueError):
+        Tlb(entries, ways)
