@@ -1,4 +1,5 @@
-# Needs only python3 with venv; everything else goes into .venv.
+# Needs python3; tools/setup-debian.sh adds missing Debian packages (python3-venv),
+# everything else goes into .venv.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,6 +15,7 @@ setup: $(INSTALLED) $(GENERATED)
 # gen/tlbsim must exist before the editable install, or it does not map the
 # tlbsim package to it (see pyproject.toml).
 $(INSTALLED): pyproject.toml
+	tools/setup-debian.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	mkdir -p gen/tlbsim

@@ -26,7 +26,7 @@ from loadgen.cluster import Cluster, Cpu
 from services.common.addresses import PAGE_SIZE, PTE_TABLE_PAGES
 from services.common.errors import FailedPrecondition
 from services.common.policy import Policy
-from tlbsim.v1 import common_pb2, cpu_pb2
+from tlbsim.v1 import common_pb2, cpu_pb2, memory_pb2
 
 log = logging.getLogger("tlbsim.loadgen")
 CALL_TIMEOUT_S = 120.0
@@ -63,6 +63,8 @@ class Measurements:
     fault_latency_s: list[float] = dataclasses.field(default_factory=list)
     lost_cpus: set[int] = dataclasses.field(default_factory=set)
     rounds_done: int = 0
+    audited_entries: int = 0
+    violations: list[str] = dataclasses.field(default_factory=list)
 
     def add(self, r: cpu_pb2.AccessResponse) -> None:
         self.ops += r.accesses
@@ -120,8 +122,19 @@ class Driver:
         self.m.ops += 1
         return r
 
+    async def audit(self) -> None:
+        """At a quiescent point: every TLB entry of every CPU against the page tables."""
+        dumps = []
+        for cpu in self.live(self.cluster.cpus):
+            dump = await self._call(cpu, cpu.stub.DumpTlb(cpu_pb2.DumpTlbRequest(), timeout=10))
+            if dump is not None:
+                dumps.append(dump)
+        r = await self.cluster.memory.Audit(memory_pb2.AuditRequest(tlbs=dumps),
+                                            timeout=CALL_TIMEOUT_S)
+        self.m.audited_entries += r.entries_checked
+        self.m.violations.extend(r.violations)
+
     async def new_process(self, cpus: list[Cpu]) -> int:
-        from tlbsim.v1 import memory_pb2
         mm = (await self.cluster.memory.CreateMm(memory_pb2.CreateMmRequest(),
                                                   timeout=CALL_TIMEOUT_S)).mm
         await asyncio.gather(*(self.switch(c, mm) for c in cpus))
@@ -142,6 +155,7 @@ async def munmap(d: Driver, cfg: RunConfig, progress: Progress) -> None:
         await d.access(initiator, addresses, write=True)  # fault every page in
         others = d.live(cpus[1:])
         await asyncio.gather(*(d.access(c, addresses) for c in others))
+        await d.audit()  # quiescent: every CPU holds the range
         done = asyncio.Event()
 
         sample = addresses[::max(1, len(addresses) // READER_SAMPLE)]

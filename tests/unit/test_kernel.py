@@ -190,3 +190,35 @@ async def test_unknown_mm_and_cpu_not_running():
     mm = m.kernel.create_mm()
     with pytest.raises(FailedPrecondition, match="not running"):
         await m.kernel.munmap(0, mm, 0x10000000, 1)
+
+
+async def test_audit_and_oracle_catch_a_cpu_that_acks_without_flushing():
+    m = make_machine(2)
+    mm, base, addrs = await process_on_all(m, 4, ncpus=2)
+
+    async def lying_port(order, targets):  # acknowledges, invalidates nothing
+        from services.memory.kernel import ShootdownResult
+        return ShootdownResult(list(targets), [])
+
+    m.kernel.shootdown = lying_port
+    await m.syscall(0, "munmap", base, 4)
+    _, violations = m.kernel.audit(m.dumps())
+    assert len(violations) == 4 and all("cpu 1" in v for v in violations)
+    # CPU 1 runs on and hits its stale entries: each hit is counted.
+    stats = await m.access(1, addrs)
+    assert stats.hits == 4 and m.kernel.oracle.stale == 4
+
+
+async def test_write_through_a_stale_writable_entry_after_mprotect_is_stale():
+    m = make_machine(2)
+    mm, base, addrs = await process_on_all(m, 1, ncpus=2)
+    entry = m.cpus[1].tlb.lookup(mm, base >> 12)
+    await m.syscall(0, "mprotect", base, 1, False)
+    t = m.cpus[1].clock()
+    assert m.report(*_hits([(entry.tid << 1) | 1], [t])) == 1   # a write: stale
+    assert m.report(*_hits([entry.tid << 1], [t])) == 0         # a read: still valid
+
+
+def _hits(words, times):
+    from array import array
+    return array("Q", words).tobytes(), array("q", times).tobytes()
