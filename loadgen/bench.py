@@ -106,15 +106,12 @@ def main(cluster_address: str | None, rounds: int, munmap_rounds: int,
          json_path: str | None) -> int:
     from services.launcher import LocalCluster
 
-    local = None
-    try:
-        if cluster_address is None:
-            local = LocalCluster()
-            cluster_address = local.start(BENCH_CPUS).coordinator
+    if cluster_address is not None:
         result = asyncio.run(bench(cluster_address, rounds, munmap_rounds))
-    finally:
-        if local is not None:
-            local.stop()
+    else:
+        with LocalCluster() as local:  # stops every process, also on Ctrl-C
+            address = local.start(BENCH_CPUS).coordinator
+            result = asyncio.run(bench(address, rounds, munmap_rounds))
     print_bench(result)
     output.write_json(result, json_path)
     return 0

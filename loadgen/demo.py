@@ -45,14 +45,11 @@ def comparisons(cpus: int, rounds: int) -> list[tuple[str, list[tuple[str, RunCo
 def demo(cpus: int, rounds: int, json_path: str | None) -> int:
     from services.launcher import LocalCluster
 
-    cluster = LocalCluster()
-    try:
+    with LocalCluster() as cluster:  # stops every process, also on Ctrl-C
         info = cluster.start(cpus)
         output.console.print(f"local cluster: coordinator {info.coordinator}, memory "
                              f"{info.memory}, {cpus} CPUs")
         return asyncio.run(_compare(info.coordinator, cpus, rounds, json_path))
-    finally:
-        cluster.stop()
 
 
 async def _compare(coordinator: str, cpus: int, rounds: int, json_path: str | None) -> int:
