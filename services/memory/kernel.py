@@ -29,7 +29,8 @@ from services.memory.gather import FlushSpec, Gather, capacity
 from services.memory.locks import LockClass, LockStats, LockValidator, OpContext, SimLock
 from services.memory.mm import Mm, Vma
 from services.memory.oracle import Oracle, Revokes
-from services.memory.pagetable import (PageTable, make_pte, pte_pfn, pte_writable, walk)
+from services.memory.pagetable import (PageTable, make_pte, present_ptes, pte_pfn, pte_writable,
+                                       walk)
 
 DEFAULT_FRAMES = 1 << 24  # 64 GiB of simulated memory; arrays grow only as frames are used
 
@@ -451,13 +452,7 @@ class Kernel:
         frees_tables = free_tables and self._has_freeable_tables(mm, start, end)
         for i, table in enumerate(tables):
             async with ctx.locked(self._pte_lock(mm, table)):
-                lo = max(start, table.base_vpn)
-                hi = min(end, table.base_vpn + PTRS_PER_TABLE)
-                for vpn in range(lo, hi):
-                    slot = vpn - table.base_vpn
-                    pte = table.entries[slot]
-                    if not pte:
-                        continue
+                for vpn, slot, pte in present_ptes(table, start, end):
                     pfn = pte_pfn(pte)
                     table.entries[slot] = 0
                     table.present -= 1
@@ -502,17 +497,12 @@ class Kernel:
         return SyscallResult(shootdowns=zap.shootdowns, latency_s=time.perf_counter() - t0,
                              local_flushes=zap.local)
 
-    def _write_protect(self, table: PageTable, start: int, end: int, gather: Gather) -> int:
-        count = 0
-        for vpn in range(max(start, table.base_vpn), min(end, table.base_vpn + PTRS_PER_TABLE)):
-            slot = vpn - table.base_vpn
-            pte = table.entries[slot]
-            if pte and pte_writable(pte):
+    def _write_protect(self, table: PageTable, start: int, end: int, gather: Gather) -> None:
+        for vpn, slot, pte in present_ptes(table, start, end):
+            if pte_writable(pte):
                 table.entries[slot] = make_pte(pte_pfn(pte), False)
                 old, table.tids[slot] = table.tids[slot], self._new_tid()
                 gather.protect_pte(vpn, old, table.tids[slot])
-                count += 1
-        return count
 
     async def fork(self, cpu: int, mm_id: int) -> SyscallResult:
         """fork in copy mode: copy every PTE read-only for COW, then flush the parent."""
@@ -537,15 +527,10 @@ class Kernel:
 
     async def _copy_table(self, ctx: OpContext, parent: Mm, child: Mm, src: PageTable,
                           vma: Vma, gather: Gather) -> None:
-        lo = max(vma.start, src.base_vpn)
-        hi = min(vma.end, src.base_vpn + PTRS_PER_TABLE)
-        dst = await self._ensure_pte_table(ctx, child, lo)  # the child is not running yet
+        # The child runs nowhere yet: its tables need no lock of the parent's.
+        dst = await self._ensure_pte_table(ctx, child, max(vma.start, src.base_vpn))
         async with ctx.locked(self._pte_lock(parent, src)):
-            for vpn in range(lo, hi):
-                slot = vpn - src.base_vpn
-                pte = src.entries[slot]
-                if not pte:
-                    continue
+            for vpn, slot, pte in present_ptes(src, vma.start, vma.end):
                 pfn = pte_pfn(pte)
                 if pte_writable(pte):
                     src.entries[slot] = make_pte(pfn, False)

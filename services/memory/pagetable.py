@@ -8,6 +8,8 @@ proposed: "the lock we have is the lock that we've always had in struct page".
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 from services.common.addresses import PTRS_PER_TABLE, table_index
 
 
@@ -43,6 +45,15 @@ def pte_writable(pte: int) -> bool:
 
 def make_pte(pfn: int, writable: bool) -> int:
     return pfn << 1 | int(writable)
+
+
+def present_ptes(table: PageTable, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(vpn, slot, pte) of each present PTE of a PTE table inside [start, end)."""
+    base = table.base_vpn
+    for vpn in range(max(start, base), min(end, base + PTRS_PER_TABLE)):
+        pte = table.entries[vpn - base]
+        if pte:
+            yield vpn, vpn - base, pte
 
 
 def walk(pgd: PageTable, vpn: int) -> PageTable | None:

@@ -57,47 +57,38 @@ async def test_unmapping_nothing_sends_no_shootdown():
     assert res.shootdowns == 0 and m.log == []
 
 
-async def test_free_before_flush_is_caught_by_the_oracle():
-    m = make_machine(2, unsafe="free-before-flush")
-    mm, base, addrs = await process_on_all(m, 4, ncpus=2)
-    stale_hits = []
+async def munmap_while_cpu1_runs_before_its_ipi(m, mm, base, addrs) -> list[int]:
+    """munmap, with CPU 1 hitting every page after the PTEs are cleared but before its
+    flush lands (it is busy; the IPI waits). Returns the stale hits the oracle saw then."""
+    real_port, seen = m.kernel.shootdown, []
 
-    real_port = m.kernel.shootdown
-
-    async def port_that_lets_cpu1_run_first(order, targets):
-        # CPU 1 keeps executing before the IPI lands: its hits now use freed frames.
+    async def port(order, targets):
         core = m.cpus[1]
         for a in addrs:
             e = core.tlb.lookup(mm, a >> 12)
             core._hit_words.append(e.tid << 1)
             core._hit_times.append(core.clock())
-        stale_hits.append(m.report(*core.take_hits()))
+        seen.append(m.report(*core.take_hits()))
         return await real_port(order, targets)
 
-    m.kernel.shootdown = port_that_lets_cpu1_run_first
-    await m.syscall(0, "munmap", base, 4)
-    assert stale_hits == [4]
+    m.kernel.shootdown = port
+    await m.syscall(0, "munmap", base, len(addrs))
+    return seen
+
+
+async def test_free_before_flush_is_caught_by_the_oracle():
+    m = make_machine(2, unsafe="free-before-flush")
+    mm, base, addrs = await process_on_all(m, 4, ncpus=2)
+    # The frames were freed first: these hits use memory that may already be reused.
+    assert await munmap_while_cpu1_runs_before_its_ipi(m, mm, base, addrs) == [4]
     assert m.kernel.oracle.stale == 4
 
 
 async def test_safe_order_hits_before_the_ack_are_not_stale():
     m = make_machine(2)
     mm, base, addrs = await process_on_all(m, 4, ncpus=2)
-    real_port = m.kernel.shootdown
-    counted = []
-
-    async def port(order, targets):
-        core = m.cpus[1]
-        for a in addrs:  # still before CPU 1 applied the flush: legitimate
-            e = core.tlb.lookup(mm, a >> 12)
-            core._hit_words.append(e.tid << 1)
-            core._hit_times.append(core.clock())
-        counted.append(m.report(*core.take_hits()))
-        return await real_port(order, targets)
-
-    m.kernel.shootdown = port
-    await m.syscall(0, "munmap", base, 4)
-    assert counted == [0] and m.kernel.oracle.stale == 0
+    assert await munmap_while_cpu1_runs_before_its_ipi(m, mm, base, addrs) == [0]
+    assert m.kernel.oracle.stale == 0
 
 
 async def test_a_dead_cpu_is_fenced_and_frames_still_freed():
