@@ -7,7 +7,7 @@ import asyncio
 from loadgen import output
 from loadgen.cluster import Cluster
 from loadgen.runner import run
-from loadgen.scenarios import SCENARIOS, RunConfig
+from loadgen.scenarios import DOCS, SCENARIOS, RunConfig
 from services.common import policy as pol
 from services.common.errors import FailedPrecondition, InvalidArgument
 
@@ -91,9 +91,8 @@ def add_commands(sub) -> None:
         description="Run one scenario against a running cluster, print a table, and write "
                     "the JSON report with --json. Exits 1 when the safety oracle counted a "
                     "stale access or the final audit found a stale TLB entry.\n\n"
-                    "scenarios (loadgen/scenarios.py says what each reproduces):\n"
-                    "  munmap         LATR's munmap microbenchmark: per-page vs gathered\n"
-                    "  fault-scaling  threads fault while one unmaps: mm vs split locks")
+                    "scenarios (loadgen/scenarios/ says what each reproduces):\n"
+                    + "\n".join(f"  {name:14} {doc}" for name, doc in DOCS.items()))
     p.add_argument("scenario", choices=list(SCENARIOS))
     p.add_argument("--cluster", metavar="ADDR",
                    help="the coordinator's address (default: the state file of `tlbsim up`)")

@@ -1,5 +1,4 @@
 """The munmap scenario on a whole cluster over real gRPC (issue: what it must show, 2-3)."""
-import dataclasses
 
 import pytest
 
