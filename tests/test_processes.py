@@ -106,12 +106,13 @@ def test_load_run_cli_reports_and_fails_on_the_oracle(tmp_path: Path) -> None:
         info = local.start(4, tmp_path / "logs")
         report = tmp_path / "r.json"
         ok = tlbsim("load", "run", "munmap", "--cluster", info.coordinator, "--pages", "512",
-                    "--cpus", "4", "--rounds", "5", "--flush", "gather", "--json", str(report))
+                    "--cpus", "4", "--rounds", "5", "--flush", "gather", "--deadline", "10",
+                    "--json", str(report))
         assert ok.returncode == 0, ok.stderr
         r = json.loads(report.read_text())
         assert r["scenario"] == "munmap" and r["config"]["flush"] == "gather"
         assert (r["results"]["shootdowns"], r["results"]["ipis"]) == (5, 15)
-        bad = tlbsim("load", "run", "munmap", "--cluster", info.coordinator, "--rounds", "5",
+        bad = tlbsim("load", "run", "munmap", "--cluster", info.coordinator, "--rounds", "10",
                      "--unsafe", "free-before-flush", "--json", str(report))
         assert bad.returncode == 1
         assert json.loads(report.read_text())["results"]["stale_accesses"] > 0
