@@ -36,6 +36,10 @@ def _add_serve(sub) -> None:
                    help="the coordinator's address (cpu, memory) [TLBSIM_COORDINATOR]")
     p.add_argument("--frames", type=int, default=_env("FRAMES"),
                    help="physical frames of the simulated machine (memory) [TLBSIM_FRAMES]")
+    p.add_argument("--mqtt-url", default=_env("MQTT_URL"),
+                   help="MQTT broker for the mqtt transport, mqtt://HOST:PORT[/TOPIC-ROOT] "
+                        "(cpu, coordinator; the root names the cluster's topics) "
+                        "[TLBSIM_MQTT_URL]")
     p.set_defaults(func=_serve, parser=p)
 
 
@@ -48,7 +52,7 @@ def _serve(args) -> int:
             args.parser.error("serve cpu needs --id between 0 and 1023")
         if not args.memory or not args.coordinator:
             args.parser.error("serve cpu needs --memory and --coordinator addresses")
-        node = CpuNode(int(args.id), args.memory, args.coordinator)
+        node = CpuNode(int(args.id), args.memory, args.coordinator, mqtt_url=args.mqtt_url)
         ready = {"service": "cpu", "id": int(args.id)}
     elif args.service == "memory":
         from services.memory.service import MemoryNode
@@ -61,7 +65,7 @@ def _serve(args) -> int:
         ready = {"service": "memory"}
     else:
         from services.coordinator.service import CoordinatorNode
-        node = CoordinatorNode()
+        node = CoordinatorNode(mqtt_url=args.mqtt_url)
         ready = {"service": "coordinator"}
     metrics_port = int(args.metrics_port)
     try:

@@ -7,7 +7,8 @@ KeyboardInterrupt, sees that the SIGINT came from the terminal (its group is
 the terminal's foreground group) and only waits for the children, SIGKILLing
 any still there after the grace period, so no child is signalled twice. A
 SIGTERM (or a SIGINT sent to the launcher alone) is passed on once, as SIGTERM,
-to each child. If the launcher is killed outright, PR_SET_PDEATHSIG has the
+to each child. If the launcher is killed outright, PR_SET_PDEATHSIG (set by
+services/die_with_parent.py just before it execs each child) has the
 kernel send each child SIGTERM, so none outlives it.
 
 With --detach the children get a session of their own (no terminal, no death
@@ -16,10 +17,11 @@ signal), the state file records them, and `tlbsim down` stops them later.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +57,8 @@ class ClusterInfo:
     metrics: dict[str, int]  # service name (coordinator, memory, cpu0, ...) -> port
     pids: dict[str, int]
     log_dir: Path
+    mqtt: str = ""  # the broker of `up --mqtt`, mqtt://127.0.0.1:PORT/ROOT; "" without one
+    prometheus: str = ""  # `up --prometheus`: its URL, http://127.0.0.1:PORT; "" without one
 
     def addresses(self) -> dict[str, str]:
         """gRPC address of every service, by name, in start order."""
@@ -77,6 +81,8 @@ class ClusterInfo:
             metrics=dict(data["metrics"]),
             pids=dict(data["pids"]),
             log_dir=Path(data["log_dir"]),
+            mqtt=data.get("mqtt", ""),
+            prometheus=data.get("prometheus", ""),
         )
 
 
@@ -99,13 +105,6 @@ class _Child:
             f"{self.name} exited with code {self.proc.returncode} before it was ready; "
             f"last lines of {self.stderr}:\n{self.tail()}"
         )
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: have the kernel SIGTERM this child when the launcher dies."""
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _sigint_reached_children() -> bool:
@@ -132,7 +131,7 @@ class LocalCluster:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self.stop_after(exc)
 
-    def start(self, cpus: int, log_dir: Path | None = None) -> ClusterInfo:
+    def start(self, cpus: int, log_dir: Path | None = None, mqtt: bool = False) -> ClusterInfo:
         if self._children:
             raise LauncherError("this cluster is already running")
         if not 1 <= cpus <= MAX_CPUS:
@@ -141,13 +140,15 @@ class LocalCluster:
         log_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self._ready_timeout
         try:
-            return self._start(cpus, log_dir.resolve(), deadline)
+            return self._start(cpus, log_dir.resolve(), deadline, mqtt)
         except BaseException as exc:
             self.stop_after(exc)
             raise
 
-    def _start(self, cpus: int, log_dir: Path, deadline: float) -> ClusterInfo:
-        coordinator = self._wait_ready([self._spawn("coordinator", [], log_dir)], deadline)
+    def _start(self, cpus: int, log_dir: Path, deadline: float, mqtt: bool = False) -> ClusterInfo:
+        mqtt_url = self._start_mosquitto(log_dir, deadline) if mqtt else ""
+        broker = ["--mqtt-url", mqtt_url] if mqtt_url else []
+        coordinator = self._wait_ready([self._spawn("coordinator", broker, log_dir)], deadline)
         coordinator_address = coordinator["coordinator"]["address"]
         memory = self._wait_ready(
             [self._spawn("memory", ["--coordinator", coordinator_address], log_dir)], deadline
@@ -157,7 +158,8 @@ class LocalCluster:
         cpu_children = [
             self._spawn(
                 f"cpu{i}",
-                ["--id", str(i), "--memory", memory_address, "--coordinator", coordinator_address],
+                ["--id", str(i), "--memory", memory_address, "--coordinator", coordinator_address,
+                 *broker],
                 log_dir,
             )
             for i in range(cpus)
@@ -170,19 +172,61 @@ class LocalCluster:
             metrics={name: int(line["metrics_port"]) for name, line in ready.items()},
             pids={child.name: child.proc.pid for child in self._children},
             log_dir=log_dir,
+            mqtt=mqtt_url,
         )
         self._wait_serving(info.addresses(), deadline)
         return info
 
-    def _spawn(self, name: str, extra: list[str], log_dir: Path) -> _Child:
+    def _start_mosquitto(self, log_dir: Path, deadline: float) -> str:
+        """`up --mqtt`: a broker of this cluster's own on a free loopback port; returns its URL."""
+        binary = mosquitto_binary()
+        if binary is None:
+            raise LauncherError("--mqtt needs mosquitto (Debian: apt-get install mosquitto; "
+                                "tools/setup-debian.sh installs it)")
+        port = free_port()
+        conf = log_dir / MOSQUITTO_CONF
+        conf.write_text(mosquitto_config(port))
+        child = self._spawn("mosquitto", [], log_dir, cmd=[binary, "-c", str(conf)])
+        if not wait_listening("127.0.0.1", port, deadline, child.proc):
+            raise child.died_error() if child.proc.poll() is not None else LauncherError(
+                f"mosquitto is not listening on 127.0.0.1:{port}; log {child.stderr}")
+        return f"mqtt://127.0.0.1:{port}/tlbsim/v1/cluster"
+
+    def start_prometheus(self, info: ClusterInfo) -> str:
+        """`up --prometheus`: Debian's prometheus on a free loopback port, scraping every
+        service of `info` with the shipped alert rules; returns its URL."""
+        from services.common import prometheus
+
+        binary = prometheus.binary()
+        if binary is None:
+            raise LauncherError("--prometheus needs prometheus (Debian: apt-get install "
+                                "prometheus; tools/setup-debian.sh installs it)")
+        port = free_port()
+        conf = info.log_dir / prometheus.CONFIG_NAME
+        conf.write_text(prometheus.config(info.metrics))
+        cmd = prometheus.command(binary, conf, info.log_dir / "prometheus-data", port)
+        child = self._spawn("prometheus", [], info.log_dir, cmd=cmd)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + self._ready_timeout
+        if not prometheus.wait_ready(url, deadline, lambda: child.proc.poll() is None):
+            raise child.died_error() if child.proc.poll() is not None else LauncherError(
+                f"prometheus is not ready at {url}; log {child.stderr}")
+        info.pids["prometheus"] = child.proc.pid
+        info.prometheus = url
+        return url
+
+    def _spawn(self, name: str, extra: list[str], log_dir: Path,
+               cmd: list[str] | None = None) -> _Child:
         service = name.rstrip("0123456789")
-        cmd = [sys.executable, "-m", "services", "serve", service,
-               "--listen", "127.0.0.1:0", "--metrics-port", "0", *extra]
+        cmd = cmd or [sys.executable, "-m", "services", "serve", service,
+                      "--listen", "127.0.0.1:0", "--metrics-port", "0", *extra]
         stdout, stderr = log_dir / f"{name}.out", log_dir / f"{name}.log"
         # The death signal belongs to the thread that forks: set it only from
         # the main thread, or a finished worker thread would kill the child.
         in_main = threading.current_thread() is threading.main_thread()
         use_pdeathsig = not self._detach and in_main and sys.platform == "linux"
+        if use_pdeathsig:  # see services/die_with_parent.py for why not a preexec_fn
+            cmd = [sys.executable, "-m", "services.die_with_parent", str(os.getpid()), *cmd]
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
             proc = subprocess.Popen(
                 cmd,
@@ -192,7 +236,6 @@ class LocalCluster:
                 # A file is block-buffered: make the ready line appear at once.
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=self._detach,
-                preexec_fn=_die_with_parent if use_pdeathsig else None,
             )
         child = _Child(name, proc, stdout, stderr)
         self._children.append(child)
@@ -280,6 +323,50 @@ def _health_status(stub: health_pb2_grpc.HealthStub) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
+# --- the MQTT broker (up --mqtt; the tests start theirs with the same pieces) ---
+
+MOSQUITTO_CONF = "tlbsim-mosquitto.conf"  # also how `tlbsim down` recognises our broker
+
+
+def mosquitto_binary() -> str | None:
+    """Debian installs it in /usr/sbin, which is not on every user's PATH."""
+    found = shutil.which("mosquitto")
+    if found is None and os.access("/usr/sbin/mosquitto", os.X_OK):
+        found = "/usr/sbin/mosquitto"
+    return found
+
+
+def mosquitto_config(port: int) -> str:
+    return (
+        "# generated by tlbsim: the broker of one cluster's mqtt shootdown transport\n"
+        f"listener {port} 127.0.0.1\n"
+        "allow_anonymous true      # loopback only\n"
+        "persistence false         # a simulation: nothing survives a restart\n"
+        "set_tcp_nodelay true      # Nagle on: ~88 ms per shootdown instead of ~2\n"
+        "max_queued_messages 10000\n"
+        "log_dest stderr\n"
+        "log_type error\n"
+        "log_type warning\n"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(host: str, port: int, deadline: float, proc: subprocess.Popen) -> bool:
+    """Wait until something accepts on host:port (False if proc exits or time runs out)."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(POLL_S)
+    return False
+
+
 # --- state file ------------------------------------------------------------
 
 def state_path(path: str | None) -> Path:
@@ -312,7 +399,9 @@ def _is_our_service(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
         return False
-    return b"services serve" in cmdline and _is_alive(pid)
+    ours = b"services serve" in cmdline or MOSQUITTO_CONF.encode() in cmdline \
+        or b"tlbsim-prometheus.yml" in cmdline  # services.common.prometheus.CONFIG_NAME
+    return ours and _is_alive(pid)
 
 
 def _is_alive(pid: int) -> bool:
@@ -403,14 +492,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         _refuse_if_running(file)
-        info = cluster.start(args.cpus, args.log_dir)
+        info = cluster.start(args.cpus, args.log_dir, mqtt=args.mqtt)
+        if args.prometheus:
+            cluster.start_prometheus(info)
     except LauncherError as exc:
+        cluster.stop()
         print(f"tlbsim up: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, _Terminated):
         return 1  # start() has already stopped what it started
     _write_state(file, info)
     _print_cluster(info)
+    if info.mqtt:
+        print(f"mqtt {info.mqtt}", flush=True)
+    if info.prometheus:
+        print(f"prometheus {info.prometheus}", flush=True)
     print(f"logs: {info.log_dir}  state: {file}", file=sys.stderr)
     if args.detach:
         print("detached; stop it with `tlbsim down`", file=sys.stderr)
@@ -447,6 +543,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--cpus", type=int, default=4, help=f"number of CPU services, 1..{MAX_CPUS} (default 4)")
     up.add_argument("--detach", action="store_true", help="leave the cluster running and exit")
+    up.add_argument("--mqtt", action="store_true",
+                    help="also start a mosquitto broker on a free loopback port (generated "
+                         "config, TCP_NODELAY) for `--transport mqtt`; stopped with the cluster")
+    up.add_argument("--prometheus", action="store_true",
+                    help="also start a local Prometheus (Debian's prometheus binary) on a free "
+                         "loopback port, scraping every service with the alert rules of "
+                         "deploy/prometheus; prints its URL; stopped with the cluster")
     up.add_argument("--state", help=state_help)
     up.add_argument("--log-dir", type=Path, help="directory for each service's logs (default: a new temp dir)")
     up.set_defaults(func=cmd_up)

@@ -13,11 +13,11 @@ import logging
 import time
 
 import grpc
-from prometheus_client import CollectorRegistry
 
 from services.common.addresses import vpn_of
 from services.common.errors import InvalidArgument
-from services.common.metrics import NodeCollector, build_info
+from services.common.metrics import histogram, labelled, node_registry
+from services.common.mqtt import MqttLink, MqttUrl
 from services.common.policy import Policy
 from services.common.server import channel, rpc
 from services.cpu.core import CpuCore
@@ -31,7 +31,7 @@ OUTCOME = {RANGE: common_pb2.FLUSH_OUTCOME_RANGE, FULL: common_pb2.FLUSH_OUTCOME
            ELIDED: common_pb2.FLUSH_OUTCOME_ELIDED}
 MISS = {memory_pb2.MISS_OUTCOME_WALKED: "walked", memory_pb2.MISS_OUTCOME_FAULT_ANON: "anon",
         memory_pb2.MISS_OUTCOME_FAULT_COW: "cow", memory_pb2.MISS_OUTCOME_FAULT_PROT: "prot",
-        memory_pb2.MISS_OUTCOME_SEGV: "segv"}
+        memory_pb2.MISS_OUTCOME_SEGV: "segv", memory_pb2.MISS_OUTCOME_SWAP_IN: "swapin"}
 HEARTBEAT_S = 0.25
 RPC_TIMEOUT_S = 30.0
 MAX_ACCESSES = 1 << 20  # per request: bounded work and memory
@@ -50,8 +50,11 @@ class _Miss:
 class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     service_names = (pb.DESCRIPTOR.services_by_name["CpuService"].full_name,)
 
-    def __init__(self, cpu_id: int, memory: str, coordinator: str):
+    def __init__(self, cpu_id: int, memory: str, coordinator: str, metrics: bool = True,
+                 *, mqtt_url: str | None = None):
         p = Policy()
+        self.mqtt_url = MqttUrl.parse(mqtt_url) if mqtt_url else None
+        self.mqtt: MqttLink | None = None  # the mqtt transport: broadcast flushes
         self.core = CpuCore(cpu_id, p.tlb_entries, p.tlb_ways)
         self.memory_address = memory
         self.coordinator_address = coordinator
@@ -59,9 +62,17 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         self._exec = asyncio.Lock()  # one task at a time
         self._tasks: list[asyncio.Task] = []
         self._channels: list[grpc.aio.Channel] = []
-        self.registry = CollectorRegistry()
-        build_info(self.registry, "cpu", Policy)
-        self.registry.register(NodeCollector(self._metrics))
+        # Metrics: the TLB counts in plain ints (read at scrape time); walks are counted
+        # and timed once per memory-service round trip, never per lookup.
+        self.walks = {"batch": 0, "miss": 0}
+        self.registry = node_registry(metrics, "cpu", self._geometry, self._metrics)
+        self._walk_seconds = histogram(
+            "tlbsim_page_walk_duration_seconds",
+            "Page walks at the memory service, round trip seen by the CPU (a batch walk "
+            "reads up to 64 pages; a miss walk may fault)", ["cpu", "kind"],
+            self.registry if metrics else None)
+        self._walk_timers = {k: self._walk_seconds.labels(str(cpu_id), k)
+                             for k in self.walks} if self._walk_seconds else {}
 
     @property
     def id(self) -> int:
@@ -78,8 +89,14 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         self.memory = memory_pb2_grpc.MemoryServiceStub(mem)
         self.coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(coord)
         self._tasks = [asyncio.create_task(self._membership())]
+        if self.mqtt_url is not None:
+            self.mqtt = MqttLink(self.mqtt_url, f"cpu{self.id}", [self.mqtt_url.shootdown_topic],
+                                 self._on_broadcast, "flushes arrive by the gRPC fallback")
+            await self.mqtt.start()
 
     async def stop(self) -> None:
+        if self.mqtt is not None:
+            await self.mqtt.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -143,6 +160,16 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     async def Flush(self, request, context):
         return self._flush(request)
 
+    async def _on_broadcast(self, message) -> None:
+        """The mqtt transport: a shootdown for a target set. Not ours: ignore it. Ours: the
+        same path as a Flush, so a duplicate elides by generation and acks again."""
+        shootdown = coordinator_pb2.ShootdownRequest.FromString(message.payload)
+        if self.id not in shootdown.targets:
+            return
+        ack = self._flush(shootdown.flush)
+        # The ack goes at the broadcast's QoS: the run's --mqtt-qos governs both ways.
+        self.mqtt.publish_soon(self.mqtt_url.ack_topic, ack.SerializeToString(), message.qos)
+
     # --- tasks ---------------------------------------------------------------------------
     @rpc
     async def SwitchMm(self, request, context):
@@ -170,14 +197,18 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 r = await self.memory.HandleMiss(
                     memory_pb2.HandleMissRequest(cpu=self.id, mm=mm, vpn=vpn, write=write),
                     timeout=RPC_TIMEOUT_S)
+                self._walked("miss", t0)
                 if r.outcome in (memory_pb2.MISS_OUTCOME_FAULT_ANON,
-                                 memory_pb2.MISS_OUTCOME_FAULT_COW):
+                                 memory_pb2.MISS_OUTCOME_FAULT_COW,
+                                 memory_pb2.MISS_OUTCOME_SWAP_IN):
                     fault_latency.append(time.perf_counter() - t0)
                 return _Miss(r)
 
             async def walk(batch: list[int]):
+                t0 = time.perf_counter()
                 r = await self.memory.Walk(memory_pb2.WalkRequest(cpu=self.id, mm=mm, vpns=batch),
                                            timeout=RPC_TIMEOUT_S)
+                self._walked("batch", t0)
                 return [(p.pfn, p.writable, p.tid) if p.present else None for p in r.ptes]
 
             try:
@@ -229,10 +260,48 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     async def Ping(self, request, context):
         return pb.PingResponse(payload=request.payload)
 
+    # --- metrics ---------------------------------------------------------------------------
+    def _walked(self, kind: str, t0: float) -> None:
+        self.walks[kind] += 1
+        timer = self._walk_timers.get(kind)
+        if timer is not None:
+            timer.observe(time.perf_counter() - t0)
+
+    def _geometry(self) -> Policy:
+        """What the CPU knows of the run's policy: its TLB's shape (build info)."""
+        t = self.core.tlb
+        return _TlbShape(t.nsets * t.ways, t.ways)
+
     def _metrics(self):
-        c = self.core.tlb.counters
-        yield "counter", "tlbsim_tlb_hits", "TLB lookups that hit", c.hits
-        yield "counter", "tlbsim_tlb_misses", "TLB lookups that missed", c.misses
-        yield "counter", "tlbsim_flush_requests", "Flush requests received", c.flush_requests
-        yield "gauge", "tlbsim_tlb_entries", "Entries in the TLB", len(self.core.tlb)
-        yield "gauge", "tlbsim_cpu_fenced", "1 while the CPU is fenced", int(self.core.fenced)
+        """Read at scrape time. Counters restart when a run resets the CPU (a new TLB)."""
+        c, cpu = self.core.tlb.counters, str(self.id)
+        yield labelled("counter", "tlbsim_tlb_lookups", "TLB lookups by result", ["cpu", "result"],
+                       [((cpu, "hit"), c.hits), ((cpu, "miss"), c.misses)])
+        yield labelled("gauge", "tlbsim_tlb_entries", "Live entries in the TLB", ["cpu"],
+                       [((cpu,), len(self.core.tlb))])
+        yield labelled("counter", "tlbsim_tlb_evictions", "Live entries evicted by LRU",
+                       ["cpu"], [((cpu,), c.evictions)])
+        yield labelled("counter", "tlbsim_tlb_flushes",
+                       "Flushes applied, by kind: range (page by page), full (the whole mm, "
+                       "incl. switch_mm catch-up), elided (generation already current)",
+                       ["cpu", "kind"], [((cpu, "range"), c.flush_range),
+                                         ((cpu, "full"), c.flush_full),
+                                         ((cpu, "elided"), c.flush_elided)])
+        yield labelled("counter", "tlbsim_tlb_page_invalidations",
+                       "Single pages invalidated by range flushes", ["cpu"], [((cpu,), c.flush_page)])
+        yield labelled("counter", "tlbsim_flush_requests", "Flush requests received",
+                       ["cpu"], [((cpu,), c.flush_requests)])
+        yield labelled("counter", "tlbsim_page_walks",
+                       "Page walks at the memory service by kind (batch: read-ahead of up "
+                       "to 64 pages; miss: one page, may fault)", ["cpu", "kind"],
+                       [((cpu, k), n) for k, n in self.walks.items()])
+        yield labelled("gauge", "tlbsim_cpu_fenced", "1 while the CPU is fenced", ["cpu"],
+                       [((cpu,), int(self.core.fenced))])
+
+
+class _TlbShape:
+    def __init__(self, entries: int, ways: int):
+        self.entries, self.ways = entries, ways
+
+    def as_dict(self) -> dict:
+        return {"tlb_entries": self.entries, "tlb_ways": self.ways}

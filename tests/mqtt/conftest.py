@@ -1,0 +1,62 @@
+"""A real mosquitto per test, on a free loopback port with a generated config (the
+launcher's own, with TCP_NODELAY); it can be killed and restarted on the same port."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from services import launcher
+
+BINARY = launcher.mosquitto_binary()
+
+
+class Broker:
+    def __init__(self, directory: Path):
+        self.port = launcher.free_port()
+        self.conf = directory / launcher.MOSQUITTO_CONF
+        self.conf.write_text(launcher.mosquitto_config(self.port))
+        self.log = directory / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+        self.root = f"tlbsim/test/{os.getpid()}-{self.port}"
+        self.url = f"mqtt://127.0.0.1:{self.port}/{self.root}"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([BINARY, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=log)
+        if not launcher.wait_listening("127.0.0.1", self.port, time.monotonic() + 10, self.proc):
+            raise RuntimeError(f"mosquitto did not start: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: the broker vanishes without saying goodbye to anyone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def broker(tmp_path):
+    if BINARY is None:
+        pytest.skip("mosquitto is not installed (tools/setup-debian.sh installs it)")
+    b = Broker(tmp_path)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
