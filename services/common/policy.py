@@ -9,10 +9,18 @@ import dataclasses
 from services.common.errors import InvalidArgument
 from tlbsim.v1 import common_pb2 as pb
 
-LOCKS = {"mm": pb.LOCK_MODE_MM, "split": pb.LOCK_MODE_SPLIT}
+LOCKS = {"mm": pb.LOCK_MODE_MM, "split": pb.LOCK_MODE_SPLIT,
+         "lock-all-sharers": pb.LOCK_MODE_LOCK_ALL_SHARERS,
+         "lock-all-sharers-unordered": pb.LOCK_MODE_LOCK_ALL_SHARERS_UNORDERED}
+FORKS = {"copy": pb.FORK_MODE_COPY, "share": pb.FORK_MODE_SHARE}
+SHARED_FLUSHES = {"all-cpus": pb.SHARED_FLUSH_ALL_CPUS,
+                  "sharer-union": pb.SHARED_FLUSH_SHARER_UNION,
+                  "unsafe-mm-only": pb.SHARED_FLUSH_UNSAFE_MM_ONLY}
 FLUSHES = {"per-page": pb.FLUSH_MODE_PER_PAGE, "gather": pb.FLUSH_MODE_GATHER}
-TRANSPORTS = {"grpc": pb.TRANSPORT_GRPC, "stream": pb.TRANSPORT_STREAM}
+TRANSPORTS = {"grpc": pb.TRANSPORT_GRPC, "stream": pb.TRANSPORT_STREAM,
+              "mqtt": pb.TRANSPORT_MQTT}
 UNSAFE = {"none": pb.UNSAFE_NONE, "free-before-flush": pb.UNSAFE_FREE_BEFORE_FLUSH}
+SPLIT_LOCKS = ("split", "lock-all-sharers", "lock-all-sharers-unordered")  # PTE tables: own ptl
 
 # Linux's own defaults: tlb_single_page_flush_ceiling, MAX_GATHER_BATCH; a TLB
 # shaped like a recent x86 second-level TLB (1536 entries, 12 ways).
@@ -21,7 +29,12 @@ DEFAULT_BATCH = 510
 DEFAULT_TLB_ENTRIES = 1536
 DEFAULT_TLB_WAYS = 12
 DEFAULT_DEADLINE_S = 1.0
+# QoS 0: acks are end-to-end and a missing one is followed by a gRPC Flush, so QoS 1
+# buys nothing but a PUBACK per hop; measured ~25% slower (README, MQTT section).
+DEFAULT_MQTT_QOS = 0
+MQTT_QOS = (0, 1)
 MAX_TLB_ENTRIES = 1 << 20
+MAX_FRAMES = 1 << 28  # 1 TiB of simulated memory
 
 
 def _name(table: dict[str, int], value: int, what: str) -> str:
@@ -43,13 +56,21 @@ class Policy:
     tlb_ways: int = DEFAULT_TLB_WAYS
     unsafe: str = "none"
     deadline_s: float = DEFAULT_DEADLINE_S
+    mqtt_qos: int = DEFAULT_MQTT_QOS
+    fork: str = "copy"
+    shared_flush: str = "all-cpus"
+    frames: int = 0  # 0: the memory service's default
 
     def __post_init__(self) -> None:
         for value, table, what in ((self.lock, LOCKS, "lock"), (self.flush, FLUSHES, "flush"),
                                    (self.transport, TRANSPORTS, "transport"),
-                                   (self.unsafe, UNSAFE, "unsafe")):
+                                   (self.unsafe, UNSAFE, "unsafe"), (self.fork, FORKS, "fork"),
+                                   (self.shared_flush, SHARED_FLUSHES, "shared-flush")):
             if value not in table:
                 raise InvalidArgument(f"unknown {what} {value!r}: choose from {', '.join(table)}")
+        if not 0 <= self.frames <= MAX_FRAMES:
+            raise InvalidArgument(f"frames {self.frames}: must be between 1 and {MAX_FRAMES} "
+                                  "(0 = the service's default)")
         if self.batch < 1:
             raise InvalidArgument(f"batch {self.batch}: must be at least 1 page")
         if self.ceiling < 0:
@@ -63,13 +84,17 @@ class Policy:
                 f"TLB of {self.tlb_entries} entries is not a multiple of {self.tlb_ways} ways")
         if not 0 < self.deadline_s <= 600:
             raise InvalidArgument(f"deadline {self.deadline_s}s: must be in (0, 600]")
+        if self.mqtt_qos not in MQTT_QOS:
+            raise InvalidArgument(f"mqtt QoS {self.mqtt_qos}: choose 0 or 1")
 
     def to_proto(self) -> pb.Policy:
         return pb.Policy(lock=LOCKS[self.lock], flush=FLUSHES[self.flush], ceiling=self.ceiling,
                          batch=self.batch, lazy_tlb=self.lazy_tlb,
                          transport=TRANSPORTS[self.transport], tlb_entries=self.tlb_entries,
                          tlb_ways=self.tlb_ways, unsafe=UNSAFE[self.unsafe],
-                         deadline_s=self.deadline_s)
+                         deadline_s=self.deadline_s, mqtt_qos=self.mqtt_qos,
+                         fork=FORKS[self.fork], shared_flush=SHARED_FLUSHES[self.shared_flush],
+                         frames=self.frames)
 
     @classmethod
     def from_proto(cls, p: pb.Policy) -> "Policy":
@@ -77,7 +102,10 @@ class Policy:
                    ceiling=p.ceiling, batch=p.batch, lazy_tlb=p.lazy_tlb,
                    transport=_name(TRANSPORTS, p.transport, "transport"),
                    tlb_entries=p.tlb_entries, tlb_ways=p.tlb_ways,
-                   unsafe=_name(UNSAFE, p.unsafe, "unsafe"), deadline_s=p.deadline_s)
+                   unsafe=_name(UNSAFE, p.unsafe, "unsafe"), deadline_s=p.deadline_s,
+                   mqtt_qos=p.mqtt_qos, fork=_name(FORKS, p.fork, "fork"),
+                   shared_flush=_name(SHARED_FLUSHES, p.shared_flush, "shared-flush"),
+                   frames=p.frames)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

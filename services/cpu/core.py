@@ -34,7 +34,7 @@ MissHandler = Callable[[int, bool], Awaitable[Translation]]
 Pte = tuple[int, bool, int] | None  # (pfn, writable, tid) of a present PTE
 Walker = Callable[[list[int]], Awaitable[list[Pte]]]
 WALK_AHEAD = 64  # pages read per walk request: one round trip serves the misses that follow
-FAULTED = {"anon", "cow"}
+FAULTED = {"anon", "cow", "swapin"}
 SEGV = {"segv", "prot"}
 
 
@@ -92,6 +92,10 @@ class CpuCore:
 
     # --- invalidation ------------------------------------------------------------------
     def apply_flush(self, f: FlushLike) -> tuple[str, int]:
+        if getattr(f, "all_mms", False):  # a shared table or a reclaim batch: every mm
+            self.tlb.counters.flush_requests += 1
+            self.tlb.counters.flush_full += 1
+            return "full", self.tlb.invalidate_all()
         return self.tlb.apply_flush(f.mm, f.start_vpn, f.pages, f.new_tlb_gen, f.mm_tlb_gen)
 
     # --- execution -------------------------------------------------------------------

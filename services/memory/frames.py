@@ -20,6 +20,10 @@ class Frames:
         self.refcount = array("I", [0])
         self.mapcount = array("I", [0])
         self.gen = array("I", [0])       # bumped every time the frame is freed
+        # The reverse map of an anonymous page (page->index and anon_vma): the address
+        # it was mapped at and its mm's fork family, whose members may map it there.
+        self.rmap_vpn = array("Q", [0])
+        self.rmap_family = array("I", [0])
         self._free: list[int] = []       # LIFO: a freed frame is the next one reused
         self.used = 0
         self.freed_total = 0
@@ -36,6 +40,8 @@ class Frames:
             self.refcount.append(0)
             self.mapcount.append(0)
             self.gen.append(0)
+            self.rmap_vpn.append(0)
+            self.rmap_family.append(0)
         else:
             raise ResourceExhausted(f"out of frames: all {self.budget} are in use")
         self.refcount[pfn] = 1

@@ -15,22 +15,25 @@ Orders that make it correct:
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import itertools
 import time
-from typing import Awaitable, Callable, Iterator
+import contextlib
+from typing import AsyncIterator, Awaitable, Callable
 
 from services.common.addresses import PTRS_PER_TABLE, USER_VPN_END, page_range
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from services.common.policy import Policy
+from services.common.policy import SPLIT_LOCKS, Policy
 from services.memory.frames import Frames
 from services.memory.gather import FlushSpec, Gather, capacity
 from services.memory.locks import LockClass, LockStats, LockValidator, OpContext, SimLock
+from services.memory.reclaim import Lru, SwapSpace, watermarks
 from services.memory.mm import Mm, Vma
 from services.memory.oracle import Oracle, Revokes
 from services.memory.pagetable import (PageTable, make_pte, present_ptes, pte_pfn, pte_writable,
-                                       walk)
+                                       swapped_ptes, walk)
 
 DEFAULT_FRAMES = 1 << 24  # 64 GiB of simulated memory; arrays grow only as frames are used
 
@@ -46,6 +49,8 @@ class FlushOrder:
     mm_tlb_gen: int
     freed_tables: bool
     initiator: int
+    all_mms: bool = False  # every mm's entries: a changed shared table, or a reclaim batch
+    reason: str = "other"  # the operation that shot down (munmap, cow, reclaim, ...)
 
 
 @dataclasses.dataclass
@@ -88,17 +93,32 @@ class KernelStats:
     tables_allocated: collections.Counter = dataclasses.field(
         default_factory=collections.Counter)  # by level
     fenced: set[int] = dataclasses.field(default_factory=set)
+    unshares: int = 0             # private copies of shared tables (write, mprotect, partial unmap)
+    tables_dropped: int = 0       # shared tables a sharer let go of whole (munmap, exit)
+    shared_tables: int = 0        # tables with share_count > 0 now
+    reclaimed_pages: int = 0
+    swap_outs: int = 0            # PTEs turned into swap entries
+    swap_ins: int = 0
+    reclaim_shootdowns: int = 0
+    reclaim_ipis: int = 0
     fault_latency_s: list[float] = dataclasses.field(default_factory=list)
     munmap_latency_s: list[float] = dataclasses.field(default_factory=list)
     fork_latency_s: list[float] = dataclasses.field(default_factory=list)
     audit_violations: int = 0
+    # Metrics, read at scrape time: frames off the page tables not yet freed (their
+    # shootdown in flight, or the table lock not yet dropped); per flush, how long its
+    # frames waited since the gather opened, with how many frames; PTEs each flush covers.
+    frames_pending_free: int = 0
+    flush_waits: list[tuple[float, int]] = dataclasses.field(default_factory=list)
+    flush_pages: list[int] = dataclasses.field(default_factory=list)
 
 
 class _Zap:
     """The running state of one zap: its gather, what to free, the initiator's flushes."""
 
-    def __init__(self, gather: Gather):
+    def __init__(self, gather: Gather, reason: str):
         self.gather = gather
+        self.reason = reason  # the operation, for the shootdowns' metrics label
         self.to_free: list[int] = []
         self.tables: list[PageTable] = []
         self.local: list[FlushOrder] = []
@@ -111,6 +131,7 @@ class Kernel:
         self.policy = policy
         self.shootdown = shootdown
         self.clock = clock
+        frames = policy.frames or frames  # the run's budget, else the service's default
         self.frames = Frames(frames)
         self.mms: dict[int, Mm] = {}
         self.oracle = Oracle()
@@ -118,8 +139,14 @@ class Kernel:
         self.validator = LockValidator()
         self.stats = KernelStats()
         self.cpu_mm: dict[int, int] = {}       # cpu -> loaded mm (0 = idle)
+        self.families: dict[int, set[int]] = {}  # fork families: where a page's rmap looks
+        self.lru = Lru()
+        self.swap = SwapSpace()
+        self.low_watermark, self.high_watermark = watermarks(frames)
+        self._reclaiming = asyncio.Lock()  # one reclaimer at a time; not a page-table lock
+        self._pending_local: dict[int, list[FlushOrder]] = {}
         self._mm_ids = itertools.count(1)
-        self._tids = itertools.count(1)
+        self._table_uids = itertools.count(1)
         self._shootdown_ids = itertools.count(1)
 
     # --- helpers -----------------------------------------------------------------------
@@ -142,30 +169,64 @@ class Kernel:
         return mm
 
     def _alloc_table(self, level: int, base_vpn: int) -> PageTable:
-        pfn = self.frames.alloc()
-        ptl = SimLock(LockClass.PTL, f"ptl:{pfn}", key=pfn) if level == 1 else None
+        pfn = self.frames.alloc()  # tables never wait for reclaim: the watermarks leave room
+        uid = next(self._table_uids)
+        table = PageTable(pfn, level, base_vpn, uid=uid)
+        if level == 1:
+            table.ptl = SimLock(LockClass.PTL, f"ptl:{uid}", key=uid)
+            table.rmap_lock = SimLock(LockClass.RMAP, f"rmap:{uid}", key=uid)
         self.stats.tables_allocated[level] += 1
-        return PageTable(pfn, level, base_vpn, ptl)
+        return table
 
-    def _pte_lock(self, mm: Mm, table: PageTable) -> SimLock:
-        """Which lock guards a PTE table's entries: the mode's whole point."""
-        if self.policy.lock == "split":
-            assert table.ptl is not None
-            return table.ptl
-        return mm.page_table_lock
+    def _pte_locks(self, mm: Mm, table: PageTable) -> list[SimLock]:
+        """What guards a PTE table's entries: the mode's whole point. In mm mode the
+        mm's page_table_lock, plus the table's own lock, because a shared table's other
+        sharers do not take this mm's lock."""
+        if self.policy.lock in SPLIT_LOCKS:
+            return [table.ptl]
+        return [mm.page_table_lock, table.ptl]
+
+    @contextlib.asynccontextmanager
+    async def _pte_locked(self, ctx: OpContext, mm: Mm, table: PageTable) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for lock in self._pte_locks(mm, table):
+                await stack.enter_async_context(ctx.locked_once(lock))
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _sharers_locked(self, ctx: OpContext, mm: Mm,
+                              tables: list[PageTable]) -> AsyncIterator[None]:
+        """Hold what guards the sharer lists of `tables`: their rmap locks (the 2002
+        pmd-rmap), in key order — or, in the lock-all-sharers modes, the
+        page_table_lock of every sharer mm: in mm-id order, or (unordered) this mm
+        first and then the sharer lists' order, which the validator refuses."""
+        if self.policy.lock.startswith("lock-all-sharers"):
+            ids = [mm.id] + [m for t in tables for m, _ in (t.sharers or ())]
+            order = list(dict.fromkeys(ids))
+            if self.policy.lock == "lock-all-sharers":
+                order.sort()
+            locks = [self.mms[m].page_table_lock for m in order if m in self.mms]
+        else:
+            locks = sorted((t.rmap_lock for t in tables), key=lambda lock: lock.key)
+        if not tables:
+            locks = []
+        async with contextlib.AsyncExitStack() as stack:
+            for lock in locks:
+                await stack.enter_async_context(ctx.locked_once(lock))
+            yield
 
     def _gather(self, fullmm: bool = False) -> Gather:
         """A zap's gather; per-page mode is a gather that holds one page."""
         pages = 1 if self.policy.flush == "per-page" else capacity(self.policy.batch)
         return Gather(pages, self.policy.ceiling, fullmm)
 
-    def _new_tid(self) -> int:
-        return next(self._tids)
-
     # --- processes and CPUs ----------------------------------------------------------------
-    def create_mm(self) -> int:
+    def create_mm(self, family: int | None = None) -> int:
+        """A new mm; a forked child joins its parent's family (the pages' reverse map)."""
         mm_id = next(self._mm_ids)
-        self.mms[mm_id] = Mm(mm_id, self._alloc_table(4, 0))
+        mm = self.mms[mm_id] = Mm(mm_id, self._alloc_table(4, 0))
+        mm.family = mm_id if family is None else family
+        self.families.setdefault(mm.family, set()).add(mm_id)
         return mm_id
 
     def switch_mm(self, cpu: int, mm_id: int) -> int:
@@ -201,20 +262,25 @@ class Kernel:
         for pfn in pages:
             if self.frames.put(pfn):
                 self.frames.free(pfn)
+                self.lru.remove(pfn)
                 freed += 1
         for table in tables:
             if self.frames.put(table.pfn):
                 self.frames.free(table.pfn)
                 self.stats.tables_freed += 1
         self.stats.pages_freed += freed
+        self.stats.frames_pending_free -= len(pages) + len(tables)
         return freed
 
     async def _flush(self, mm: Mm, initiator: int, zap: _Zap) -> None:
         """tlb_flush_mmu: invalidate what the gather holds, then hand its pages to free."""
         spec = zap.gather.flush_spec()
-        pages, tables, revoked, write_revoked = zap.gather.take()
+        opened = zap.gather.opened
+        pages, tables, revoked, write_revoked, protected = zap.gather.take()
         if spec is None:
             return
+        self.stats.frames_pending_free += len(pages) + len(tables)
+        self.stats.flush_pages.append(len(revoked) + len(write_revoked))
         if self.policy.unsafe == "free-before-flush":
             # Deliberately wrong: the frames go back to the allocator while other CPUs
             # may still hold translations to them. The oracle must catch the result.
@@ -222,17 +288,21 @@ class Kernel:
             self.oracle.revoke(revoked, self.clock())
             pages, tables = [], []
         await self._shoot(mm, initiator, spec, zap)
+        self.stats.flush_waits.append((time.perf_counter() - opened, len(pages) + len(tables)))
         now = self.clock()
         self.oracle.revoke(revoked, now)
         for old, new in write_revoked:
             self.oracle.transition(old, new, now, Revokes.WRITES)
+        for uid, seq in protected:
+            self.oracle.write_protect_table(uid, seq, now)
         zap.to_free.extend(pages)
         zap.tables.extend(tables)
 
     async def _shoot(self, mm: Mm, initiator: int, spec: FlushSpec, zap: _Zap) -> None:
         mm.tlb_gen += 1  # after changing the tables, before sending: x86 tlb_gen
         order = FlushOrder(next(self._shootdown_ids), mm.id, spec.start_vpn, spec.pages,
-                           mm.tlb_gen, mm.tlb_gen, spec.freed_tables, initiator)
+                           mm.tlb_gen, mm.tlb_gen, spec.freed_tables, initiator,
+                           reason=zap.reason)
         if initiator in mm.cpumask and not self._is_lazy(initiator, mm):
             zap.local.append(order)
         targets = []
@@ -253,39 +323,63 @@ class Kernel:
         self.stats.fenced.update(result.fenced)
 
     # --- page tables -----------------------------------------------------------------------
-    async def _ensure_pte_table(self, ctx: OpContext, mm: Mm, vpn: int) -> PageTable:
-        """Populate the upper levels down to the PTE table, under page_table_lock."""
+    async def _ensure_table(self, ctx: OpContext, mm: Mm, vpn: int, level: int) -> PageTable:
+        """The table at `level` covering `vpn`, populating the levels above it under
+        page_table_lock: allocate outside the lock, re-check, install or back out."""
         table = mm.pgd
-        while table.level > 1:
+        while table.level > level:
             slot = table.slot(vpn)
             child = table.entries[slot]
             if child is None:
                 span = PTRS_PER_TABLE ** (table.level - 1)
                 fresh = self._alloc_table(table.level - 1, vpn - vpn % span)
-                async with ctx.locked(mm.page_table_lock):
+                async with ctx.locked_once(mm.page_table_lock):
                     child = table.entries[slot]
                     if child is None:  # nobody populated it while we allocated
                         table.entries[slot] = child = fresh
                         table.present += 1
                         fresh = None
                 if fresh is not None:
-                    self.frames.put(fresh.pfn)
-                    self.frames.free(fresh.pfn)
-                    self.stats.tables_allocated[fresh.level] -= 1
+                    self._discard_table(fresh)
             table = child
         return table
 
-    def _pte_tables(self, mm: Mm, start: int, end: int) -> Iterator[PageTable]:
-        """Existing PTE tables overlapping [start, end), in address order."""
-        vpn = start - start % PTRS_PER_TABLE
-        while vpn < end:
-            table = walk(mm.pgd, vpn)
-            if table is not None:
-                yield table
-            vpn += PTRS_PER_TABLE
+    def _discard_table(self, table: PageTable) -> None:
+        """A table that never became visible (lost an install race, or an unneeded copy)."""
+        self.frames.put(table.pfn)
+        self.frames.free(table.pfn)
+        self.stats.tables_allocated[table.level] -= 1
+
+    def _pte_tables(self, mm: Mm, start: int, end: int) -> list[PageTable]:
+        """Existing PTE tables overlapping [start, end), in address order (a tree walk:
+        only populated branches are visited)."""
+        out: list[PageTable] = []
+
+        def visit(table: PageTable) -> None:
+            span = PTRS_PER_TABLE ** (table.level - 1)
+            first = max(start, table.base_vpn) // span % PTRS_PER_TABLE
+            last = (min(end, table.base_vpn + table.span) - 1) // span % PTRS_PER_TABLE
+            for child in table.entries[first:last + 1]:
+                if child is None:
+                    continue
+                if child.level == 1:
+                    out.append(child)
+                else:
+                    visit(child)
+
+        if start < end:
+            visit(mm.pgd)
+        return out
+
+    def _pmd_of(self, mm: Mm, vpn: int) -> PageTable | None:
+        table = mm.pgd
+        while table is not None and table.level > 2:
+            table = table.entries[table.slot(vpn)]
+        return table
 
     def _unlink_free_tables(self, mm: Mm, start: int, end: int, gather: Gather) -> None:
-        """free_pgtables: unhook tables no VMA needs any more; they go through the gather."""
+        """free_pgtables: unhook tables no VMA needs any more; they go through the gather.
+        A shared table is never freed here: a sharer drops it instead (`_drop_shared`)."""
         def prune(table: PageTable) -> None:
             span = PTRS_PER_TABLE ** (table.level - 1)
             first = max(start, table.base_vpn) // span
@@ -293,7 +387,7 @@ class Kernel:
             for i in range(first, last + 1):
                 slot = i % PTRS_PER_TABLE
                 child = table.entries[slot]
-                if child is None:
+                if child is None or child.share_count:
                     continue
                 if child.level > 1:
                     prune(child)
@@ -303,6 +397,90 @@ class Kernel:
                     table.present -= 1
                     gather.free_table(child, max(start, child.base_vpn))
         prune(mm.pgd)
+
+    # --- page-table sharing ---------------------------------------------------------------
+    def _share_into(self, parent: Mm, child: Mm, pmd: PageTable, table: PageTable) -> None:
+        """Point the child's pmd entry at `table`: one more sharer, not one more reference."""
+        if table.sharers is None:
+            table.sharers = [(parent.id, table.base_vpn)]
+            self.stats.shared_tables += 1
+        pmd.entries[pmd.slot(table.base_vpn)] = table
+        pmd.present += 1
+        table.share_count += 1
+        table.sharers.append((child.id, table.base_vpn))
+
+    def _leave_shared(self, mm: Mm, table: PageTable) -> None:
+        """This mm no longer maps `table`: one sharer fewer (the table is not freed)."""
+        table.sharers.remove((mm.id, table.base_vpn))
+        table.share_count -= 1
+        if table.share_count == 0:
+            table.sharers = None
+            self.stats.shared_tables -= 1
+
+    async def _unshare(self, ctx: OpContext, cpu: int, mm: Mm, table: PageTable,
+                       local: list[FlushOrder]) -> None:
+        """Copy-on-write of a page table (Phillips 2002): give this mm a private copy,
+        raising the count of every page it maps, then let go of the shared one, and
+        flush this mm's CPUs before the sharer list is unlocked. The shared table's
+        entries are untouched, so other sharers need no flush."""
+        fresh = self._alloc_table(1, table.base_vpn)
+        zap = _Zap(self._gather(), "unshare")
+        async with self._sharers_locked(ctx, mm, [table]), \
+                ctx.locked_once(mm.page_table_lock):
+            pmd = self._pmd_of(mm, table.base_vpn)
+            slot = pmd.slot(table.base_vpn)
+            if pmd.entries[slot] is not table or not table.share_count:
+                self._discard_table(fresh)  # unshared, or exclusive, meanwhile: nothing to copy
+                return
+            async with self._pte_locked(ctx, mm, table):
+                for vpn, i, pte in present_ptes(table, 0, USER_VPN_END):
+                    pfn = pte_pfn(pte)
+                    fresh.entries[i] = make_pte(pfn, False)  # still shared with the others: COW
+                    fresh.tids[i] = fresh.new_tid()
+                    self.frames.get(pfn)
+                    self.frames.mapcount[pfn] += 1
+                for vpn, i, swap_slot in swapped_ptes(table, 0, USER_VPN_END):
+                    fresh.entries[i] = -swap_slot
+                    self.swap.dup(swap_slot)
+                fresh.present = table.present
+            pmd.entries[slot] = fresh
+            self._leave_shared(mm, table)
+            self.stats.unshares += 1
+            zap.gather.unshare_table(table)
+            await self._flush(mm, cpu, zap)
+        local.extend(zap.local)
+
+    async def _unshare_range(self, ctx: OpContext, cpu: int, mm: Mm, start: int, end: int,
+                             local: list[FlushOrder]) -> None:
+        for table in self._pte_tables(mm, start, end):
+            if table.share_count:
+                await self._unshare(ctx, cpu, mm, table, local)
+
+    def _drop_shared(self, mm: Mm, table: PageTable, gather: Gather) -> None:
+        """munmap or exit covering a shared table whole: unhook it from this mm and
+        decrement its count (no PTE is cleared, nothing is freed); the caller holds the
+        sharer lock and flushes this mm's CPUs before releasing it."""
+        pmd = self._pmd_of(mm, table.base_vpn)
+        pmd.entries[pmd.slot(table.base_vpn)] = None
+        pmd.present -= 1
+        self._leave_shared(mm, table)
+        self.stats.tables_dropped += 1
+        gather.unshare_table(table)
+
+    async def _unprotect(self, ctx: OpContext, mm: Mm, table: PageTable) -> None:
+        """An exclusive table still write-protected as a whole (it was shared): move the
+        protection down to each PTE, then lift the table's. Effective permissions do not
+        change, so no flush; the old read-only entries stay valid."""
+        async with self._pte_locked(ctx, mm, table):
+            if not table.wp or table.share_count:
+                return
+            now = self.clock()
+            for vpn, i, pte in present_ptes(table, 0, USER_VPN_END):
+                if pte_writable(pte):
+                    table.entries[i] = make_pte(pte_pfn(pte), False)
+                    old, table.tids[i] = table.tids[i], table.new_tid()
+                    self.oracle.transition(old, table.tids[i], now, Revokes.NOTHING)
+            table.wp = False
 
     # --- walks and faults -------------------------------------------------------------------
     def walk(self, cpu: int, mm_id: int, vpns: list[int]) -> list[tuple[int, bool, int] | None]:
@@ -314,8 +492,8 @@ class Kernel:
                 raise OutOfRange(f"vpn {vpn:#x} is past the 47-bit user address space")
             table = walk(mm.pgd, vpn)
             pte = table.entries[vpn % PTRS_PER_TABLE] if table is not None else 0
-            out.append((pte_pfn(pte), pte_writable(pte), table.tids[vpn % PTRS_PER_TABLE])
-                       if pte else None)
+            out.append((pte_pfn(pte), table.writable(pte), table.tids[vpn % PTRS_PER_TABLE])
+                       if pte > 0 else None)
         return out
 
     async def handle_miss(self, cpu: int, mm_id: int, vpn: int, write: bool) -> MissResult:
@@ -326,69 +504,114 @@ class Kernel:
         if table is not None:  # the hardware walker: no lock
             slot = table.slot(vpn)
             pte = table.entries[slot]
-            if pte and (not write or pte_writable(pte)):
-                return MissResult("walked", pte_pfn(pte), pte_writable(pte), table.tids[slot])
+            if pte > 0 and (not write or table.writable(pte)):
+                return MissResult("walked", pte_pfn(pte), table.writable(pte), table.tids[slot])
         t0 = time.perf_counter()
         result = await self._fault(cpu, mm, vpn, write)
         self.stats.faults[result.outcome] += 1
         self.stats.fault_latency_s.append(time.perf_counter() - t0)
         return result
 
+    async def _alloc_page(self, ctx: OpContext, cpu: int) -> int:
+        """A data frame; below the low watermark, reclaim first (direct reclaim)."""
+        if self.frames.free_count <= self.low_watermark:
+            async with self._reclaiming:
+                if self.frames.free_count <= self.low_watermark:
+                    await self._reclaim(ctx, cpu)
+        return self.frames.alloc()
+
     async def _fault(self, cpu: int, mm: Mm, vpn: int, write: bool) -> MissResult:
         ctx = self.ctx()
+        local: list[FlushOrder] = []
         async with mm.mmap_lock.read(ctx):
             vma = mm.find_vma(vpn)
             if vma is None:
                 return MissResult("segv")
             if write and not vma.writable:
                 return MissResult("prot")
-            table = await self._ensure_pte_table(ctx, mm, vpn)
+            table = await self._ensure_table(ctx, mm, vpn, 1)
+            if write and table.share_count:
+                # Writing through a shared table: copy the table first. Read faults keep
+                # sharing ("continue to share page tables over read-only page faults").
+                await self._unshare(ctx, cpu, mm, table, local)
+                table = walk(mm.pgd, vpn)
+            if write and table.wp and not table.share_count:
+                await self._unprotect(ctx, mm, table)
             slot = table.slot(vpn)
-            lock = self._pte_lock(mm, table)
-            if table.entries[slot] == 0:
-                fresh = self.frames.alloc()  # allocate outside the lock
-                async with ctx.locked(lock):
-                    if table.entries[slot] == 0:
-                        return self._install(table, slot, fresh, vma.writable, "anon")
-                self.frames.put(fresh)  # another CPU won the race: back out
-                self.frames.free(fresh)
-            pte = table.entries[slot]
-            if write and not pte_writable(pte):
-                return await self._cow(ctx, cpu, mm, vpn, table, lock)
-            return MissResult("walked", pte_pfn(pte), pte_writable(pte), table.tids[slot])
+            result = None
+            if table.entries[slot] <= 0:
+                result = await self._populate(ctx, cpu, mm, vma, vpn, table)
+            if result is None:
+                pte = table.entries[slot]
+                if pte > 0 and write and not table.writable(pte):
+                    result = await self._cow(ctx, cpu, mm, vpn, table)
+                elif pte > 0:
+                    result = MissResult("walked", pte_pfn(pte), table.writable(pte),
+                                        table.tids[slot])
+                else:  # reclaimed again while we waited: the CPU retries the access
+                    result = MissResult("walked")
+        result.local_flushes = local + result.local_flushes + self.take_local_flushes(cpu)
+        return result
 
-    def _install(self, table: PageTable, slot: int, pfn: int, writable: bool,
+    async def _populate(self, ctx: OpContext, cpu: int, mm: Mm, vma: Vma, vpn: int,
+                        table: PageTable) -> MissResult | None:
+        """A none or swapped PTE: zero-fill, or swap in. Installing needs no flush (not
+        present -> present), also in a shared table, where every sharer sees the page.
+        Returns None when another CPU got there first."""
+        slot = table.slot(vpn)
+        before = table.entries[slot]
+        fresh = await self._alloc_page(ctx, cpu)  # allocate outside the lock
+        async with self._pte_locked(ctx, mm, table):
+            if table.entries[slot] == before and self._pmd_of(mm, vpn).entries[
+                    self._pmd_of(mm, vpn).slot(vpn)] is table:
+                if before < 0:
+                    self.swap.drop(-before)
+                    table.present -= 1
+                    self.stats.swap_ins += 1
+                return self._install(mm, table, vpn, fresh, vma.writable,
+                                     "anon" if before == 0 else "swapin")
+        self.frames.put(fresh)  # lost the race: back out
+        self.frames.free(fresh)
+        return None
+
+    def _install(self, mm: Mm, table: PageTable, vpn: int, pfn: int, writable: bool,
                  outcome: str) -> MissResult:
+        slot = table.slot(vpn)
         table.entries[slot] = make_pte(pfn, writable)
-        table.tids[slot] = tid = self._new_tid()
+        table.tids[slot] = tid = table.new_tid()
         table.present += 1
         self.frames.mapcount[pfn] += 1
-        return MissResult(outcome, pfn, writable, tid)
+        self.frames.rmap_vpn[pfn] = vpn
+        self.frames.rmap_family[pfn] = mm.family
+        self.lru.add(pfn)
+        return MissResult(outcome, pfn, table.writable(table.entries[slot]), tid)
 
-    async def _cow(self, ctx: OpContext, cpu: int, mm: Mm, vpn: int, table: PageTable,
-                   lock: SimLock) -> MissResult:
+    async def _cow(self, ctx: OpContext, cpu: int, mm: Mm, vpn: int,
+                   table: PageTable) -> MissResult:
         """A write to a read-only PTE in a writable VMA: reuse the page if it is ours
         alone, else copy it and flush the old translation before dropping the page."""
         slot = table.slot(vpn)
-        fresh = self.frames.alloc()
-        zap = _Zap(Gather(1, self.policy.ceiling))
-        async with ctx.locked(lock):
+        fresh = await self._alloc_page(ctx, cpu)
+        zap = _Zap(Gather(1, self.policy.ceiling), "cow")
+        async with self._pte_locked(ctx, mm, table):
             pte = table.entries[slot]
-            if not pte or pte_writable(pte):  # changed while we allocated: let the CPU retry
-                result = MissResult("walked", pte_pfn(pte), pte_writable(pte), table.tids[slot])
+            if pte <= 0 or table.writable(pte) or table.wp:
+                # Changed while we allocated: the CPU retries the access.
+                result = MissResult("walked", pte_pfn(pte) if pte > 0 else 0,
+                                    table.writable(pte), table.tids[slot])
             else:
                 old_pfn, old_tid = pte_pfn(pte), table.tids[slot]
                 if self.frames.mapcount[old_pfn] == 1 and self.frames.refcount[old_pfn] == 1:
                     # wp_page_reuse: upgrading needs no flush; the old entry stays valid
                     table.entries[slot] = make_pte(old_pfn, True)
-                    table.tids[slot] = tid = self._new_tid()
+                    table.tids[slot] = tid = table.new_tid()
                     self.oracle.transition(old_tid, tid, self.clock(), Revokes.NOTHING)
                     result = MissResult("cow", old_pfn, True, tid)
                 else:
                     self.frames.mapcount[old_pfn] -= 1
                     table.present -= 1
                     zap.gather.clear_pte(vpn, old_tid, old_pfn)
-                    result = self._install(table, slot, fresh, True, "cow")
+                    result = self._install(mm, table, vpn, fresh, True, "cow")
                     fresh = 0
                     await self._flush(mm, cpu, zap)
         if fresh:
@@ -398,25 +621,130 @@ class Kernel:
         result.local_flushes = zap.local
         return result
 
+    # --- reclaim: the one nonlocal operation ----------------------------------------------
+    def _mappings(self, pfn: int) -> list[tuple[Mm, PageTable]]:
+        """Every PTE table mapping `pfn`, through the reverse map: the page's address and
+        its fork family (anon_vma's role); a table shared by several mms appears once."""
+        vpn = self.frames.rmap_vpn[pfn]
+        out, seen = [], set()
+        for mm_id in sorted(self.families.get(self.frames.rmap_family[pfn], ())):
+            mm = self.mms[mm_id]
+            table = walk(mm.pgd, vpn)
+            if table is None or table.uid in seen:
+                continue
+            pte = table.entries[vpn % PTRS_PER_TABLE]
+            if pte > 0 and pte_pfn(pte) == pfn:
+                seen.add(table.uid)
+                out.append((mm, table))
+        return out
+
+    async def _reclaim(self, ctx: OpContext, initiator: int) -> None:
+        """Swap out the oldest pages until free frames reach the high watermark: unmap each
+        from every mm that maps it, batch them all into one flush — to the union of the
+        affected mms' CPUs, or by the shared-flush policy when a shared table changed —
+        and free them only after it (mm/rmap.c's batched unmap flushing)."""
+        victims = self.lru.oldest(self.high_watermark - self.frames.free_count)
+        revoked, pages = [], []
+        union: set[int] = set()      # mms whose tables changed, with every sharer
+        walked: set[int] = set()     # only the mms the rmap walk went through
+        shared = False
+        for pfn in victims:
+            for mm, table in self._mappings(pfn):
+                async with self._sharers_locked(ctx, mm, [table]), \
+                        self._pte_locked(ctx, mm, table):
+                    slot = table.slot(self.frames.rmap_vpn[pfn])
+                    pte = table.entries[slot]
+                    if pte <= 0 or pte_pfn(pte) != pfn:
+                        continue  # changed while we waited for the lock
+                    table.entries[slot] = -self.swap.store()
+                    revoked.append(table.tids[slot])
+                    table.tids[slot] = 0
+                    self.frames.mapcount[pfn] -= 1
+                    pages.append(pfn)
+                    walked.add(mm.id)
+                    union.update(m for m, _ in table.sharers or [(mm.id, 0)])
+                    shared |= table.share_count > 0
+        if not revoked:
+            return
+        self.stats.swap_outs += len(revoked)
+        self.stats.frames_pending_free += len(pages)
+        mms = [self.mms[m] for m in sorted(union)]
+        if shared and self.policy.shared_flush == "all-cpus":
+            cpus = set(self.cpu_mm)  # CPUs that ever ran anything: the rest cache nothing
+        elif shared and self.policy.shared_flush == "unsafe-mm-only":
+            cpus = set().union(*(self.mms[m].cpumask for m in walked))
+        else:
+            cpus = set().union(*(mm.cpumask for mm in mms))
+        if self.policy.unsafe == "free-before-flush":
+            self.oracle.revoke(revoked, self.clock())
+        for mm in mms:  # lazy CPUs of each mm catch up at switch_mm by generation
+            mm.tlb_gen += 1
+        first = mms[0]
+        order = FlushOrder(next(self._shootdown_ids), first.id, 0, 0, first.tlb_gen,
+                           first.tlb_gen, False, initiator, all_mms=True, reason="reclaim")
+        local = [order] if initiator in cpus else []
+        targets = sorted(cpus - {initiator})
+        self.stats.shootdowns += 1
+        self.stats.reclaim_shootdowns += 1
+        self.stats.full_flushes += 1
+        if targets:
+            self.stats.ipis += len(targets)
+            self.stats.reclaim_ipis += len(targets)
+            result = await self.shootdown(order, targets)
+            self.stats.fenced.update(result.fenced)
+        self.oracle.revoke(revoked, self.clock())
+        self._pending_local.setdefault(initiator, []).extend(local)
+        freed = self._release(pages, [])
+        self.stats.reclaimed_pages += freed
+
+    def take_local_flushes(self, cpu: int) -> list[FlushOrder]:
+        """Flushes a CPU owes itself from reclaim it ran on another's behalf."""
+        return self._pending_local.pop(cpu, [])
+
     # --- system calls ------------------------------------------------------------------------
-    async def mmap(self, cpu: int, mm_id: int, pages: int, writable: bool) -> SyscallResult:
+    async def mmap(self, cpu: int, mm_id: int, pages: int, writable: bool,
+                   populate: bool = False) -> SyscallResult:
         mm = self.running(cpu, mm_id)
         if pages <= 0:
             raise InvalidArgument(f"mmap of {pages} pages: must be at least 1")
+        if populate and pages > self.frames.budget:
+            raise OutOfRange(f"mmap of {pages} populated pages: the machine has "
+                             f"{self.frames.budget} frames")
         ctx = self.ctx()
-        async with mm.mmap_lock.write(ctx):
+        async with mm.mmap_lock.write(ctx) as mmap_lock:
             if mm.next_vpn + pages + PTRS_PER_TABLE > USER_VPN_END:
                 raise OutOfRange(f"mmap of {pages} pages does not fit in the 47-bit user space")
             start = mm.place(pages)
             mm.insert(Vma(start, start + pages, writable))
-        return SyscallResult(address=start << 12)
+            if populate:
+                await mmap_lock.downgrade()
+                await self._populate_range(ctx, cpu, mm, start, start + pages, writable)
+        return SyscallResult(address=start << 12, local_flushes=self.take_local_flushes(cpu))
+
+    async def _populate_range(self, ctx: OpContext, cpu: int, mm: Mm, start: int, end: int,
+                              writable: bool) -> None:
+        """MAP_POPULATE: a zero-filled page in every none PTE, a table's worth at a time
+        (allocated outside the lock, installed under it, as a fault would)."""
+        vpn = start
+        while vpn < end:
+            stop = min(end, vpn - vpn % PTRS_PER_TABLE + PTRS_PER_TABLE)
+            table = await self._ensure_table(ctx, mm, vpn, 1)
+            fresh = [await self._alloc_page(ctx, cpu) for _ in range(stop - vpn)]
+            async with self._pte_locked(ctx, mm, table):
+                for v in range(vpn, stop):
+                    if table.entries[table.slot(v)] == 0:
+                        self._install(mm, table, v, fresh.pop(), writable, "anon")
+            for pfn in fresh:  # slots populated meanwhile: back out
+                self.frames.put(pfn)
+                self.frames.free(pfn)
+            vpn = stop
 
     async def munmap(self, cpu: int, mm_id: int, address: int, pages: int) -> SyscallResult:
         start, end = page_range(address, pages)
         mm = self.running(cpu, mm_id)
         t0 = time.perf_counter()
         ctx = self.ctx()
-        zap = _Zap(self._gather())
+        zap = _Zap(self._gather(), "munmap")
         async with mm.mmap_lock.write(ctx) as mmap_lock:
             if mm.remove(start, end):
                 # As Linux does, the VMA change needs the lock exclusive; the zap only
@@ -435,7 +763,7 @@ class Kernel:
         mm = self.running(cpu, mm_id)
         t0 = time.perf_counter()
         ctx = self.ctx()
-        zap = _Zap(self._gather())
+        zap = _Zap(self._gather(), "madvise")
         async with mm.mmap_lock.read(ctx):
             if not mm.covered(start, end):
                 raise NotFound(f"madvise: [{address:#x}, +{pages} pages) is not fully mapped")
@@ -445,34 +773,60 @@ class Kernel:
                              latency_s=time.perf_counter() - t0, local_flushes=zap.local)
 
     async def _zap(self, ctx: OpContext, cpu: int, mm: Mm, start: int, end: int, zap: _Zap,
-                   free_tables: bool) -> None:
+                   free_tables: bool, free_pgd: bool = False) -> None:
         """zap_page_range (+ free_pgtables): clear, flush when the batch fills, flush at
-        the end while the last lock is held. Frees are left in `zap` for the caller."""
-        tables = list(self._pte_tables(mm, start, end))
-        frees_tables = free_tables and self._has_freeable_tables(mm, start, end)
-        for i, table in enumerate(tables):
-            async with ctx.locked(self._pte_lock(mm, table)):
-                for vpn, slot, pte in present_ptes(table, start, end):
-                    pfn = pte_pfn(pte)
-                    table.entries[slot] = 0
-                    table.present -= 1
-                    self.frames.mapcount[pfn] -= 1
-                    if zap.gather.clear_pte(vpn, table.tids[slot], pfn):
+        the end while the last lock is held. Frees are left in `zap` for the caller.
+
+        Shared tables first (Phillips 2002): one covered whole by an unmap is dropped by
+        decrementing its count; a partial one (or any, for madvise) is unshared, and
+        the private copy zapped like any table."""
+        shared = [t for t in self._pte_tables(mm, start, end) if t.share_count]
+        whole = [t for t in shared if free_tables and start <= t.base_vpn
+                 and t.base_vpn + PTRS_PER_TABLE <= end]
+        for table in shared:
+            if table not in whole:
+                await self._unshare(ctx, cpu, mm, table, zap.local)
+        async with self._sharers_locked(ctx, mm, whole):
+            dropped = False
+            async with ctx.locked_once(mm.page_table_lock):
+                for table in whole:
+                    pmd = self._pmd_of(mm, table.base_vpn)
+                    if table.share_count and pmd.entries[pmd.slot(table.base_vpn)] is table:
+                        self._drop_shared(mm, table, zap.gather)
+                        dropped = True
+            tables = self._pte_tables(mm, start, end)
+            frees_tables = free_tables and self._has_freeable_tables(mm, start, end)
+            at_end = frees_tables or dropped or free_pgd
+            for i, table in enumerate(tables):
+                async with self._pte_locked(ctx, mm, table):
+                    for vpn, slot, pte in present_ptes(table, start, end):
+                        if zap.gather.full:
+                            await self._flush(mm, cpu, zap)
+                        pfn = pte_pfn(pte)
+                        table.entries[slot] = 0
+                        table.present -= 1
+                        self.frames.mapcount[pfn] -= 1
+                        zap.gather.clear_pte(vpn, table.tids[slot], pfn)
+                    for vpn, slot, swap_slot in swapped_ptes(table, start, end):
+                        table.entries[slot] = 0
+                        table.present -= 1
+                        self.swap.drop(swap_slot)
+                    if i == len(tables) - 1 and not at_end:
                         await self._flush(mm, cpu, zap)
-                if i == len(tables) - 1 and not frees_tables:
+                # Frames freed after the lock is dropped; the shootdown already completed.
+                self._release(zap.to_free, [])
+                zap.to_free.clear()
+            if at_end:  # under page_table_lock, and before any sharer lock is released
+                async with ctx.locked_once(mm.page_table_lock):
+                    if free_tables:
+                        self._unlink_free_tables(mm, start, end, zap.gather)
+                    if free_pgd:
+                        zap.gather.free_table(mm.pgd, 0)
                     await self._flush(mm, cpu, zap)
-            # Frames freed after the lock is dropped; the shootdown already completed.
-            self._release(zap.to_free, [])
-            zap.to_free.clear()
-        if frees_tables:
-            async with ctx.locked(mm.page_table_lock):
-                self._unlink_free_tables(mm, start, end, zap.gather)
-                await self._flush(mm, cpu, zap)
 
     def _has_freeable_tables(self, mm: Mm, start: int, end: int) -> bool:
-        first = start - start % PTRS_PER_TABLE
-        return any(walk(mm.pgd, vpn) is not None and not mm.overlaps(vpn, vpn + PTRS_PER_TABLE)
-                   for vpn in range(first, end, PTRS_PER_TABLE))
+        return any(not t.share_count and not mm.overlaps(t.base_vpn, t.base_vpn + PTRS_PER_TABLE)
+                   for t in self._pte_tables(mm, start, end))
 
     async def mprotect(self, cpu: int, mm_id: int, address: int, pages: int,
                        writable: bool) -> SyscallResult:
@@ -480,17 +834,19 @@ class Kernel:
         mm = self.running(cpu, mm_id)
         t0 = time.perf_counter()
         ctx = self.ctx()
-        zap = _Zap(Gather(1 << 62, self.policy.ceiling))  # no frees: one flush at the end
+        # No frees: one flush at the end.
+        zap = _Zap(Gather(1 << 62, self.policy.ceiling), "mprotect")
         async with mm.mmap_lock.write(ctx):
             if not mm.covered(start, end):
                 raise NotFound(f"mprotect: [{address:#x}, +{pages} pages) is not fully mapped")
+            await self._unshare_range(ctx, cpu, mm, start, end, zap.local)
             for vma in mm.carve(start, end):
                 vma.writable = writable
             mm.merge()
             if not writable:  # downgrade: existing writable translations must go
-                tables = list(self._pte_tables(mm, start, end))
+                tables = self._pte_tables(mm, start, end)
                 for i, table in enumerate(tables):
-                    async with ctx.locked(self._pte_lock(mm, table)):
+                    async with self._pte_locked(ctx, mm, table):
                         self._write_protect(table, start, end, zap.gather)
                         if i == len(tables) - 1:
                             await self._flush(mm, cpu, zap)
@@ -501,23 +857,30 @@ class Kernel:
         for vpn, slot, pte in present_ptes(table, start, end):
             if pte_writable(pte):
                 table.entries[slot] = make_pte(pte_pfn(pte), False)
-                old, table.tids[slot] = table.tids[slot], self._new_tid()
+                old, table.tids[slot] = table.tids[slot], table.new_tid()
                 gather.protect_pte(vpn, old, table.tids[slot])
 
     async def fork(self, cpu: int, mm_id: int) -> SyscallResult:
-        """fork in copy mode: copy every PTE read-only for COW, then flush the parent."""
+        """fork: `copy` copies every PTE read-only for COW; `share` points the child's pmd
+        entries at the parent's PTE tables and write-protects each table as a whole —
+        O(tables), not O(pages). Either way the parent's writable entries are flushed."""
         parent = self.running(cpu, mm_id)
         t0 = time.perf_counter()
         ctx = self.ctx()
-        zap = _Zap(Gather(1 << 62, self.policy.ceiling))
-        child_id = self.create_mm()
+        zap = _Zap(Gather(1 << 62, self.policy.ceiling), "fork")
+        child_id = self.create_mm(family=parent.family)
         child = self.mms[child_id]
         async with parent.mmap_lock.write(ctx):
             child.vmas = [Vma(v.start, v.end, v.writable) for v in parent.vmas]
             child.next_vpn = parent.next_vpn
-            for vma in parent.vmas:
-                for table in list(self._pte_tables(parent, vma.start, vma.end)):
-                    await self._copy_table(ctx, parent, child, table, vma, zap.gather)
+            for table in self._pte_tables(parent, 0, USER_VPN_END):
+                if self.policy.fork == "share":
+                    await self._share_table(ctx, parent, child, table, zap.gather)
+                else:
+                    for vma in parent.vmas:
+                        if vma.start < table.base_vpn + PTRS_PER_TABLE and \
+                                table.base_vpn < vma.end:
+                            await self._copy_table(ctx, parent, child, table, vma, zap.gather)
             async with ctx.locked(parent.page_table_lock):
                 await self._flush(parent, cpu, zap)
         latency = time.perf_counter() - t0
@@ -525,39 +888,50 @@ class Kernel:
         return SyscallResult(child_mm=child_id, shootdowns=zap.shootdowns, latency_s=latency,
                              local_flushes=zap.local)
 
+    async def _share_table(self, ctx: OpContext, parent: Mm, child: Mm, table: PageTable,
+                           gather: Gather) -> None:
+        pmd = await self._ensure_table(ctx, child, table.base_vpn, 2)  # upper levels only
+        async with self._sharers_locked(ctx, parent, [table]):
+            if not table.wp:
+                async with self._pte_locked(ctx, parent, table):
+                    table.wp = True
+                    gather.protect_table(table)
+            async with ctx.locked_once(child.page_table_lock):
+                self._share_into(parent, child, pmd, table)
+
     async def _copy_table(self, ctx: OpContext, parent: Mm, child: Mm, src: PageTable,
                           vma: Vma, gather: Gather) -> None:
         # The child runs nowhere yet: its tables need no lock of the parent's.
-        dst = await self._ensure_pte_table(ctx, child, max(vma.start, src.base_vpn))
-        async with ctx.locked(self._pte_lock(parent, src)):
+        dst = await self._ensure_table(ctx, child, max(vma.start, src.base_vpn), 1)
+        async with self._pte_locked(ctx, parent, src):
             for vpn, slot, pte in present_ptes(src, vma.start, vma.end):
                 pfn = pte_pfn(pte)
-                if pte_writable(pte):
+                if src.writable(pte):
                     src.entries[slot] = make_pte(pfn, False)
-                    old, src.tids[slot] = src.tids[slot], self._new_tid()
+                    old, src.tids[slot] = src.tids[slot], src.new_tid()
                     gather.protect_pte(vpn, old, src.tids[slot])
                 dst.entries[slot] = make_pte(pfn, False)
-                dst.tids[slot] = self._new_tid()
+                dst.tids[slot] = dst.new_tid()
                 dst.present += 1
                 self.frames.get(pfn)
                 self.frames.mapcount[pfn] += 1
+            for vpn, slot, swap_slot in swapped_ptes(src, vma.start, vma.end):
+                dst.entries[slot] = -swap_slot
+                dst.present += 1
+                self.swap.dup(swap_slot)
 
     async def exit(self, cpu: int, mm_id: int) -> SyscallResult:
-        """exit_mmap: tear down everything with one full flush, then free."""
+        """exit_mmap: tear down everything with one full flush, then free. Shared tables
+        are dropped, not cleared; the last sharer frees them (clear -> flush -> free)."""
         mm = self.running(cpu, mm_id)
         t0 = time.perf_counter()
         ctx = self.ctx()
-        zap = _Zap(self._gather(fullmm=True))
+        zap = _Zap(self._gather(fullmm=True), "exit")
         async with mm.mmap_lock.write(ctx):
-            ranges = [(v.start, v.end) for v in mm.vmas]
             mm.vmas = []
-            for start, end in ranges:
-                await self._zap(ctx, cpu, mm, start, end, zap, free_tables=False)
-            async with ctx.locked(mm.page_table_lock):
-                self._unlink_free_tables(mm, 0, USER_VPN_END, zap.gather)
-                zap.gather.free_table(mm.pgd, 0)
-                await self._flush(mm, cpu, zap)
+            await self._zap(ctx, cpu, mm, 0, USER_VPN_END, zap, free_tables=True, free_pgd=True)
             mm.exited = True
+        self.families[mm.family].discard(mm.id)
         freed = self._release(zap.to_free, zap.tables)
         self.switch_mm(cpu, 0)
         mm.cpumask.clear()
@@ -594,9 +968,10 @@ class Kernel:
                 table = None if mm.exited else walk(mm.pgd, vpn)
                 slot = vpn % PTRS_PER_TABLE
                 pte = table.entries[slot] if table is not None else 0
-                if not pte or pte_pfn(pte) != pfn:
-                    violations.append(f"{where}: the PTE now maps "
-                                      f"{'nothing' if not pte else f'pfn {pte_pfn(pte)}'}")
+                if pte <= 0 or pte_pfn(pte) != pfn:
+                    now = {0: "nothing"}.get(pte, "a swap entry" if pte < 0 else
+                                             f"pfn {pte_pfn(pte)}")
+                    violations.append(f"{where}: the PTE now maps {now}")
                 elif not self.oracle.entry_valid(tid, writable, table.tids[slot]):
                     violations.append(f"{where}: translation {tid} was revoked"
                                       f"{' (writable, PTE read-only)' if writable else ''}")

@@ -83,6 +83,11 @@ class OpContext:
         finally:
             lock.release(self)
 
+    def locked_once(self, lock: "SimLock"):
+        """`locked`, unless this operation already holds the lock (the lock-all-sharers
+        modes hold this mm's page_table_lock among the sharers'): locks do not nest."""
+        return contextlib.nullcontext() if lock in self.held else self.locked(lock)
+
 
 class SimLock:
     """A mutex of a lock class; `key` orders locks within one class."""

@@ -30,6 +30,7 @@ class Mm:
         self.tlb_flush_pending = 0
         self.exited = False
         self.next_vpn = MMAP_BASE_VPN
+        self.family = mm_id  # the fork family whose members may map this mm's pages
 
     # --- VMAs ------------------------------------------------------------------------
     def find_vma(self, vpn: int) -> Vma | None:

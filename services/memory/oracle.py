@@ -17,6 +17,8 @@ from __future__ import annotations
 import enum
 from typing import Iterable, NamedTuple
 
+from services.memory.pagetable import tid_seq, tid_table
+
 
 class Revokes(enum.IntEnum):
     NOTHING = 0   # the old state's entries stay valid (e.g. read-only -> writable)
@@ -33,8 +35,21 @@ class Revocation(NamedTuple):
 class Oracle:
     def __init__(self) -> None:
         self.revoked: dict[int, Revocation] = {}
+        # Whole tables write-protected at once (fork sharing them): table uid ->
+        # [(tids issued up to this seq, revoked at)]; later tids were filled read-only.
+        self.table_wp: dict[int, list[tuple[int, int]]] = {}
         self.stale = 0
         self.checked = 0
+
+    def write_protect_table(self, uid: int, upto_seq: int, at_ns: int) -> None:
+        self.table_wp.setdefault(uid, []).append((upto_seq, at_ns))
+
+    def _table_write_revoked(self, tid: int, at_ns: int | None) -> bool:
+        """Was `tid` write-revoked by a table-wide protection (at or before at_ns)?"""
+        for upto, when in self.table_wp.get(tid_table(tid), ()):
+            if tid_seq(tid) <= upto and (at_ns is None or when <= at_ns):
+                return True
+        return False
 
     def revoke(self, tids: Iterable[int], at_ns: int, revokes: Revokes = Revokes.ALL) -> None:
         for tid in tids:
@@ -44,6 +59,8 @@ class Oracle:
         self.revoked.setdefault(old, Revocation(at_ns, revokes, new))
 
     def is_stale(self, tid: int, write: bool, at_ns: int) -> bool:
+        if write and self._table_write_revoked(tid, at_ns):
+            return True
         r = self.revoked.get(tid)
         while r is not None and r.at_ns <= at_ns:
             if r.revokes == Revokes.ALL or (r.revokes == Revokes.WRITES and write):
@@ -58,7 +75,8 @@ class Oracle:
         for word, t in zip(words, times):
             self.checked += 1
             tid = word >> 1
-            if tid in revoked and self.is_stale(tid, bool(word & 1), t):
+            if (tid in revoked or (word & 1 and self.table_wp)) and \
+                    self.is_stale(tid, bool(word & 1), t):
                 stale += 1
         self.stale += stale
         return stale
@@ -67,6 +85,8 @@ class Oracle:
         """May a TLB entry filled under `entry_tid` still be used, given the PTE's
         current tid? Only through transitions that revoked nothing (or only writes,
         for a read-only entry)."""
+        if writable and self._table_write_revoked(entry_tid, None):
+            return False
         tid = entry_tid
         while tid != current_tid:
             r = self.revoked.get(tid)

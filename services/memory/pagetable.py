@@ -1,10 +1,16 @@
 """Four-level page tables (pgd -> pud -> pmd -> pte), each one a frame.
 
-A PTE table stores, per slot, an int `pfn << 1 | writable` (0 = none) and the
-translation id (`tid`) of that state: every change of a present PTE gives it a
-new tid, and the oracle remembers when each old tid stopped being valid.
+A PTE table stores, per slot, an int: `pfn << 1 | writable` for a present page,
+0 for none, and a negative swap entry `-slot` for a page reclaimed to swap. It
+also keeps the translation id (`tid`) of each present state: every change gives
+the PTE a new tid, and the oracle remembers when each old tid stopped being valid.
+A tid carries its table's uid in the high bits, so the oracle can revoke writes
+for a whole table at once (a table write-protected when fork shares it).
+
 The table's lock (`ptl`) and `share_count` live in its descriptor, as Linus
 proposed: "the lock we have is the lock that we've always had in struct page".
+A shared table also keeps its sharer list (the 2002 "pmd-rmap": which mms map it,
+and where) under its own lock, which comes before page_table_lock.
 """
 from __future__ import annotations
 
@@ -13,10 +19,14 @@ from typing import Iterator
 from services.common.addresses import PTRS_PER_TABLE, table_index
 
 
-class PageTable:
-    __slots__ = ("pfn", "level", "base_vpn", "entries", "tids", "ptl", "share_count", "present")
+TID_SEQ_BITS = 24  # a tid is (table uid << 24) | the table's change counter
 
-    def __init__(self, pfn: int, level: int, base_vpn: int, ptl=None):
+
+class PageTable:
+    __slots__ = ("pfn", "level", "base_vpn", "entries", "tids", "ptl", "share_count", "present",
+                 "uid", "seq", "wp", "sharers", "rmap_lock")
+
+    def __init__(self, pfn: int, level: int, base_vpn: int, ptl=None, uid: int = 0):
         self.pfn = pfn
         self.level = level            # 1 = PTE table ... 4 = PGD
         self.base_vpn = base_vpn      # first vpn this table maps
@@ -24,7 +34,20 @@ class PageTable:
         self.tids: list[int] | None = [0] * PTRS_PER_TABLE if level == 1 else None
         self.ptl = ptl                # the split page-table lock (PTE tables only)
         self.share_count = 0          # extra sharers; 0 = exclusive (kept apart from refcount)
-        self.present = 0              # populated slots, so emptiness is O(1)
+        self.present = 0              # populated slots (present or swapped): emptiness is O(1)
+        self.uid = uid                # unique for the table's lifetime (pfns are reused)
+        self.seq = 0                  # changes so far: the low bits of the next tid
+        self.wp = False               # write-protected as a whole (the pmd entry's RW bit)
+        self.sharers: list[tuple[int, int]] | None = None  # (mm id, vpn) while shared
+        self.rmap_lock = None         # guards `sharers` and `share_count`
+
+    def new_tid(self) -> int:
+        self.seq += 1
+        return self.uid << TID_SEQ_BITS | self.seq
+
+    def writable(self, pte: int) -> bool:
+        """Hardware ANDs the RW bits of every level: a write-protected table wins."""
+        return pte > 0 and bool(pte & 1) and not self.wp
 
     @property
     def span(self) -> int:
@@ -33,6 +56,15 @@ class PageTable:
 
     def slot(self, vpn: int) -> int:
         return table_index(vpn, self.level)
+
+
+def tid_table(tid: int) -> int:
+    """The uid of the table a tid was issued by."""
+    return tid >> TID_SEQ_BITS
+
+
+def tid_seq(tid: int) -> int:
+    return tid & ((1 << TID_SEQ_BITS) - 1)
 
 
 def pte_pfn(pte: int) -> int:
@@ -52,8 +84,17 @@ def present_ptes(table: PageTable, start: int, end: int) -> Iterator[tuple[int, 
     base = table.base_vpn
     for vpn in range(max(start, base), min(end, base + PTRS_PER_TABLE)):
         pte = table.entries[vpn - base]
-        if pte:
+        if pte > 0:
             yield vpn, vpn - base, pte
+
+
+def swapped_ptes(table: PageTable, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(vpn, slot, swap slot) of each swap entry of a PTE table inside [start, end)."""
+    base = table.base_vpn
+    for vpn in range(max(start, base), min(end, base + PTRS_PER_TABLE)):
+        pte = table.entries[vpn - base]
+        if pte < 0:
+            yield vpn, vpn - base, -pte
 
 
 def walk(pgd: PageTable, vpn: int) -> PageTable | None:

@@ -6,10 +6,9 @@ import logging
 from array import array
 
 import grpc
-from prometheus_client import CollectorRegistry
 
 from services.common.errors import InvalidArgument
-from services.common.metrics import NodeCollector, build_info
+from services.common.metrics import COUNT_BUCKETS, ListHistogram, labelled, node_registry
 from services.common.policy import Policy
 from services.common.server import channel, rpc
 from services.common.stats import p50_p99
@@ -21,15 +20,18 @@ log = logging.getLogger("tlbsim.memory")
 
 OUTCOMES = {"walked": pb.MISS_OUTCOME_WALKED, "anon": pb.MISS_OUTCOME_FAULT_ANON,
             "cow": pb.MISS_OUTCOME_FAULT_COW, "prot": pb.MISS_OUTCOME_FAULT_PROT,
-            "segv": pb.MISS_OUTCOME_SEGV}
+            "segv": pb.MISS_OUTCOME_SEGV, "swapin": pb.MISS_OUTCOME_SWAP_IN}
 SHOOTDOWN_MARGIN_S = 5.0  # the coordinator answers by the deadline; this covers the hop
+# Why the RPC being served shoots down (a metrics label): the system call, or "cow" for a
+# fault. A context variable, because concurrent RPCs interleave on one event loop.
+FAULT_KINDS = ("anon", "cow", "prot", "segv")
 
 
 def flush_to_proto(f: FlushOrder) -> common_pb2.FlushRequest:
     return common_pb2.FlushRequest(shootdown_id=f.shootdown_id, mm=f.mm, start_vpn=f.start_vpn,
                                    pages=f.pages, new_tlb_gen=f.new_tlb_gen,
                                    mm_tlb_gen=f.mm_tlb_gen, freed_tables=f.freed_tables,
-                                   initiator=f.initiator)
+                                   initiator=f.initiator, all_mms=f.all_mms)
 
 
 def percentiles(samples: list[float]) -> common_pb2.Percentiles:
@@ -40,16 +42,36 @@ def percentiles(samples: list[float]) -> common_pb2.Percentiles:
 class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     service_names = (pb.DESCRIPTOR.services_by_name["MemoryService"].full_name,)
 
-    def __init__(self, coordinator: str, frames: int | None = None):
+    def __init__(self, coordinator: str, frames: int | None = None, metrics: bool = True):
         self.coordinator_address = coordinator
         self.frames = frames
         self.epoch = 0
         self._coordinator: coordinator_pb2_grpc.CoordinatorServiceStub | None = None
         self._channel: grpc.aio.Channel | None = None
         self.kernel = self._new_kernel(Policy())
-        self.registry = CollectorRegistry()
-        build_info(self.registry, "memory", lambda: self.kernel.policy)
-        self.registry.register(NodeCollector(self._metrics))
+        self.registry = node_registry(metrics, "memory", lambda: self.kernel.policy,
+                                      self._metrics)
+        self._hist = {
+            "wait": ListHistogram("tlbsim_lock_wait_seconds",
+                                  "Time to acquire a lock, by lock class and lock policy",
+                                  ["lock_class", "policy"]),
+            "hold": ListHistogram("tlbsim_lock_hold_seconds",
+                                  "Time a lock was held, by lock class and lock policy",
+                                  ["lock_class", "policy"]),
+            "fault": ListHistogram("tlbsim_fault_duration_seconds",
+                                   "Page faults handled at the memory service", []),
+            "munmap": ListHistogram("tlbsim_munmap_duration_seconds",
+                                    "munmap calls at the memory service", []),
+            "fork": ListHistogram("tlbsim_fork_duration_seconds", "fork calls, by fork mode",
+                                  ["mode"]),
+            "flush_wait": ListHistogram(
+                "tlbsim_frame_flush_wait_seconds",
+                "Per frame: from the gather taking it off the page tables until its "
+                "shootdown completed", []),
+            "flush_pages": ListHistogram(
+                "tlbsim_shootdown_pages", "PTEs cleared or write-protected per shootdown",
+                ["flush"], COUNT_BUCKETS),
+        }
         self._announce: asyncio.Task | None = None
 
     def _new_kernel(self, policy: Policy) -> Kernel:
@@ -85,7 +107,9 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
 
     async def _shootdown(self, order: FlushOrder, targets: list[int]) -> ShootdownResult:
         reply = await self._coordinator.Shootdown(
-            coordinator_pb2.ShootdownRequest(flush=flush_to_proto(order), targets=targets),
+            coordinator_pb2.ShootdownRequest(flush=flush_to_proto(order), targets=targets,
+                                             reason=order.reason,
+                                             scope=self._scope(order)),
             timeout=self.kernel.policy.deadline_s + SHOOTDOWN_MARGIN_S)
         return ShootdownResult(acked=[a.cpu for a in reply.acks], fenced=list(reply.fenced))
 
@@ -126,7 +150,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         k, cpu, mm, call = self.kernel, request.cpu, request.mm, request.call
         which = call.WhichOneof("call")
         if which == "mmap":
-            r = await k.mmap(cpu, mm, call.mmap.pages, call.mmap.writable)
+            r = await k.mmap(cpu, mm, call.mmap.pages, call.mmap.writable, call.mmap.populate)
         elif which == "munmap":
             r = await k.munmap(cpu, mm, call.munmap.address, call.munmap.pages)
         elif which == "madvise_dontneed":
@@ -178,16 +202,74 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             used_frames=k.frames.used, lock_wait_s=percentiles(k.lock_stats.all_waits()),
             fault_latency_s=percentiles(s.fault_latency_s),
             munmap_latency_s=percentiles(s.munmap_latency_s), ipis=s.ipis,
-            fenced=len(s.fenced), contended_acquisitions=k.lock_stats.contended)
+            fenced=len(s.fenced), contended_acquisitions=k.lock_stats.contended,
+            fork_latency_s=percentiles(s.fork_latency_s),
+            tables_allocated=dict(s.tables_allocated), unshares=s.unshares,
+            tables_dropped=s.tables_dropped, shared_tables=s.shared_tables,
+            reclaimed_pages=s.reclaimed_pages, swap_outs=s.swap_outs, swap_ins=s.swap_ins,
+            reclaim_shootdowns=s.reclaim_shootdowns, reclaim_ipis=s.reclaim_ipis,
+            lock_order_reports=k.validator.reports[:10])
+
+    def _scope(self, order: FlushOrder) -> str:
+        """Whose CPUs a shootdown targets (a metrics label): this mm's, or, for a changed
+        shared table, every CPU or the sharers' CPUs as the shared-flush policy says."""
+        if not getattr(order, "all_mms", False):
+            return "mm"
+        return {"all-cpus": "all", "sharer-union": "sharers"}.get(
+            getattr(self.kernel.policy, "shared_flush", ""), "mm")
 
     def _metrics(self):
-        k = self.kernel
-        yield "counter", "tlbsim_stale_accesses", "TLB hits on revoked translations", \
-            k.oracle.stale
+        """Read at scrape time. The kernel's counts restart when a run resets the machine."""
+        k, s = self.kernel, self.kernel.stats
+        p = k.policy
+        yield "counter", "tlbsim_stale_accesses", \
+            "TLB hits on revoked translations (the oracle; must stay 0)", k.oracle.stale
+        yield "counter", "tlbsim_accesses_checked", "TLB hits the oracle checked", \
+            k.oracle.checked
+        yield "counter", "tlbsim_audit_violations", "TLB entries the audits found stale", \
+            s.audit_violations
+        faults = {kind: s.faults.get(kind, 0) for kind in FAULT_KINDS}
+        faults["spurious"] = s.faults.get("walked", 0)  # the PTE was there when locked
+        yield labelled("counter", "tlbsim_faults", "Page faults by kind", ["kind"],
+                       [((kind,), n) for kind, n in faults.items()])
+        yield labelled("counter", "tlbsim_memory_shootdowns",
+                       "Shootdowns the memory service issued, by flush policy", ["flush"],
+                       [((p.flush,), s.shootdowns)])
+        yield "counter", "tlbsim_full_flushes", "Shootdowns that flushed the whole mm", \
+            s.full_flushes
+        yield "counter", "tlbsim_lazy_cpus_skipped", \
+            "Lazy CPUs left out of a shootdown (they catch up at switch_mm)", s.lazy_skipped
         yield "counter", "tlbsim_pages_freed", "Data pages returned to the allocator", \
-            k.stats.pages_freed
-        yield "counter", "tlbsim_memory_shootdowns", "Shootdowns the memory service issued", \
-            k.stats.shootdowns
-        yield "gauge", "tlbsim_free_frames", "Frames free", k.frames.free_count
+            s.pages_freed
+        yield "counter", "tlbsim_page_tables_freed", "Page-table frames freed", s.tables_freed
+        yield "counter", "tlbsim_pages_reclaimed", "Pages reclaimed", \
+            getattr(s, "reclaimed_pages", 0)
+        yield "gauge", "tlbsim_shared_page_tables", "PTE tables shared by more than one mm", \
+            getattr(s, "shared_tables", 0)
+        yield "counter", "tlbsim_unshares", "Shared page tables unshared (table COW)", \
+            getattr(s, "unshares", 0)
+        yield "gauge", "tlbsim_frames_free", "Frames free", k.frames.free_count
+        yield "gauge", "tlbsim_frames_used", "Frames in use", k.frames.used
+        yield "gauge", "tlbsim_frames_pending_free", \
+            "Frames off the page tables, waiting for their shootdown before being freed", \
+            s.frames_pending_free
         yield "counter", "tlbsim_lock_order_violations", "Lock-order inversions refused", \
             len(k.validator.reports)
+        by_class = k.lock_stats.by_class
+        yield labelled("counter", "tlbsim_lock_acquisitions", "Lock acquisitions",
+                       ["lock_class", "policy"],
+                       [((c.label, p.lock), st.acquisitions) for c, st in by_class.items()])
+        yield labelled("counter", "tlbsim_lock_contended", "Acquisitions that had to wait",
+                       ["lock_class", "policy"],
+                       [((c.label, p.lock), st.contended) for c, st in by_class.items()])
+        h = self._hist
+        for c, st in by_class.items():
+            h["wait"].update((c.label, p.lock), st.wait_s)
+            h["hold"].update((c.label, p.lock), st.hold_s)
+        h["fault"].update((), s.fault_latency_s)
+        h["munmap"].update((), s.munmap_latency_s)
+        h["fork"].update((getattr(p, "fork", "copy"),), s.fork_latency_s)
+        h["flush_wait"].update((), s.flush_waits)
+        h["flush_pages"].update((p.flush,), s.flush_pages)
+        for hist in h.values():
+            yield hist.family()
