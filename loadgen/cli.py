@@ -28,13 +28,27 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lazy-tlb", choices=["on", "off"], default="on",
                    help="idle CPUs keep the mm loaded and skip flushes (default on)")
     g.add_argument("--transport", choices=list(pol.TRANSPORTS), default=d.transport,
-                   help="shootdown delivery: a unary call per CPU, or a stream per CPU")
+                   help="shootdown delivery: a unary call per CPU, a stream per CPU, or one "
+                        "MQTT broadcast with acks and a gRPC fallback (needs `tlbsim up --mqtt`)")
+    g.add_argument("--mqtt-qos", type=int, choices=list(pol.MQTT_QOS), default=d.mqtt_qos,
+                   help=f"MQTT QoS of broadcasts and acks (default {d.mqtt_qos}: acks are "
+                        "end-to-end either way)")
     g.add_argument("--tlb-entries", type=int, default=d.tlb_entries,
                    help=f"TLB entries per CPU (default {d.tlb_entries})")
     g.add_argument("--tlb-ways", type=int, default=d.tlb_ways,
                    help=f"TLB associativity (default {d.tlb_ways})")
     g.add_argument("--unsafe", choices=list(pol.UNSAFE), default="none",
                    help="deliberately wrong orders, to show the oracle firing")
+    g.add_argument("--fork", choices=list(pol.FORKS), default=d.fork,
+                   help="fork copies every PTE, or shares the PTE tables copy-on-write "
+                        f"(default {d.fork})")
+    g.add_argument("--shared-flush", choices=list(pol.SHARED_FLUSHES), default=d.shared_flush,
+                   help="who is flushed when a still-shared table changes (reclaim): every CPU "
+                        "(Linus 2002), the union of the sharers' CPUs, or only the changing "
+                        f"mm's (wrong on purpose) (default {d.shared_flush})")
+    g.add_argument("--frames", type=int, default=d.frames,
+                   help="physical frames of the machine; reclaim starts below 1/32 free "
+                        "(default 0: the memory service's own, effectively unlimited)")
     g.add_argument("--deadline", type=float, default=d.deadline_s,
                    help="seconds a CPU has to acknowledge a shootdown before it is fenced")
 
@@ -43,7 +57,8 @@ def policy_from(args: argparse.Namespace) -> pol.Policy:
     return pol.Policy(lock=args.lock, flush=args.flush, ceiling=args.ceiling, batch=args.batch,
                       lazy_tlb=args.lazy_tlb == "on", transport=args.transport,
                       tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways, unsafe=args.unsafe,
-                      deadline_s=args.deadline)
+                      deadline_s=args.deadline, mqtt_qos=args.mqtt_qos, fork=args.fork,
+                      shared_flush=args.shared_flush, frames=args.frames)
 
 
 def add_workload_options(p: argparse.ArgumentParser, cpus: int = 4, pages: int = 512,
@@ -58,16 +73,52 @@ def add_workload_options(p: argparse.ArgumentParser, cpus: int = 4, pages: int =
     g.add_argument("--readers", choices=["on", "off"], default="on",
                    help="munmap: the other threads keep reading during the munmap (default "
                         "on; off is LATR's quiet variant)")
+    g.add_argument("--children", type=int, default=2,
+                   help="fork, shared-write, swapout: processes forked (default 2)")
+    g.add_argument("--resident", type=int, default=4096,
+                   help="fork, shared-write, swapout: pages the parent has resident before "
+                        "forking (default 4096)")
+    add_length_options(g)
+
+
+def add_length_options(g) -> None:
+    """--duration / --ops instead of --rounds, and the scenario-specific knobs (issue 5)."""
+    g.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="run rounds until this many seconds have passed (instead of --rounds)")
+    g.add_argument("--ops", type=int, metavar="N",
+                   help="run rounds until this many accesses + system calls (instead of --rounds)")
+    g.add_argument("--mix", metavar="WEIGHTS",
+                   help="mixed: operation weights, e.g. mmap=4,munmap=3,madvise=1,mprotect=1,"
+                        "read=6,write=3")
+    g.add_argument("--trace", metavar="FILE", help="replay: the trace file (tlbsim trace record)")
+    g.add_argument("--speed", type=float, default=0.0,
+                   help="replay: 1 = the recorded pace, 2 = twice as fast, 0 = as fast as the "
+                        "cluster goes (default 0)")
 
 
 def config_from(args: argparse.Namespace, scenario: str) -> RunConfig:
-    for name in ("cpus", "pages", "rounds"):
+    for name in ("cpus", "pages", "rounds", "children", "resident"):
         if getattr(args, name) < 1:
             raise InvalidArgument(f"--{name} must be at least 1")
     if args.pages > 1 << 24:
         raise InvalidArgument(f"--pages {args.pages}: at most {1 << 24} per mapping")
+    duration, ops = getattr(args, "duration", None), getattr(args, "ops", None)
+    if duration is not None and not 0 < duration <= 86400:
+        raise InvalidArgument("--duration must be in (0, 86400] seconds")
+    if ops is not None and ops < 1:
+        raise InvalidArgument("--ops must be at least 1")
+    if getattr(args, "speed", 0.0) < 0:
+        raise InvalidArgument("--speed must not be negative")
+    if scenario == "replay" and not getattr(args, "trace", None):
+        raise InvalidArgument("the replay scenario needs --trace FILE")
+    if scenario == "mixed":
+        from loadgen.scenarios.mixed import parse_mix
+        parse_mix(getattr(args, "mix", None))
     return RunConfig(scenario, policy_from(args), cpus=args.cpus, pages=args.pages,
-                     rounds=args.rounds, seed=args.seed, readers=args.readers == "on")
+                     rounds=args.rounds, seed=args.seed, readers=args.readers == "on",
+                     duration=duration, ops=ops, mix=getattr(args, "mix", None),
+                     trace=getattr(args, "trace", None), speed=getattr(args, "speed", 0.0),
+                     children=args.children, resident=args.resident)
 
 
 def coordinator_address(args: argparse.Namespace) -> str:
@@ -98,9 +149,13 @@ def add_commands(sub) -> None:
                    help="the coordinator's address (default: the state file of `tlbsim up`)")
     p.add_argument("--state", metavar="PATH", help="state file of `tlbsim up --detach`")
     p.add_argument("--json", metavar="PATH", help="write the JSON report here ('-' = stdout)")
+    p.add_argument("--plot", metavar="PATH.png", help="write latency CDFs and bars (PNG)")
     add_workload_options(p)
     add_policy_options(p)
     p.set_defaults(func=_run)
+    from loadgen import commands
+    commands.add_load_commands(load_sub)
+    commands.add_trace_command(sub)
 
     d = sub.add_parser(
         "demo", help="start a local cluster, compare policies side by side, stop it",
@@ -114,11 +169,12 @@ def add_commands(sub) -> None:
 
     b = sub.add_parser(
         "bench", help="shootdown latency vs the bare fan-out floor; per-page vs gathered munmap",
-        description="Measure, in one run, shootdown latency to 1, 2 and 4 CPUs per transport "
+        description="Measure, in one run, shootdown latency to 1, 2, 4 and 8 CPUs per transport "
                     "next to a bare ping fan-out to the same CPUs (the floor), and munmap of 512 "
                     "pages per-page vs gathered. Starts its own local cluster unless --cluster "
                     "is given. Report ratios: these machines are noisy.")
-    b.add_argument("--cluster", metavar="ADDR", help="use a running cluster (needs 5 CPUs)")
+    b.add_argument("--cluster", metavar="ADDR",
+                   help="use a running cluster (needs 9 CPUs; `tlbsim up --mqtt` for mqtt rows)")
     b.add_argument("--rounds", type=int, default=200,
                    help="shootdowns per transport and CPU count (default 200)")
     b.add_argument("--munmap-rounds", type=int, default=3,
@@ -133,10 +189,13 @@ def _run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with Cluster(address) as cluster:
-            with output.progress(cfg.rounds, f"{cfg.scenario}") as advance:
+            with output.progress(cfg.progress_total(), f"{cfg.scenario}") as advance:
                 report = await run(cluster, cfg, advance)
         output.print_report(report)
         output.write_json(report, args.json)
+        if args.plot:
+            from loadgen.plot import plot_report
+            plot_report(report, args.plot)
         return output.verdict(report)
 
     return asyncio.run(main())

@@ -1,4 +1,4 @@
-"""`tlbsim demo`: a local cluster, two built-in comparisons, nothing left running."""
+"""`tlbsim demo`: a local cluster, four built-in comparisons, nothing left running."""
 from __future__ import annotations
 
 import asyncio
@@ -23,6 +23,17 @@ LOCK_ROWS = [
     ("contended acquisitions", "contended_locks", "{}"),
     ("stale accesses", "stale_accesses", "{}"),
 ]
+FORK_ROWS = [
+    ("fork latency p50 / p99", "fork_latency_ms", "ms"),
+    ("PTE tables allocated by the forks", "pte_tables_allocated", "{}"),
+    ("TLB entries the forks flushed", "tlb_entries_flushed", "{}"),
+    ("stale accesses", "stale_accesses", "{}"),
+]
+SWAPOUT_ROWS = [
+    ("reclaimed pages", "reclaimed_pages", "{}"),
+    ("reclaim IPIs per reclaimed page", "reclaim_ipis_per_page", "{}"),
+    ("stale accesses", "stale_accesses", "{}"),
+]
 
 
 def comparisons(cpus: int, rounds: int) -> list[tuple[str, list[tuple[str, RunConfig]], list]]:
@@ -39,7 +50,18 @@ def comparisons(cpus: int, rounds: int) -> list[tuple[str, list[tuple[str, RunCo
           ("B: lock=split", RunConfig("fault-scaling", base, cpus=cpus, pages=512,
                                       rounds=rounds))],
          LOCK_ROWS),
-    ]
+        ("fork of a process with 8192 resident pages, 3 children: copy PTEs vs share tables",
+         [(f"{ab}: fork={mode}", RunConfig("fork", dataclasses.replace(base, fork=mode),
+                                          cpus=cpus, rounds=1, resident=8192, children=3))
+          for ab, mode in (("A", "copy"), ("B", "share"))],
+         FORK_ROWS),
+    ] + ([] if cpus < 4 else [
+        ("reclaim through shared tables: flush every CPU vs the sharers' CPUs",
+         [(f"{ab}: {flush}", RunConfig("swapout", dataclasses.replace(
+             base, fork="share", frames=2048, shared_flush=flush), cpus=cpus, pages=512,
+             rounds=rounds, resident=1536, children=1))
+          for ab, flush in (("A", "all-cpus"), ("B", "sharer-union"))],
+         SWAPOUT_ROWS)])
 
 
 def demo(cpus: int, rounds: int, json_path: str | None) -> int:

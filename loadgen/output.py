@@ -52,6 +52,8 @@ def print_report(report: dict) -> None:
     for label, key, how in ROWS:
         table.add_row(label, fmt(r[key], how))
     console.print(table)
+    if "replay" in r:
+        print_replay(r["replay"])
     if report.get("interrupted"):
         err_console.print("interrupted: the report covers what ran before Ctrl-C")
     for v in report.get("violations", []):
@@ -74,6 +76,79 @@ def print_comparison(title: str, labels: list[str], reports: list[dict],
             cells.append(f"{b / a:.3g}x" if isinstance(a, (int, float)) and a else "-")
         table.add_row(label, *cells)
     console.print(table)
+
+
+def print_replay(rep: dict) -> None:
+    """The trace's calls as strace saw them, next to what the replay did with them."""
+    table = Table(title=f"replay of {' '.join(rep.get('command') or [])} "
+                        f"({rep.get('source')}): {rep['tasks']} tasks, "
+                        f"{rep['address_spaces']} address spaces")
+    for col in ("call", "in the trace", "replayed", "failed in trace", "no effect"):
+        table.add_column(col, justify="right" if col != "call" else "left")
+    for name, seen in rep["calls"].items():
+        table.add_row(name, str(seen), str(rep["replayed"].get(name, 0)),
+                      str(rep["failed_in_trace"].get(name, 0)), str(rep["no_effect"].get(name, 0)))
+    console.print(table)
+    extras = {k: rep[k] for k in ("mm_switches", "implicit_munmaps", "implicit_mappings",
+                                  "accesses_outside_mappings", "access_pages",
+                                  "tasks_alive_at_end") if rep.get(k)}
+    if extras:
+        console.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in extras.items()))
+    if rep.get("unknown_syscalls"):
+        console.print("not simulated (counted, not replayed): " + ", ".join(
+            f"{k} x{v}" for k, v in rep["unknown_syscalls"].items()))
+    if rep.get("advice_without_effect"):
+        console.print("madvise advice without a simulated effect: " + ", ".join(
+            f"{k} x{v}" for k, v in rep["advice_without_effect"].items()))
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v == int(v) and abs(v) < 1e12:
+        return f"{int(v):,}"
+    return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.1f}"
+
+
+def _ratio(row: dict) -> tuple[str, str]:
+    if row["ratio"] is None:
+        return "-", "-"
+    spread = (f"{row['ratio_min']:.3g}–{row['ratio_max']:.3g}"
+              if row["ratio_min"] != row["ratio_max"] else "")
+    return f"{row['ratio']:.3g}x", spread
+
+
+def print_compare(result: dict) -> None:
+    table = Table(title=f"{result['scenario']}: A = {result['a']['spec'] or 'defaults'}, "
+                        f"B = {result['b']['spec'] or 'defaults'} "
+                        f"({result['pairs']} alternating pairs; medians)")
+    for col in ("metric", "A", "B", "B/A", "B/A spread"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for row in result["metrics"]:
+        table.add_row(row["label"], _num(row["a"]), _num(row["b"]), *_ratio(row))
+    console.print(table)
+    if result.get("interrupted"):
+        err_console.print("interrupted: the table covers the pairs completed before Ctrl-C")
+
+
+def print_sweep(result: dict, keys: list[str]) -> None:
+    table = Table(title=f"{result['scenario']}: sweep of {result['key']}; "
+                        f"A = {result['a_spec'] or 'defaults'}, "
+                        f"B = {result['b_spec'] or 'defaults'}")
+    table.add_column(result["key"])
+    for key in keys:
+        for col in ("A", "B", "B/A"):
+            table.add_column(f"{key} {col}", justify="right")
+    for point in result["points"]:
+        rows = {row["metric"]: row for row in point["metrics"]}
+        cells = [str(point["value"])]
+        for key in keys:
+            row = rows.get(key)
+            cells += ([_num(row["a"]), _num(row["b"]), _ratio(row)[0]] if row else ["-"] * 3)
+        table.add_row(*cells)
+    console.print(table)
+    if result.get("interrupted"):
+        err_console.print("interrupted: the table covers the points completed before Ctrl-C")
 
 
 def write_json(doc: dict, path: str | None) -> None:

@@ -3,6 +3,8 @@ the JSON report (the format is documented in the README and stable)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 
 from loadgen.cluster import Cluster
@@ -18,6 +20,13 @@ def _ms(samples: list[float]) -> dict:
     return {"p50": round(p50 * 1e3, 4), "p99": round(p99 * 1e3, 4)}
 
 
+def _samples_ms(samples: list[float], keep: int = 2000) -> list[float]:
+    """Sorted samples for latency CDFs (plots), thinned evenly to at most `keep`."""
+    ordered = sorted(samples)
+    step = max(1, -(-len(ordered) // keep))
+    return [round(x * 1e3, 4) for x in ordered[::step]]
+
+
 def _ms_from(p) -> dict:
     return {"p50": round(p.p50 * 1e3, 4), "p99": round(p.p99 * 1e3, 4)}
 
@@ -27,14 +36,42 @@ async def run(cluster: Cluster, cfg: RunConfig, progress: Progress = lambda n: N
     scenario = SCENARIOS[cfg.scenario]
     epoch = await cluster.reset(cfg.policy, cfg.cpus)
     m = Measurements()
+    d = Driver(cluster, m)
     t0 = time.perf_counter()
     interrupted = False
-    try:
-        await scenario(Driver(cluster, m), cfg, progress)
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        interrupted = True  # still report what was measured
+    task = asyncio.ensure_future(scenario(d, cfg, progress))
+    with _ctrl_c(d, task):
+        try:
+            await task
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            interrupted = True  # still report what was measured
+    interrupted |= d.stopping
     duration = time.perf_counter() - t0
     return await collect(cluster, cfg, m, duration, epoch, interrupted)
+
+
+@contextlib.contextmanager
+def _ctrl_c(d: Driver, task: asyncio.Future):
+    """The first Ctrl-C asks the scenario to stop after the calls in flight (cancelling a
+    system call half-way would leave the cluster mid-operation and the audit would see
+    it); the second cancels it at once."""
+    def on_sigint() -> None:
+        if d.stopping:
+            task.cancel()
+        d.stopping = True
+
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, previous)
 
 
 async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: float,
@@ -42,6 +79,8 @@ async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: f
     mem = await cluster.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=30)
     coord = await cluster.coordinator.Stats(coordinator_pb2.CoordinatorStatsRequest(), timeout=30)
     await Driver(cluster, m).audit()  # the final audit; a CPU that died since is skipped
+    unmaps = m.munmap_latency_s or (m.syscall_latency_s.get("munmap", [])
+                                    + m.syscall_latency_s.get("madvise_dontneed", []))
     results = {
         "ops": m.ops,
         "duration_s": round(duration, 4),
@@ -60,16 +99,35 @@ async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: f
         "faults": m.faults,
         "faults_per_s": round(m.faults / duration, 1) if duration else 0.0,
         "segv": m.segv,
-        "munmap_latency_ms": _ms(m.munmap_latency_s),
+        "munmap_latency_ms": _ms(unmaps),
         "fault_latency_ms": _ms(m.fault_latency_s),
         "lock_wait_ms": _ms_from(mem.lock_wait_s),
         "contended_locks": mem.contended_acquisitions,
         "shootdown_latency_ms": _ms_from(coord.latency_s),
         "tlb_hit_rate": round(m.hits / m.accesses, 4) if m.accesses else 0.0,
+        # Page-table sharing and reclaim.
+        "fork_latency_ms": _ms_from(mem.fork_latency_s),
+        "pte_tables_allocated": mem.tables_allocated.get(1, 0),
+        "tables_allocated": {str(k): v for k, v in sorted(mem.tables_allocated.items())},
+        "unshares": mem.unshares,
+        "tables_dropped": mem.tables_dropped,
+        "reclaimed_pages": mem.reclaimed_pages,
+        "swap_outs": mem.swap_outs,
+        "swap_ins": mem.swap_ins,
+        "reclaim_shootdowns": mem.reclaim_shootdowns,
+        "reclaim_ipis": mem.reclaim_ipis,
+        "lock_order_violations": mem.lock_order_violations,
+        "lock_order_reports": list(mem.lock_order_reports),
+        "ops_per_s": round(m.ops / duration, 1) if duration else 0.0,
+        "syscalls": dict(sorted(m.syscalls.items())),
+        "syscall_latency_ms": {k: _ms(v) for k, v in sorted(m.syscall_latency_s.items())},
+        **m.extra,
     }
     return {"version": REPORT_VERSION, "scenario": cfg.scenario, "config": cfg.as_dict(),
             "epoch": epoch, "interrupted": interrupted, "results": results,
-            "violations": m.violations[:20]}
+            "violations": m.violations[:20],
+            "samples": {"munmap_latency_ms": _samples_ms(unmaps),
+                        "fault_latency_ms": _samples_ms(m.fault_latency_s)}}
 
 
 def failed(report: dict) -> bool:

@@ -4,9 +4,11 @@ driver whose CPU calls tolerate a CPU leaving mid-run (it is fenced; the run goe
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
-from typing import Awaitable, Callable
+import time
+from typing import Awaitable, Callable, Iterator
 
 import grpc
 
@@ -32,10 +34,24 @@ class RunConfig:
     rounds: int = 5
     seed: int = 0
     readers: bool = True
+    duration: float | None = None  # seconds: run rounds until then, instead of --rounds
+    ops: int | None = None         # or until this many accesses + system calls
+    mix: str | None = None         # mixed: weights, e.g. "mmap=4,munmap=3,read=2"
+    trace: str | None = None       # replay: the trace file
+    speed: float = 0.0             # replay: 0 = as fast as possible, 1 = the recorded pace
+    children: int = 2              # fork, shared-write, swapout: processes forked
+    resident: int = 4096           # ...: pages the parent has resident before forking
 
     def as_dict(self) -> dict:
         return {"cpus": self.cpus, "pages": self.pages, "rounds": self.rounds,
-                "seed": self.seed, "readers": self.readers, **self.policy.as_dict()}
+                "seed": self.seed, "readers": self.readers, "duration_s": self.duration,
+                "ops": self.ops, "mix": self.mix, "trace": self.trace, "speed": self.speed,
+                "children": self.children, "resident": self.resident,
+                **self.policy.as_dict()}
+
+    def progress_total(self) -> int:
+        """What `progress` counts to: rounds, or per mille of --duration / --ops."""
+        return PERMILLE if self.duration or self.ops else self.rounds
 
 
 @dataclasses.dataclass
@@ -51,6 +67,11 @@ class Measurements:
     rounds_done: int = 0
     audited_entries: int = 0
     violations: list[str] = dataclasses.field(default_factory=list)
+    # Every system call a Driver issued, by kind, and its latency seen by the client.
+    syscalls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    syscall_latency_s: dict[str, list[float]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(list))
+    extra: dict = dataclasses.field(default_factory=dict)  # scenario-specific results
 
     def add(self, r: cpu_pb2.AccessResponse) -> None:
         self.ops += r.accesses
@@ -62,6 +83,7 @@ class Measurements:
 
 
 Progress = Callable[[int], None]  # called with the number of rounds completed
+PERMILLE = 1000  # progress units of a --duration / --ops run
 
 
 class Driver:
@@ -70,6 +92,37 @@ class Driver:
     def __init__(self, cluster: Cluster, m: Measurements):
         self.cluster = cluster
         self.m = m
+        self.started = time.perf_counter()
+        self.stopping = False  # Ctrl-C: finish the calls in flight, start no more rounds
+
+    def done(self, cfg: RunConfig, rnd: int) -> float:
+        """How far the run is: rounds, or the share of --duration / --ops used."""
+        if cfg.duration:
+            return (time.perf_counter() - self.started) / cfg.duration
+        if cfg.ops:
+            return self.m.ops / cfg.ops
+        return rnd / cfg.rounds
+
+    def rounds(self, cfg: RunConfig, progress: Progress) -> Iterator[int]:
+        """Round numbers until --rounds, --duration or --ops is reached (at least one);
+        after each round it records the rounds done and reports progress."""
+        rnd = 0
+        while not self.stopping and (rnd == 0 or self.done(cfg, rnd) < 1):
+            yield rnd
+            rnd += 1
+            self.m.rounds_done = rnd
+            progress(rnd if not (cfg.duration or cfg.ops)
+                     else min(PERMILLE, int(self.done(cfg, rnd) * PERMILLE)))
+
+    def time_left(self, cfg: RunConfig) -> bool:
+        """Inside a round: False once --duration or --ops is reached (or on Ctrl-C)."""
+        if self.stopping:
+            return False
+        if cfg.duration:
+            return time.perf_counter() - self.started < cfg.duration
+        if cfg.ops:
+            return self.m.ops < cfg.ops
+        return True
 
     def live(self, cpus: list[Cpu]) -> list[Cpu]:
         return [c for c in cpus if c.id not in self.m.lost_cpus]
@@ -87,9 +140,11 @@ class Driver:
             return None
 
     async def access(self, cpu: Cpu, addresses: list[int], write: bool = False,
-                     stop_on_segv: bool = False) -> cpu_pb2.AccessResponse | None:
+                     stop_on_segv: bool = False,
+                     writes: bytes = b"") -> cpu_pb2.AccessResponse | None:
+        """`write` makes every access a write; `writes` gives one flag per address."""
         req = cpu_pb2.AccessRequest(addresses=addresses, stop_on_segv=stop_on_segv,
-                                    writes=b"\x01" * len(addresses) if write else b"")
+                                    writes=writes or (b"\x01" * len(addresses) if write else b""))
         r = await self._call(cpu, cpu.stub.Access(req, timeout=CALL_TIMEOUT_S))
         if r is not None:
             self.m.add(r)
@@ -101,10 +156,14 @@ class Driver:
 
     async def syscall(self, cpu: Cpu, **call) -> common_pb2.SyscallResponse:
         """A system call on a CPU the scenario cannot do without."""
+        kind = next(iter(call))
+        t0 = time.perf_counter()
         r = await self._call(cpu, cpu.stub.Syscall(common_pb2.SyscallRequest(**call),
                                                    timeout=CALL_TIMEOUT_S))
         if r is None:
             raise FailedPrecondition(f"cpu {cpu.id}, which drives this scenario, left the run")
+        self.m.syscall_latency_s[kind].append(time.perf_counter() - t0)
+        self.m.syscalls[kind] += 1
         self.m.ops += 1
         return r
 

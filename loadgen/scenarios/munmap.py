@@ -21,7 +21,7 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
     cpus = d.cluster.cpus[:cfg.cpus]
     initiator = cpus[0]
     await d.new_process(cpus)
-    for rnd in range(cfg.rounds):
+    for rnd in d.rounds(cfg, progress):
         r = await d.syscall(initiator, mmap=common_pb2.MmapArgs(pages=cfg.pages, writable=True))
         addresses = pages_at(r.address, cfg.pages)
         await d.access(initiator, addresses, write=True)  # fault every page in
@@ -50,5 +50,3 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
         d.m.munmap_latency_s.append(time.perf_counter() - t0)
         done.set()
         await asyncio.gather(*readers)
-        d.m.rounds_done = rnd + 1
-        progress(rnd + 1)

@@ -1,0 +1,32 @@
+"""replay — a recorded trace of a real program (`tlbsim trace record`), replayed.
+
+Burton & Kelly, and Re-Animator: a program's own memory-management calls (strace) and,
+when recorded with --accesses, its page-level accesses (valgrind lackey), replayed on
+the cluster: tasks go to CPUs round-robin (--cpus), threads of one process share an mm,
+fork makes a copy-on-write mm (loadgen/trace/replay.py documents every mapping). Look at
+`results.replay`: the calls as strace saw them next to what was replayed, and at
+shootdowns, IPIs and faults per policy. --trace FILE names the trace; --speed 1 keeps
+the recorded pace (0, the default, replays as fast as the cluster goes).
+"""
+from __future__ import annotations
+
+from loadgen.scenarios.base import Driver, Progress, RunConfig
+from loadgen.trace.fmt import read_trace
+from loadgen.trace.replay import Replayer
+from services.common.errors import InvalidArgument
+
+
+async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
+    if not cfg.trace:
+        raise InvalidArgument("the replay scenario needs a trace file (--trace FILE)")
+    header, events = read_trace(cfg.trace)
+    cpus = d.cluster.cpus[:cfg.cpus]
+    for _ in d.rounds(cfg, progress):
+        r = Replayer(d, cpus, header, events, cfg.speed)
+        try:
+            await r.replay()
+        except ValueError as e:
+            raise InvalidArgument(f"{cfg.trace}: {e}") from None
+        finally:
+            d.m.extra["replay"] = r.summary()
+    await d.audit()

@@ -1,0 +1,114 @@
+"""Write and read trace files (the format is in the package docstring)."""
+from __future__ import annotations
+
+import gzip
+import json
+from typing import Iterable, Iterator
+
+from services.common.errors import InvalidArgument
+
+FORMAT = "tlbsim-trace"
+VERSION = 1
+SOURCES = ("strace", "valgrind-lackey")
+
+# op → fields every event of that op must carry (besides `op` and `tid`), and their types.
+INT = int
+REQUIRED: dict[str, dict[str, type]] = {
+    "mmap": {"addr": INT, "len": INT, "prot": str, "flags": str, "fd": INT},
+    "munmap": {"addr": INT, "len": INT},
+    "mprotect": {"addr": INT, "len": INT, "prot": str},
+    "madvise": {"addr": INT, "len": INT, "advice": str},
+    "brk": {"addr": INT},
+    "mremap": {"addr": INT, "old_len": INT, "new_len": INT, "flags": str},
+    "clone": {"call": str, "flags": str},
+    "execve": {"call": str, "path": str},
+    "exit": {"call": str},
+    "end": {"status": str},
+    "access": {"pages": list},
+}
+RESULT_OPS = {"mmap", "munmap", "mprotect", "madvise", "brk", "mremap", "clone", "execve"}
+
+
+class TraceError(InvalidArgument):
+    """A malformed trace or strace/valgrind log; the message names the line."""
+
+
+def write_trace(path: str, header: dict, events: Iterable[dict]) -> dict:
+    """Write header + events; fills header["events"] / ["access_pages"]. Returns header."""
+    events = list(events)
+    header = {"format": FORMAT, "version": VERSION, **header,
+              "events": len(events),
+              "access_pages": sum(len(e["pages"]) for e in events if e["op"] == "access")}
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as f:
+        f.write(json.dumps(header, sort_keys=True) + "\n")
+        for e in events:
+            f.write(json.dumps(e, separators=(",", ":")) + "\n")
+    return header
+
+
+def check_event(e: object, n: int) -> dict:
+    if not isinstance(e, dict):
+        raise TraceError(f"line {n}: an event must be a JSON object")
+    op = e.get("op")
+    if op not in REQUIRED:
+        raise TraceError(f"line {n}: unknown op {op!r} (expected one of {', '.join(REQUIRED)})")
+    if not isinstance(e.get("tid"), int) or isinstance(e.get("tid"), bool):
+        raise TraceError(f"line {n}: {op} event without an integer tid")
+    for field, kind in REQUIRED[op].items():
+        value = e.get(field)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TraceError(f"line {n}: {op} event: field {field!r} must be "
+                             f"{kind.__name__}, got {value!r}")
+    if op in RESULT_OPS and ("ret" in e) == ("err" in e):
+        raise TraceError(f"line {n}: {op} event needs exactly one of 'ret' and 'err'")
+    if "ret" in e and not isinstance(e["ret"], int):
+        raise TraceError(f"line {n}: {op} event: 'ret' must be an integer")
+    if op == "access":
+        for p in e["pages"]:
+            if (not isinstance(p, list) or len(p) != 2 or not all(isinstance(x, int) for x in p)
+                    or p[0] < 0 or p[1] not in (0, 1)):
+                raise TraceError(f"line {n}: access pages must be [page, 0|1] pairs, got {p!r}")
+    return e
+
+
+def read_trace(path: str) -> tuple[dict, list[dict]]:
+    """The header and every event, checked; TraceError names the first bad line."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise TraceError(f"{path}: not a readable gzip-compressed trace ({e})") from None
+    return parse_lines(lines)
+
+
+def parse_lines(lines: list[str]) -> tuple[dict, list[dict]]:
+    if not lines:
+        raise TraceError("line 1: empty trace (no header)")
+    header = _json(lines[0], 1)
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise TraceError(f"line 1: not a {FORMAT} header")
+    if header.get("version") != VERSION:
+        raise TraceError(f"line 1: trace version {header.get('version')!r}, "
+                         f"this tlbsim reads version {VERSION}")
+    if header.get("source") not in SOURCES:
+        raise TraceError(f"line 1: unknown source {header.get('source')!r}")
+    events = [check_event(_json(line, n), n) for n, line in enumerate(lines[1:], start=2)]
+    if header.get("events") != len(events):
+        raise TraceError(f"line {len(lines)}: the header announces {header.get('events')} "
+                         f"events, the file has {len(events)} (truncated?)")
+    return header, events
+
+
+def _json(line: str, n: int):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TraceError(f"line {n}: not JSON ({e.msg} at column {e.colno})") from None
+
+
+def iter_counts(events: Iterable[dict]) -> Iterator[tuple[str, str]]:
+    """(op, call name) of each system-call event, as strace names the call."""
+    for e in events:
+        if e["op"] in ("access", "end"):
+            continue
+        yield e["op"], e.get("call", e["op"])

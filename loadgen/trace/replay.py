@@ -1,0 +1,385 @@
+"""Replay a trace's memory-management calls and accesses on the cluster's CPUs.
+
+How each recorded call maps onto what the simulated machine has (it has mmap, munmap,
+mprotect, madvise(DONTNEED), fork and exit; addresses are its own, so every task's
+address space keeps a map from the program's pages to the simulator's):
+- mmap → mmap of as many pages (file mappings are simulated as anonymous memory;
+  writable when PROT_WRITE); a MAP_FIXED mapping over mapped pages first munmaps them,
+  as the kernel does (counted as `implicit_munmaps`).
+- munmap / mprotect / madvise(MADV_DONTNEED) → the same call on every simulated piece
+  of the range; parts the simulator never saw mapped (the ELF image and the stack, mapped
+  by the kernel at execve) have no effect (`no_effect`). Other madvise advice changes no
+  page table and has no effect (`advice_without_effect`).
+- brk → growth is an mmap of the new heap pages, shrinking a munmap of the dropped ones.
+- mremap → in place: growth is an mmap of the added pages, shrinking a munmap of the tail;
+  moved: a new mapping of the new size plus a munmap of the old range (the pages' contents
+  are not moved: the next accesses fault them afresh).
+- clone with CLONE_VM → a thread: a task of the same address space on another CPU;
+  fork, vfork and clone without CLONE_VM → `fork` (a new mm, copy-on-write).
+- execve → a new, empty mm for the task; the old one exits when no task uses it.
+- exit / exit_group (or the task's end as strace saw it) → when the last task of an
+  address space ends, `exit` of its mm.
+- access batches (valgrind lackey) → `Access` on the task's CPU; a page outside every
+  traced mapping (the image, the stack) gets an implicit mapping of the gap around it
+  within its 2 MiB block (`implicit_mappings`), so it is simulated, not dropped.
+Tasks are placed on CPUs round-robin in the order they appear; a CPU shared by tasks of
+different address spaces switches mm before each of their calls, and a CPU loads a
+new mm after execve (`mm_switches`).
+Failed calls (`err` in the trace) changed nothing in the kernel and are skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import dataclasses
+import time
+
+from loadgen.scenarios.base import Cpu, Driver
+from services.common.addresses import PAGE_SHIFT, PAGE_SIZE, PTE_TABLE_PAGES
+from tlbsim.v1 import common_pb2, memory_pb2
+
+ACCESS_BATCH = 4096
+
+
+def pages_of(length: int) -> int:
+    return -(-length // PAGE_SIZE)
+
+
+@dataclasses.dataclass
+class Seg:
+    start: int     # the program's first page
+    end: int       # one past its last page
+    sim: int       # the simulator's page for `start`
+    writable: bool
+
+
+class PageMap:
+    """The program's pages → the simulator's, as sorted non-overlapping segments."""
+
+    def __init__(self, segs: list[Seg] | None = None):
+        self.segs: list[Seg] = segs or []
+
+    def copy(self) -> "PageMap":
+        return PageMap([dataclasses.replace(s) for s in self.segs])
+
+    def _split(self, at: int) -> None:
+        i = bisect.bisect_right([s.start for s in self.segs], at) - 1
+        if i >= 0 and self.segs[i].start < at < self.segs[i].end:
+            s = self.segs[i]
+            self.segs.insert(i + 1, Seg(at, s.end, s.sim + at - s.start, s.writable))
+            s.end = at
+
+    def pieces(self, start: int, end: int) -> list[Seg]:
+        """The segments inside [start, end), split at its edges."""
+        self._split(start)
+        self._split(end)
+        return [s for s in self.segs if start <= s.start and s.end <= end]
+
+    def remove(self, start: int, end: int) -> list[Seg]:
+        gone = self.pieces(start, end)
+        self.segs = [s for s in self.segs if not (start <= s.start and s.end <= end)]
+        return gone
+
+    def add(self, seg: Seg) -> None:
+        bisect.insort(self.segs, seg, key=lambda s: s.start)
+
+    def lookup(self, page: int) -> Seg | None:
+        i = bisect.bisect_right([s.start for s in self.segs], page) - 1
+        if i >= 0 and self.segs[i].start <= page < self.segs[i].end:
+            return self.segs[i]
+        return None
+
+    def gap(self, page: int) -> tuple[int, int]:
+        """The unmapped pages around `page` within its 2 MiB block."""
+        lo = page - page % PTE_TABLE_PAGES
+        hi = lo + PTE_TABLE_PAGES
+        for s in self.segs:
+            if s.end <= page:
+                lo = max(lo, s.end)
+            elif s.start > page:
+                hi = min(hi, s.start)
+                break
+        return lo, hi
+
+
+@dataclasses.dataclass
+class Space:
+    """One address space (an mm) of the program."""
+    id: int
+    pages: PageMap = dataclasses.field(default_factory=PageMap)
+    mm: int = 0                     # the simulator's mm, created on first use
+    users: set[int] = dataclasses.field(default_factory=set)
+    brk: int | None = None          # the program's current heap end, in pages
+    exited: bool = False
+
+
+@dataclasses.dataclass
+class Task:
+    tid: int
+    group: int
+    space: Space
+    cpu: Cpu
+    ended: bool = False
+
+
+class Replayer:
+    def __init__(self, d: Driver, cpus: list[Cpu], header: dict, events: list[dict],
+                 speed: float = 0.0):
+        self.d, self.cpus, self.header, self.events, self.speed = d, cpus, header, events, speed
+        self.tasks: dict[int, Task] = {}
+        self.loaded: dict[int, int] = {}       # cpu id → mm it runs
+        self._next_cpu = 0
+        self._spaces = 0
+        self.calls = collections.Counter()     # by strace's name, as read from the trace
+        self.replayed = collections.Counter()
+        self.failed = collections.Counter()    # failed in the trace: skipped
+        self.no_effect = collections.Counter()
+        self.advice = collections.Counter()    # madvise advice without a simulated effect
+        self.counters = collections.Counter()  # implicit_munmaps, implicit_mappings, ...
+
+    # --- tasks, CPUs and mms ---------------------------------------------------------------
+    def _space(self) -> Space:
+        self._spaces += 1
+        return Space(self._spaces)
+
+    def _place(self) -> Cpu:
+        cpu = self.cpus[self._next_cpu % len(self.cpus)]
+        self._next_cpu += 1
+        return cpu
+
+    def _task(self, tid: int) -> Task:
+        if tid not in self.tasks:
+            if self.tasks:
+                raise ValueError(f"task {tid} appears without a clone that created it")
+            space = self._space()  # the traced command itself
+            self.tasks[tid] = Task(tid, tid, space, self._place())
+            space.users.add(tid)
+        return self.tasks[tid]
+
+    async def _run_on(self, task: Task) -> Cpu:
+        """Make the task's CPU run the task's mm (creating the mm on first use)."""
+        space = task.space
+        if not space.mm:
+            space.mm = (await self.d.cluster.memory.CreateMm(memory_pb2.CreateMmRequest(),
+                                                             timeout=60)).mm
+            self.counters["mms_created"] += 1
+        if self.loaded.get(task.cpu.id) != space.mm:
+            if task.cpu.id in self.loaded:
+                self.counters["mm_switches"] += 1
+            await self.d.switch(task.cpu, space.mm)
+            self.loaded[task.cpu.id] = space.mm
+        return task.cpu
+
+    async def _sys(self, task: Task, **call) -> common_pb2.SyscallResponse:
+        cpu = await self._run_on(task)
+        r = await self.d.syscall(cpu, **call)
+        if "exit" in call:
+            self.loaded[cpu.id] = 0
+        return r
+
+    async def _map(self, task: Task, start: int, pages: int, writable: bool,
+                   implicit: bool = False) -> None:
+        for seg in task.space.pages.remove(start, start + pages):  # MAP_FIXED over a mapping
+            await self._munmap_seg(task, seg)
+            self.counters["implicit_munmaps"] += 1
+        r = await self._sys(task, mmap=common_pb2.MmapArgs(pages=pages, writable=writable))
+        task.space.pages.add(Seg(start, start + pages, r.address >> PAGE_SHIFT, writable))
+        if implicit:
+            self.counters["implicit_mappings"] += 1
+
+    async def _munmap_seg(self, task: Task, seg: Seg) -> None:
+        await self._sys(task, munmap=common_pb2.RangeArgs(address=seg.sim << PAGE_SHIFT,
+                                                          pages=seg.end - seg.start))
+
+    async def _unmap(self, task: Task, start: int, end: int) -> int:
+        gone = task.space.pages.remove(start, end)
+        for seg in gone:
+            await self._munmap_seg(task, seg)
+        return len(gone)
+
+    async def _end(self, task: Task) -> None:
+        if task.ended:
+            return
+        task.ended = True
+        space = task.space
+        space.users.discard(task.tid)
+        if not space.users and space.mm and not space.exited:
+            await self._sys(task, exit=common_pb2.ExitArgs())
+            space.exited = True
+
+    # --- events ------------------------------------------------------------------------------
+    async def replay(self) -> None:
+        t0 = time.perf_counter()
+        for e in self.events:
+            if self.d.stopping:  # Ctrl-C: the report covers the events replayed so far
+                return
+            if self.speed > 0 and "t" in e:
+                delay = t0 + e["t"] / self.speed - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await self.event(e)
+
+    async def event(self, e: dict) -> None:
+        task = self._task(e["tid"])
+        op = e["op"]
+        if op == "access":
+            await self._access(task, e["pages"])
+            return
+        if op == "end":
+            await self._end(task)
+            return
+        name = e.get("call", op)
+        self.calls[name] += 1
+        if "err" in e:
+            self.failed[name] += 1
+            return
+        effect = await getattr(self, "_" + op)(task, e)
+        if effect is False:
+            self.no_effect[name] += 1
+        else:
+            self.replayed[name] += 1
+
+    async def _mmap(self, task: Task, e: dict) -> bool:
+        await self._map(task, e["ret"] >> PAGE_SHIFT, max(1, pages_of(e["len"])),
+                        "PROT_WRITE" in e["prot"])
+        return True
+
+    async def _munmap(self, task: Task, e: dict) -> bool:
+        start = e["addr"] >> PAGE_SHIFT
+        return await self._unmap(task, start, start + pages_of(e["len"])) > 0
+
+    async def _mprotect(self, task: Task, e: dict) -> bool:
+        start = e["addr"] >> PAGE_SHIFT
+        writable = "PROT_WRITE" in e["prot"]
+        pieces = task.space.pages.pieces(start, start + pages_of(e["len"]))
+        for seg in pieces:
+            await self._sys(task, mprotect=common_pb2.MprotectArgs(
+                address=seg.sim << PAGE_SHIFT, pages=seg.end - seg.start, writable=writable))
+            seg.writable = writable
+        return bool(pieces)
+
+    async def _madvise(self, task: Task, e: dict) -> bool:
+        if e["advice"] != "MADV_DONTNEED":
+            self.advice[e["advice"]] += 1
+            return False
+        start = e["addr"] >> PAGE_SHIFT
+        pieces = task.space.pages.pieces(start, start + pages_of(e["len"]))
+        for seg in pieces:
+            await self._sys(task, madvise_dontneed=common_pb2.RangeArgs(
+                address=seg.sim << PAGE_SHIFT, pages=seg.end - seg.start))
+        return bool(pieces)
+
+    async def _brk(self, task: Task, e: dict) -> bool:
+        space = task.space
+        top = pages_of(e["ret"])
+        if space.brk is None or top == space.brk:  # a query, or a failed change
+            space.brk = top
+            return False
+        old, space.brk = space.brk, top
+        if top > old:
+            await self._map(task, old, top - old, True)
+        else:
+            await self._unmap(task, top, old)
+        return True
+
+    async def _mremap(self, task: Task, e: dict) -> bool:
+        old_start = e["addr"] >> PAGE_SHIFT
+        old_end = old_start + pages_of(e["old_len"])
+        new_start = e["ret"] >> PAGE_SHIFT
+        new_end = new_start + pages_of(e["new_len"])
+        seg = task.space.pages.lookup(old_start)
+        writable = seg.writable if seg else True
+        if new_start == old_start:
+            if new_end > old_end:
+                await self._map(task, old_end, new_end - old_end, writable)
+            elif new_end < old_end:
+                await self._unmap(task, new_end, old_end)
+            return True
+        await self._map(task, new_start, new_end - new_start, writable)
+        await self._unmap(task, old_start, old_end)
+        return True
+
+    async def _clone(self, task: Task, e: dict) -> bool:
+        child = e["ret"]
+        flags = e["flags"].split("|")
+        if e["call"] in ("clone", "clone3") and "CLONE_VM" in flags:
+            space = task.space  # a thread (or a vfork-style child sharing the mm)
+            group = task.group if "CLONE_THREAD" in flags else child
+        else:
+            await self._run_on(task)
+            r = await self._sys(task, fork=common_pb2.ForkArgs())
+            space = self._space()
+            space.mm = r.child_mm
+            space.pages = task.space.pages.copy()
+            space.brk = task.space.brk
+            group = child
+        space.users.add(child)
+        self.tasks[child] = Task(child, group, space, self._place())
+        return True
+
+    async def _execve(self, task: Task, e: dict) -> bool:
+        old = task.space
+        old.users.discard(task.tid)
+        if not old.users and old.mm and not old.exited:
+            await self._sys(task, exit=common_pb2.ExitArgs())
+            old.exited = True
+        task.space = self._space()
+        task.space.users.add(task.tid)
+        return True
+
+    async def _exit(self, task: Task, e: dict) -> bool:
+        if e["call"] == "exit_group":
+            for other in list(self.tasks.values()):
+                if other.group == task.group and other is not task and not other.ended:
+                    await self._end(other)
+        await self._end(task)
+        return True
+
+    async def _access(self, task: Task, pages: list[list[int]]) -> None:
+        if task.ended:
+            raise ValueError(f"task {task.tid} accesses memory after it ended")
+        addresses: list[int] = []
+        writes = bytearray()
+        for page, write in pages:
+            seg = task.space.pages.lookup(page)
+            if seg is None:
+                lo, hi = task.space.pages.gap(page)
+                await self._flush_accesses(task, addresses, writes)
+                addresses, writes = [], bytearray()
+                await self._map(task, lo, hi - lo, True, implicit=True)
+                seg = task.space.pages.lookup(page)
+                self.counters["accesses_outside_mappings"] += 1
+            addresses.append((seg.sim + page - seg.start) << PAGE_SHIFT)
+            writes.append(write)
+            self.counters["access_pages"] += 1
+            if len(addresses) >= ACCESS_BATCH:
+                await self._flush_accesses(task, addresses, writes)
+                addresses, writes = [], bytearray()
+        await self._flush_accesses(task, addresses, writes)
+
+    async def _flush_accesses(self, task: Task, addresses: list[int], writes) -> None:
+        if addresses:
+            cpu = await self._run_on(task)
+            await self.d.access(cpu, addresses, writes=bytes(writes))
+            self.counters["access_batches"] += 1
+
+    def summary(self) -> dict:
+        return {
+            "source": self.header.get("source"),
+            "command": self.header.get("command"),
+            "strace_syscalls": dict(sorted(self.header.get(
+                "strace_syscalls", self.header.get("syscalls", {})).items())),
+            "calls": dict(sorted(self.calls.items())),
+            "replayed": dict(sorted(self.replayed.items())),
+            "failed_in_trace": dict(sorted(self.failed.items())),
+            "no_effect": dict(sorted(self.no_effect.items())),
+            "advice_without_effect": dict(sorted(self.advice.items())),
+            "unknown_syscalls": dict(sorted(self.header.get("unknown_syscalls", {}).items())),
+            "tasks": len(self.tasks),
+            "address_spaces": self._spaces,
+            "tasks_alive_at_end": sum(not t.ended for t in self.tasks.values()),
+            **{k: self.counters[k] for k in (
+                "mms_created", "mm_switches", "implicit_munmaps", "implicit_mappings",
+                "accesses_outside_mappings", "access_pages", "access_batches")},
+        }

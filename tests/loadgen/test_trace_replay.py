@@ -1,0 +1,133 @@
+"""Recorded traces of real programs, replayed on a 4-CPU cluster (issue 5, point 2)."""
+
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from loadgen.runner import failed, run
+from loadgen.scenarios import RunConfig
+from loadgen.trace.fmt import read_trace
+from services.common.policy import Policy
+from tests.harness import InProcessCluster
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "traces")
+TRACES = sorted(f for f in os.listdir(FIXTURES) if f.endswith(".tlbt.gz"))
+TLBSIM = [sys.executable, "-m", "services"]
+
+
+@pytest.fixture
+async def cluster():
+    async with InProcessCluster(cpus=4) as c:
+        yield c
+
+
+async def replay(cluster, path, **policy) -> dict:
+    policy.setdefault("deadline_s", 10.0)
+    report = await run(cluster.client, RunConfig("replay", Policy(**policy), cpus=4, rounds=1,
+                                                 trace=path))
+    r = report["results"]
+    assert r["stale_accesses"] == 0 and r["audit_violations"] == 0, report["violations"]
+    assert not failed(report)
+    return report
+
+
+def test_fixtures_are_small_and_made_by_trace_record():
+    assert len(TRACES) >= 2
+    for name in TRACES:
+        path = os.path.join(FIXTURES, name)
+        assert os.path.getsize(path) < 300_000
+        header, events = read_trace(path)
+        assert header["events"] == len(events) and header["exit_status"] == 0
+
+
+@pytest.mark.parametrize("name", TRACES)
+async def test_fixture_replays_every_call_strace_saw(cluster, name):
+    path = os.path.join(FIXTURES, name)
+    header, events = read_trace(path)
+    rep = (await replay(cluster, path))["results"]["replay"]
+    # Every memory-management call the trace holds was read and accounted for.
+    assert rep["calls"] == {k: v for k, v in header["syscalls"].items()
+                            if k not in header["unknown_syscalls"]}
+    for name_, seen in rep["calls"].items():
+        done = (rep["replayed"].get(name_, 0) + rep["failed_in_trace"].get(name_, 0)
+                + rep["no_effect"].get(name_, 0))
+        assert done == seen, name_
+    assert rep["replayed"].get("mmap", 0) + rep["failed_in_trace"].get("mmap", 0) \
+        == header["syscalls"]["mmap"]
+    assert rep["tasks_alive_at_end"] == 0
+    assert rep["access_pages"] == header["access_pages"]
+
+
+async def test_shell_pipeline_forks_as_strace_saw(cluster):
+    path = os.path.join(FIXTURES, "sh-seq-sort.tlbt.gz")
+    header, events = read_trace(path)
+    report = await replay(cluster, path)
+    r = report["results"]
+    forks = [e for e in events if e["op"] == "clone" and "CLONE_VM" not in e["flags"]]
+    assert r["syscalls"]["fork"] == len(forks) == header["syscalls"]["clone"]
+    # Every process's mm ends: one exit per address space that was used.
+    assert r["syscalls"]["exit"] == r["replay"]["mms_created"] + len(forks)
+    assert r["replay"]["address_spaces"] == 1 + len(forks) + header["syscalls"]["execve"]
+
+
+async def test_thread_shares_the_mm_on_another_cpu(cluster):
+    path = os.path.join(FIXTURES, "python-json-thread.tlbt.gz")
+    report = await replay(cluster, path)
+    rep = report["results"]["replay"]
+    assert rep["tasks"] == 2 and "fork" not in report["results"]["syscalls"]
+    # The thread ran on CPU 1: the process's mm was loaded on two CPUs, so the munmaps
+    # after the thread started had a target.
+    assert report["results"]["ipis"] >= 1
+
+
+async def test_accesses_are_replayed_and_fault(cluster):
+    path = os.path.join(FIXTURES, "ls-accesses.tlbt.gz")
+    report = await replay(cluster, path, lock="mm", flush="per-page")
+    r = report["results"]
+    assert r["replay"]["access_pages"] > 10_000
+    assert r["faults"] > 100 and r["segv"] == 0
+    assert r["tlb_hit_rate"] > 0.5
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="strace is not installed")
+async def test_record_then_replay_sort_matches_an_independent_strace_count(cluster, tmp_path):
+    data = tmp_path / "numbers.txt"
+    data.write_text("".join(f"{(i * 7919) % 10007}\n" for i in range(20000)))
+    out = tmp_path / "sort.tlbt.gz"
+    cmd = ["/usr/bin/sort", "-n", str(data), "-o", str(tmp_path / "sorted.txt")]
+    subprocess.run([*TLBSIM, "trace", "record", "--quiet", "-o", str(out), "--", *cmd],
+                   check=True, cwd=os.path.dirname(FIXTURES))
+    # strace's own summary (-c) of a second run counts the calls independently.
+    summary = subprocess.run(["strace", "-f", "-c", "-o", str(tmp_path / "c.txt"),
+                              "-e", "trace=mmap,munmap,mprotect,brk,clone,clone3,fork,vfork",
+                              *cmd], check=True)
+    counts = {}
+    for line in (tmp_path / "c.txt").read_text().splitlines():
+        m = re.match(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$", line)
+        if m and m.group(2) != "total":
+            counts[m.group(2)] = int(m.group(1))
+    assert summary.returncode == 0 and counts["mmap"] > 5
+    header, _ = read_trace(str(out))
+    for name, n in counts.items():
+        assert header["syscalls"][name] == n, name
+    rep = (await replay(cluster, str(out)))["results"]["replay"]
+    for name, n in counts.items():
+        assert rep["calls"][name] == n, name
+
+
+def test_replay_of_a_malformed_trace_names_the_line(tmp_path):
+    path = tmp_path / "bad.tlbt.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"format": "tlbsim-trace", "version": 1, "source": "strace",
+                            "events": 1}) + "\n")
+        f.write('{"op": "munmap", "tid": 1, "addr": 4096}\n')
+    p = subprocess.run([*TLBSIM, "load", "replay", str(path), "--cluster", "127.0.0.1:1"],
+                       capture_output=True, text=True, cwd=os.path.dirname(FIXTURES))
+    assert p.returncode == 2
+    assert "line 2" in p.stderr and "len" in p.stderr
