@@ -27,6 +27,10 @@ def _add_serve(sub) -> None:
                    help="the CPU's id, 0..1023 (cpu only) [TLBSIM_CPU_ID]")
     p.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:0"),
                    help="gRPC listen address; port 0 picks a free port [TLBSIM_LISTEN]")
+    p.add_argument("--advertise", default=_env("ADVERTISE"),
+                   help="address other services reach this one at, HOST[:PORT] (default: "
+                        "the listen address, 0.0.0.0 meaning 127.0.0.1); containers set "
+                        "their service name [TLBSIM_ADVERTISE]")
     p.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", 0),
                    help="Prometheus metrics port; 0 picks a free one, -1 disables "
                         "[TLBSIM_METRICS_PORT]")
@@ -69,7 +73,8 @@ def _serve(args) -> int:
         ready = {"service": "coordinator"}
     metrics_port = int(args.metrics_port)
     try:
-        asyncio.run(serve(node, args.listen, None if metrics_port < 0 else metrics_port, ready))
+        asyncio.run(serve(node, args.listen, None if metrics_port < 0 else metrics_port, ready,
+                          args.advertise or None))
     except OSError as e:
         print(f"tlbsim serve {args.service}: {e}", file=sys.stderr)
         return 1
@@ -98,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "load" and hasattr(args, "cluster") and not args.cluster:
+        args.cluster = _env("CLUSTER")  # TLBSIM_CLUSTER: the coordinator (containers)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -59,6 +59,19 @@ def rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     return wrapper
 
 
+def completes(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """For a handler whose work must not stop halfway (a system call, a fault, an access
+    batch whose faults hand back flushes the CPU owes itself): the work runs in a task
+    of its own, so a client that cancels or times out leaves it to finish, and the
+    simulated machine is never left between clearing a PTE and flushing it."""
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        task = asyncio.ensure_future(fn(self, request, context))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # no stray warnings
+        return await asyncio.shield(task)
+    return wrapper
+
+
 @dataclasses.dataclass
 class RunningServer:
     server: grpc.aio.Server
@@ -76,7 +89,28 @@ class RunningServer:
         await self.server.stop(grace)
 
 
-async def start_server(node: Node, listen: str = "127.0.0.1:0") -> RunningServer:
+def advertised_address(listen: str, port: int, advertise: str | None = None) -> str:
+    """The address other services reach this one at: `advertise` when given (HOST or
+    HOST:PORT; HOST alone takes the bound port), else the listen host with the bound
+    port, a wildcard host (0.0.0.0, ::) meaning loopback."""
+    if advertise:
+        host, sep, tail = advertise.rpartition(":")
+        if sep and tail.isdigit() and not host.endswith(":"):
+            return advertise
+        return f"{advertise}:{port}"
+    host = listen.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def bind_host(listen: str) -> str:
+    """The host a side server (metrics) binds to: the gRPC listen host."""
+    return listen.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+
+
+async def start_server(node: Node, listen: str = "127.0.0.1:0",
+                       advertise: str | None = None) -> RunningServer:
     server = grpc.aio.server(options=SERVER_OPTIONS)
     node.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
@@ -88,22 +122,20 @@ async def start_server(node: Node, listen: str = "127.0.0.1:0") -> RunningServer
     except RuntimeError as e:
         raise OSError(f"cannot listen on {listen}: {e}") from None
     await server.start()
-    host = listen.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    address = f"{host}:{port}"
+    address = advertised_address(listen, port, advertise)
     await node.start(address)
     for name in (*node.service_names, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, health_servicer, node, address)
 
 
-async def serve(node: Node, listen: str, metrics_port: int | None, ready: dict) -> None:
+async def serve(node: Node, listen: str, metrics_port: int | None, ready: dict,
+                advertise: str | None = None) -> None:
     """Run until SIGTERM/SIGINT; announce readiness as one JSON line on stdout."""
-    running = await start_server(node, listen)
+    running = await start_server(node, listen, advertise)
     info = dict(ready, event="ready", address=running.address)
     if metrics_port is not None:
-        metrics_server, _ = start_http_server(metrics_port, addr=running.address.rsplit(":", 1)[0],
+        metrics_server, _ = start_http_server(metrics_port, addr=bind_host(listen),
                                               registry=node.registry)
         info["metrics_port"] = metrics_server.server_port
     stop = asyncio.Event()
