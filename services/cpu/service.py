@@ -19,7 +19,7 @@ from services.common.errors import InvalidArgument
 from services.common.metrics import histogram, labelled, node_registry
 from services.common.mqtt import MqttLink, MqttUrl
 from services.common.policy import Policy
-from services.common.server import channel, rpc
+from services.common.server import channel, completes, rpc
 from services.cpu.core import CpuCore
 from services.cpu.tlb import ELIDED, FULL, RANGE
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, cpu_pb2 as pb,
@@ -172,6 +172,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
 
     # --- tasks ---------------------------------------------------------------------------
     @rpc
+    @completes
     async def SwitchMm(self, request, context):
         async with self._exec:
             if self.core.fenced:
@@ -181,6 +182,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             return pb.SwitchMmResponse(flushed=self.core.switch(request.mm, r.tlb_gen, r.lazy))
 
     @rpc
+    @completes
     async def Access(self, request, context):
         n = len(request.addresses)
         if n > MAX_ACCESSES:
@@ -228,6 +230,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 timeout=RPC_TIMEOUT_S)
 
     @rpc
+    @completes
     async def Syscall(self, request, context):
         async with self._exec:
             mm = self.core.require_runnable()

@@ -36,6 +36,7 @@ from services.memory.pagetable import (PageTable, make_pte, present_ptes, pte_pf
                                        swapped_ptes, walk)
 
 DEFAULT_FRAMES = 1 << 24  # 64 GiB of simulated memory; arrays grow only as frames are used
+UNSAFE_IPI_DELAY_S = 0.005  # free-before-flush: how long the freed frames stay in use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +288,9 @@ class Kernel:
             self._release(pages, tables)
             self.oracle.revoke(revoked, self.clock())
             pages, tables = [], []
+            # As if the IPI were slow: the other CPUs run on for a while with
+            # translations to frames that are already free, as the bug lets them.
+            await asyncio.sleep(UNSAFE_IPI_DELAY_S)
         await self._shoot(mm, initiator, spec, zap)
         self.stats.flush_waits.append((time.perf_counter() - opened, len(pages) + len(tables)))
         now = self.clock()

@@ -10,7 +10,7 @@ import grpc
 from services.common.errors import InvalidArgument
 from services.common.metrics import COUNT_BUCKETS, ListHistogram, labelled, node_registry
 from services.common.policy import Policy
-from services.common.server import channel, rpc
+from services.common.server import channel, completes, rpc
 from services.common.stats import p50_p99
 from services.memory.kernel import FlushOrder, Kernel, ShootdownResult
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, memory_pb2 as pb,
@@ -139,6 +139,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
                                      if p else pb.Pte() for p in ptes])
 
     @rpc
+    @completes
     async def HandleMiss(self, request, context):
         r = await self.kernel.handle_miss(request.cpu, request.mm, request.vpn, request.write)
         return pb.HandleMissResponse(outcome=OUTCOMES[r.outcome], pfn=r.pfn, writable=r.writable,
@@ -146,6 +147,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
                                      local_flushes=[flush_to_proto(f) for f in r.local_flushes])
 
     @rpc
+    @completes
     async def Syscall(self, request, context):
         k, cpu, mm, call = self.kernel, request.cpu, request.mm, request.call
         which = call.WhichOneof("call")
