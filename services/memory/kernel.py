@@ -877,10 +877,11 @@ class Kernel:
         async with parent.mmap_lock.write(ctx):
             child.vmas = [Vma(v.start, v.end, v.writable) for v in parent.vmas]
             child.next_vpn = parent.next_vpn
-            for table in self._pte_tables(parent, 0, USER_VPN_END):
-                if self.policy.fork == "share":
-                    await self._share_table(ctx, parent, child, table, zap.gather)
-                else:
+            tables = self._pte_tables(parent, 0, USER_VPN_END)
+            if self.policy.fork == "share":
+                await self._share_tables(ctx, parent, child, tables, zap.gather)
+            else:
+                for table in tables:
                     for vma in parent.vmas:
                         if vma.start < table.base_vpn + PTRS_PER_TABLE and \
                                 table.base_vpn < vma.end:
@@ -892,15 +893,16 @@ class Kernel:
         return SyscallResult(child_mm=child_id, shootdowns=zap.shootdowns, latency_s=latency,
                              local_flushes=zap.local)
 
-    async def _share_table(self, ctx: OpContext, parent: Mm, child: Mm, table: PageTable,
-                           gather: Gather) -> None:
-        pmd = await self._ensure_table(ctx, child, table.base_vpn, 2)  # upper levels only
-        async with self._sharers_locked(ctx, parent, [table]):
-            if not table.wp:
-                async with self._pte_locked(ctx, parent, table):
-                    table.wp = True
-                    gather.protect_table(table)
-            async with ctx.locked_once(child.page_table_lock):
+    async def _share_tables(self, ctx: OpContext, parent: Mm, child: Mm,
+                            tables: list[PageTable], gather: Gather) -> None:
+        """Every sharer list is locked once, in key order, for the whole fork."""
+        async with self._sharers_locked(ctx, parent, tables):
+            for table in tables:
+                if not table.wp:
+                    async with self._pte_locked(ctx, parent, table):
+                        table.wp = True
+                        gather.protect_table(table)
+                pmd = await self._ensure_table(ctx, child, table.base_vpn, 2)  # upper levels
                 self._share_into(parent, child, pmd, table)
 
     async def _copy_table(self, ctx: OpContext, parent: Mm, child: Mm, src: PageTable,

@@ -50,21 +50,26 @@ class LockStats:
 
 
 class LockValidator:
+    """Like lockdep, it learns which class orders occur; every acquisition must come
+    after the last lock held (which, because each one had to, is the greatest)."""
+
     def __init__(self) -> None:
-        self.orders_seen: set[tuple[str, str]] = set()
+        self.orders_seen: set[tuple[LockClass, LockClass]] = set()
         self.reports: list[str] = []
 
     def check(self, held: list["SimLock"], lock: "SimLock") -> None:
-        for h in held:
-            self.orders_seen.add((h.name, lock.name))
-            if (h.cls, h.key) >= (lock.cls, lock.key):
-                report = (f"lock order inversion: acquiring {lock.name} ({lock.cls.label}) "
-                          f"while holding {h.name} ({h.cls.label}); "
-                          f"order seen: {h.name} -> {lock.name}; "
-                          f"required: mmap_lock -> rmap -> page_table_lock -> ptl, "
-                          f"same class by ascending key")
-                self.reports.append(report)
-                raise Aborted(report)
+        if not held:
+            return
+        h = held[-1]
+        self.orders_seen.add((h.cls, lock.cls))
+        if (h.cls, h.key) >= (lock.cls, lock.key):
+            report = (f"lock order inversion: acquiring {lock.name} ({lock.cls.label}) "
+                      f"while holding {h.name} ({h.cls.label}); "
+                      f"order seen: {h.name} -> {lock.name}; "
+                      f"required: mmap_lock -> rmap -> page_table_lock -> ptl, "
+                      f"same class by ascending key")
+            self.reports.append(report)
+            raise Aborted(report)
 
 
 class OpContext:
@@ -75,18 +80,28 @@ class OpContext:
         self.stats = stats
         self.held: list[SimLock] = []
 
-    @contextlib.asynccontextmanager
-    async def locked(self, lock: "SimLock") -> AsyncIterator[None]:
-        await lock.acquire(self)
-        try:
-            yield
-        finally:
-            lock.release(self)
+    def locked(self, lock: "SimLock") -> "_Locked":
+        return _Locked(self, lock)
 
     def locked_once(self, lock: "SimLock"):
         """`locked`, unless this operation already holds the lock (the lock-all-sharers
         modes hold this mm's page_table_lock among the sharers'): locks do not nest."""
         return contextlib.nullcontext() if lock in self.held else self.locked(lock)
+
+
+class _Locked:
+    """`async with ctx.locked(lock)`: a plain class, not a generator (fork takes one
+    per shared table, so the per-acquisition cost shows)."""
+    __slots__ = ("ctx", "lock")
+
+    def __init__(self, ctx: OpContext, lock: "SimLock"):
+        self.ctx, self.lock = ctx, lock
+
+    async def __aenter__(self) -> None:
+        await self.lock.acquire(self.ctx)
+
+    async def __aexit__(self, *exc) -> None:
+        self.lock.release(self.ctx)
 
 
 class SimLock:

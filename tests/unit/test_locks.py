@@ -31,7 +31,8 @@ async def test_an_inversion_is_refused_and_reported_with_both_orders():
     async with c.locked(pte):
         with pytest.raises(Aborted, match="acquiring page_table_lock:1 .* while holding ptl:9"):
             await mm_lock.acquire(c)
-    assert len(v.reports) == 1 and ("ptl:9", "page_table_lock:1") in v.orders_seen
+    assert len(v.reports) == 1 and (LockClass.PTL, LockClass.PAGE_TABLE) in v.orders_seen
+    assert "ptl:9 -> page_table_lock:1" in v.reports[0]
     assert not mm_lock._lock.locked()  # refused before waiting: no deadlock, nothing held
 
 
