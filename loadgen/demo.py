@@ -17,7 +17,7 @@ MUNMAP_ROWS = [
     ("stale accesses", "stale_accesses", "{}"),
 ]
 LOCK_ROWS = [
-    ("faults/s", "faults_per_s", "{}"),
+    ("faults/s while the others shoot down", "faulting_faults_per_s", "{}"),
     ("fault latency p50 / p99", "fault_latency_ms", "ms"),
     ("lock wait p50 / p99", "lock_wait_ms", "ms"),
     ("contended acquisitions", "contended_locks", "{}"),
