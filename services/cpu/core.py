@@ -110,10 +110,19 @@ class CpuCore:
         walked: dict[int, Pte] = {}
         walked_at = -1  # flushes_applied when `walked` was read
         tlb, words, times, clock = self.tlb, self._hit_words, self._hit_times, self.clock
-        for i, vpn in enumerate(vpns):
+        i, n = 0, len(vpns)
+        while i < n:
+            j = tlb.hits_from(mm, vpns, writes, i, words, times, clock)  # TLB hits: no I/O
+            stats.hits += j - i
+            stats.accesses += j - i
+            if j == n:
+                break
+            i = j
+            vpn = vpns[i]
             write = writes[i] if writes else 0
             stats.accesses += 1
-            entry = tlb.lookup(mm, vpn)
+            i += 1
+            entry = tlb.lookup(mm, vpn)  # counted, and a dead slot dropped
             if entry is not None and (not write or entry.writable):
                 words.append(entry.tid << 1 | write)
                 times.append(clock())
@@ -121,7 +130,7 @@ class CpuCore:
                 continue
             if walk is not None:
                 if walked_at != tlb.flushes_applied or vpn not in walked:
-                    ahead = list(dict.fromkeys(vpns[i:i + WALK_AHEAD]))
+                    ahead = list(dict.fromkeys(vpns[i - 1:i - 1 + WALK_AHEAD]))
                     walked_at = tlb.flushes_applied
                     walked = dict(zip(ahead, await walk(ahead)))
                 pte = walked[vpn]

@@ -13,8 +13,9 @@ is at generation m:
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from collections import OrderedDict
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 
 class Entry(NamedTuple):
@@ -79,6 +80,33 @@ class Tlb:
         s.move_to_end(key)
         self.counters.hits += 1
         return slot.entry
+
+    def hits_from(self, mm: int, vpns: Sequence[int], writes: Sequence[int], start: int,
+                  words: array, times: array, clock: Callable[[], int]) -> int:
+        """The hot path: from vpns[start], serve every access that hits a live entry
+        permitting it, recording (tid << 1 | write, time) for the oracle; stop at the
+        first that does not and return its index (len(vpns) if none). `lookup`'s work,
+        inlined, because it runs once per simulated memory access."""
+        sets, nsets, epoch = self._sets, self.nsets, self._epoch.get(mm, 0)
+        spread = mm * 0x9E3779B1
+        record_word, record_time = words.append, times.append
+        i, n = start, len(vpns)
+        while i < n:
+            vpn = vpns[i]
+            key = (mm, vpn)
+            s = sets[(vpn ^ spread) % nsets]
+            slot = s.get(key)
+            if slot is None or slot.epoch != epoch:
+                break
+            write = writes[i] if writes else 0
+            if write and not slot.entry.writable:
+                break
+            s.move_to_end(key)
+            record_word(slot.entry.tid << 1 | write)
+            record_time(clock())
+            i += 1
+        self.counters.hits += i - start
+        return i
 
     def fill(self, mm: int, vpn: int, entry: Entry) -> None:
         s = self._set(mm, vpn)

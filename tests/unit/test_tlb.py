@@ -74,3 +74,19 @@ def test_invalidate_all_counts_and_clears_generations():
 def test_bad_geometry(entries, ways):
     with pytest.raises(ValueError):
         Tlb(entries, ways)
+
+
+def test_hits_from_serves_the_run_of_hits_and_stops_where_the_slow_path_starts():
+    from array import array
+    tlb = filled(vpns=range(4))
+    tlb.fill(1, 9, Entry(9, False, 9))           # read-only
+    words, times = array("Q"), array("q")
+    vpns = [0, 1, 2, 9, 3, 5]
+    # reads: 0,1,2 hit, 9 hits (read-only is fine), 3 hits, 5 misses
+    assert tlb.hits_from(1, vpns, b"", 0, words, times, lambda: 7) == 5
+    assert list(words) == [1000 << 1, 1001 << 1, 1002 << 1, 9 << 1, 1003 << 1]
+    # a write to the read-only entry stops the run there
+    assert tlb.hits_from(1, vpns, b"\x01" * 6, 0, words, times, lambda: 7) == 3
+    tlb.apply_flush(1, 0, 0, new_gen=1, mm_gen=1)  # full flush: every entry dead
+    assert tlb.hits_from(1, vpns, b"", 0, words, times, lambda: 7) == 0
+    assert tlb.counters.hits == 5 + 3
