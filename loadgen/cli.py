@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 from loadgen import output
 from loadgen.cluster import Cluster
@@ -121,6 +122,15 @@ def config_from(args: argparse.Namespace, scenario: str) -> RunConfig:
                      children=args.children, resident=args.resident)
 
 
+def add_cluster_options(p: argparse.ArgumentParser) -> None:
+    """Where the cluster is: --cluster (or TLBSIM_CLUSTER, as containers set it), else
+    the state file `tlbsim up` wrote."""
+    p.add_argument("--cluster", metavar="ADDR", default=os.environ.get("TLBSIM_CLUSTER"),
+                   help="the coordinator's address [TLBSIM_CLUSTER] (default: the state "
+                        "file of `tlbsim up`)")
+    p.add_argument("--state", metavar="PATH", help="state file of `tlbsim up --detach`")
+
+
 def coordinator_address(args: argparse.Namespace) -> str:
     """--cluster wins; otherwise the state file `tlbsim up` wrote."""
     if args.cluster:
@@ -145,9 +155,7 @@ def add_commands(sub) -> None:
                     "scenarios (loadgen/scenarios/ says what each reproduces):\n"
                     + "\n".join(f"  {name:14} {doc}" for name, doc in DOCS.items()))
     p.add_argument("scenario", choices=list(SCENARIOS))
-    p.add_argument("--cluster", metavar="ADDR",
-                   help="the coordinator's address (default: the state file of `tlbsim up`)")
-    p.add_argument("--state", metavar="PATH", help="state file of `tlbsim up --detach`")
+    add_cluster_options(p)
     p.add_argument("--json", metavar="PATH", help="write the JSON report here ('-' = stdout)")
     p.add_argument("--plot", metavar="PATH.png", help="write latency CDFs and bars (PNG)")
     add_workload_options(p)

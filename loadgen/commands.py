@@ -12,14 +12,8 @@ from loadgen.scenarios import DOCS, SCENARIOS
 from services.common.errors import InvalidArgument
 
 
-def _cluster_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cluster", metavar="ADDR",
-                   help="the coordinator's address (default: the state file of `tlbsim up`)")
-    p.add_argument("--state", metavar="PATH", help="state file of `tlbsim up --detach`")
-
-
 def add_load_commands(load_sub) -> None:
-    from loadgen.cli import add_policy_options, add_workload_options
+    from loadgen.cli import add_cluster_options, add_policy_options, add_workload_options
 
     c = load_sub.add_parser(
         "compare", help="two configurations side by side: medians, B/A ratio and its spread",
@@ -46,7 +40,7 @@ def add_load_commands(load_sub) -> None:
     c.add_argument("--repeat", type=int, default=1, help="A/B pairs to run (default 1)")
     c.add_argument("--sweep", metavar="KEY=V1,V2,...",
                    help="compare once per value of KEY (e.g. cpus=1,2,4 or pages=1,64,512)")
-    _cluster_options(c)
+    add_cluster_options(c)
     c.add_argument("--json", metavar="PATH", help="write the comparison as JSON ('-' = stdout)")
     c.add_argument("--csv", metavar="PATH", help="write one CSV row per run")
     c.add_argument("--plot", metavar="PATH.png",
@@ -64,7 +58,7 @@ def add_load_commands(load_sub) -> None:
                     "loadgen/trace/replay.py documents how brk, mremap, execve and clone map "
                     "onto the simulator. Exits 1 when the oracle saw a stale access.")
     r.add_argument("file", metavar="TRACE", help="the trace file")
-    _cluster_options(r)
+    add_cluster_options(r)
     r.add_argument("--json", metavar="PATH", help="write the JSON report here ('-' = stdout)")
     r.add_argument("--plot", metavar="PATH.png", help="write latency CDFs and bars (PNG)")
     add_workload_options(r, rounds=1)

@@ -103,8 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "command", None) == "load" and hasattr(args, "cluster") and not args.cluster:
-        args.cluster = _env("CLUSTER")  # TLBSIM_CLUSTER: the coordinator (containers)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
