@@ -122,12 +122,7 @@ class CpuCore:
             write = writes[i] if writes else 0
             stats.accesses += 1
             i += 1
-            entry = tlb.lookup(mm, vpn)  # counted, and a dead slot dropped
-            if entry is not None and (not write or entry.writable):
-                words.append(entry.tid << 1 | write)
-                times.append(clock())
-                stats.hits += 1
-                continue
+            tlb.lookup(mm, vpn)  # not a usable hit: counted, and a dead slot dropped
             if walk is not None:
                 if walked_at != tlb.flushes_applied or vpn not in walked:
                     ahead = list(dict.fromkeys(vpns[i - 1:i - 1 + WALK_AHEAD]))

@@ -247,12 +247,6 @@ class Kernel:
         self.cpu_mm[cpu] = mm_id
         return new.tlb_gen
 
-    def forget_cpu(self, cpu: int) -> None:
-        """A CPU restarted with an empty TLB: it no longer runs or caches anything."""
-        self.cpu_mm.pop(cpu, None)
-        for mm in self.mms.values():
-            mm.cpumask.discard(cpu)
-
     def _is_lazy(self, cpu: int, mm: Mm) -> bool:
         return self.cpu_mm.get(cpu, 0) != mm.id
 
@@ -566,8 +560,8 @@ class Kernel:
         before = table.entries[slot]
         fresh = await self._alloc_page(ctx, cpu)  # allocate outside the lock
         async with self._pte_locked(ctx, mm, table):
-            if table.entries[slot] == before and self._pmd_of(mm, vpn).entries[
-                    self._pmd_of(mm, vpn).slot(vpn)] is table:
+            pmd = self._pmd_of(mm, vpn)  # still this mm's table (not unshared meanwhile)?
+            if table.entries[slot] == before and pmd.entries[pmd.slot(vpn)] is table:
                 if before < 0:
                     self.swap.drop(-before)
                     table.present -= 1
