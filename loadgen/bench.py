@@ -6,25 +6,142 @@
   need a cluster with a broker (`tlbsim up --mqtt`; the bench's own cluster has one
   when mosquitto is installed) and are skipped, with a note, otherwise.
 - munmap of 512 pages, one shootdown per page vs gathered (the quiet LATR variant).
+- TLB-hit accesses per second in one CPU service vs its TLB alone in this process;
+  faults per second at the memory service vs the same call on present pages; the
+  memory service's RSS per resident page at 100k and 1M pages (`--quick`: 100k only).
 These machines are shared and noisy: compare the ratios, not the absolute numbers.
 """
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
+from array import array
+from pathlib import Path
 
 import grpc
 
-from loadgen import output
+from loadgen import costbench, output
 from loadgen.cluster import Cluster
 from loadgen.runner import run
 from loadgen.scenarios import RunConfig
 from services.common.policy import TRANSPORTS, Policy
 from services.common.stats import p50_p99
+from services.cpu.core import CpuCore
+from services.cpu.tlb import Entry
 from tlbsim.v1 import common_pb2, coordinator_pb2, cpu_pb2, memory_pb2
 
 TARGETS = (1, 2, 4, 8)
 BENCH_CPUS = 1 + max(TARGETS)  # the initiator plus the largest target set
+HIT_PAGES, HIT_REPEATS = 1024, 100  # 102,400 reads per request, all TLB hits
+RSS_PAGES = (100_000, 1_000_000)
+POPULATE_CHUNK = 100_000  # pages per populating mmap: bounded work per call
+
+
+async def _process_on(cluster: Cluster, cpu: int = 0) -> int:
+    mm = (await cluster.memory.CreateMm(memory_pb2.CreateMmRequest())).mm
+    await cluster.cpus[cpu].stub.SwitchMm(cpu_pb2.SwitchMmRequest(mm=mm))
+    return mm
+
+
+async def tlb_hits_vs_floor(cluster: Cluster, rounds: int) -> dict:
+    """TLB-hit accesses per second in one CPU service: `Access` requests of 102,400 reads
+    of 1,024 pages its TLB holds, timed at the client, interleaved round by round with
+    the floor: the same accesses run by a `CpuCore` in this process (the TLB and the
+    run bookkeeping alone: no decoding, no RPC, no report to the oracle)."""
+    policy = Policy()
+    await cluster.reset(policy, 1)
+    cpu = cluster.cpus[0].stub
+    await _process_on(cluster)
+    base = (await cpu.Syscall(common_pb2.SyscallRequest(
+        mmap=common_pb2.MmapArgs(pages=HIT_PAGES, writable=True)))).address
+    pages = [base + i * 4096 for i in range(HIT_PAGES)]
+    await cpu.Access(cpu_pb2.AccessRequest(addresses=pages))  # fault in, fill the TLB
+    request = cpu_pb2.AccessRequest(addresses=pages * HIT_REPEATS)
+    floor_core = CpuCore(0, policy.tlb_entries, policy.tlb_ways)
+    floor_core.switch(1, 0)
+    for i, address in enumerate(pages):
+        floor_core.tlb.fill(1, address >> 12, Entry(i + 1, True, i + 1))
+    addresses = array("Q", request.addresses)
+    served, floor = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        r = await cpu.Access(request)
+        served.append(r.hits / (time.perf_counter() - t0))
+        if r.hits != len(addresses):
+            raise AssertionError(f"{len(addresses) - r.hits} of the accesses missed the TLB")
+        t0 = time.perf_counter()
+        s = await floor_core.run_accesses(addresses, b"", _no_miss)
+        floor_core.take_hits()
+        floor.append(s.hits / (time.perf_counter() - t0))
+    service, alone = statistics.median(served), statistics.median(floor)
+    return {"accesses_per_request": len(addresses), "pages": HIT_PAGES, "rounds": rounds,
+            "hits_per_s": service, "floor_hits_per_s": alone,
+            "ratio": service / alone if alone else 0.0}
+
+
+async def _no_miss(vpn: int, write: bool):
+    raise AssertionError(f"the floor's TLB missed page {vpn:#x}")
+
+
+async def faults_vs_floor(cluster: Cluster, pages: int, rounds: int) -> dict:
+    """Faults per second at the memory service: `HandleMiss` on each page of a fresh
+    anonymous mapping, one call after another (each a fault: a frame allocated and a
+    PTE set), next to the floor: the same calls on the same pages once present (the
+    round trip and the walk without the fault)."""
+    await cluster.reset(Policy(), 1)
+    cpu = cluster.cpus[0]
+    mm = await _process_on(cluster)
+    memory = cluster.memory
+    fault_rates, walk_rates = [], []
+    for _ in range(rounds):
+        base = (await cpu.stub.Syscall(common_pb2.SyscallRequest(
+            mmap=common_pb2.MmapArgs(pages=pages, writable=True)))).address
+        requests = [memory_pb2.HandleMissRequest(cpu=cpu.id, mm=mm, vpn=(base >> 12) + i,
+                                                 write=True) for i in range(pages)]
+        for rates, outcome in ((fault_rates, memory_pb2.MISS_OUTCOME_FAULT_ANON),
+                               (walk_rates, memory_pb2.MISS_OUTCOME_WALKED)):
+            t0 = time.perf_counter()
+            for req in requests:
+                r = await memory.HandleMiss(req)
+                if r.outcome != outcome:
+                    raise AssertionError(f"page {req.vpn:#x}: outcome {r.outcome}, "
+                                         f"expected {outcome}")
+            rates.append(pages / (time.perf_counter() - t0))
+    faults, walks = statistics.median(fault_rates), statistics.median(walk_rates)
+    return {"pages": pages, "rounds": rounds, "faults_per_s": faults,
+            "floor_walks_per_s": walks, "ratio": faults / walks if walks else 0.0}
+
+
+def vm_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmRSS for process {pid}")
+
+
+async def memory_rss_per_page(cluster: Cluster, pid: int, sizes=RSS_PAGES) -> dict:
+    """The memory service's RSS per resident page: its VmRSS (from /proc) above the
+    freshly reset machine, after one process has populated `sizes` pages in turn.
+    Run first: a Python process keeps memory it freed, which would hide the growth."""
+    await cluster.reset(Policy(frames=2 * max(sizes)), 1)
+    cpu = cluster.cpus[0]
+    mm = await _process_on(cluster)
+    empty = vm_rss_bytes(pid)
+    rows, resident = [], 0
+    for size in sizes:
+        while resident < size:
+            chunk = min(POPULATE_CHUNK, size - resident)
+            await cluster.memory.Syscall(memory_pb2.MemSyscallRequest(
+                cpu=cpu.id, mm=mm, call=common_pb2.SyscallRequest(mmap=common_pb2.MmapArgs(
+                    pages=chunk, writable=True, populate=True))), timeout=600)
+            resident += chunk
+        rss = vm_rss_bytes(pid)
+        rows.append({"pages": size, "rss_mib": rss / 2**20,
+                     "bytes_per_page": (rss - empty) / size})
+    await cluster.reset(Policy(), 1)  # hand the frames back
+    return {"empty_rss_mib": empty / 2**20, "rows": rows}
 
 
 async def shootdown_vs_floor(cluster: Cluster, transport: str, targets: int,
@@ -93,10 +210,18 @@ async def fork_share_vs_copy(cluster: Cluster, resident: int = 65536,
             "share": out["share"], "speedup_p50": a / b if b else 0.0}
 
 
-async def bench(coordinator: str, rounds: int, munmap_rounds: int) -> dict:
+async def bench(coordinator: str, rounds: int, munmap_rounds: int,
+                cost_model: str = "x86", *, memory_pid: int | None = None,
+                quick: bool = False) -> dict:
     t0 = time.perf_counter()
     async with Cluster(coordinator) as cluster:
         await cluster.discover(BENCH_CPUS, wait_s=30)
+        rss = None  # first: before the other rows leave freed memory in the process
+        if memory_pid is not None:
+            rss = await memory_rss_per_page(cluster, memory_pid,
+                                            RSS_PAGES[:1] if quick else RSS_PAGES)
+        hits = await tlb_hits_vs_floor(cluster, rounds=10)
+        faults = await faults_vs_floor(cluster, pages=1000, rounds=3)
         shootdowns, skipped = [], []
         for transport in TRANSPORTS:
             if transport == "mqtt" and not await _has_broker(cluster):
@@ -106,8 +231,10 @@ async def bench(coordinator: str, rounds: int, munmap_rounds: int) -> dict:
                 shootdowns.append(await shootdown_vs_floor(cluster, transport, targets, rounds))
         munmap = await munmap_per_page_vs_gather(cluster, munmap_rounds)
         fork = await fork_share_vs_copy(cluster)
+        flush_ceiling = await costbench.ceiling_sweep(cluster, model=cost_model)  # issue 9
     return {"shootdown": shootdowns, "skipped_transports": skipped, "munmap_512": munmap,
-            "fork": fork,
+            "fork": fork, "flush_ceiling": flush_ceiling, "tlb_hits": hits, "faults": faults,
+            "memory_rss": rss,
             "elapsed_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -147,18 +274,58 @@ def print_bench(result: dict) -> None:
     output.console.print(t)
     output.console.print(f"sharing page tables forks {f['speedup_p50']:.1f}x faster (p50); "
                          f"elapsed {result['elapsed_s']} s")
+    costbench.print_sweep(result["flush_ceiling"])
+    print_throughput(result)
+
+
+def print_throughput(result: dict) -> None:
+    from rich.table import Table
+    h, f = result["tlb_hits"], result["faults"]
+    t = Table(title="throughput vs its floor (median of the rounds)")
+    for col in ("measurement", "rate /s", "floor", "floor /s", "ratio"):
+        t.add_column(col, justify="right")
+    t.add_row("TLB hits in one CPU service", f"{h['hits_per_s']:,.0f}", "its TLB, in-process",
+              f"{h['floor_hits_per_s']:,.0f}", f"{h['ratio']:.2f}x")
+    t.add_row("faults at the memory service", f"{f['faults_per_s']:,.0f}", "page present",
+              f"{f['floor_walks_per_s']:,.0f}", f"{f['ratio']:.2f}x")
+    output.console.print(t)
+    rss = result.get("memory_rss")
+    if rss is None:
+        output.console.print("memory RSS: skipped (the memory service's process is not "
+                             "known here: run the bench's own cluster, or `tlbsim up`)")
+        return
+    t = Table(title=f"memory service RSS per resident page (empty: {rss['empty_rss_mib']:.0f} MiB)")
+    for col in ("resident pages", "RSS (MiB)", "bytes per page"):
+        t.add_column(col, justify="right")
+    for r in rss["rows"]:
+        t.add_row(f"{r['pages']:,}", f"{r['rss_mib']:.0f}", f"{r['bytes_per_page']:.0f}")
+    output.console.print(t)
+
+
+def _local_memory_pid(coordinator: str) -> int | None:
+    """The memory service's pid when the cluster is the one `tlbsim up` recorded here."""
+    from services.launcher import LauncherError, load_state
+    try:
+        info = load_state(None)
+    except LauncherError:
+        return None
+    pid = info.pids.get("memory")
+    return pid if info.coordinator == coordinator and pid and Path(f"/proc/{pid}").exists() \
+        else None
 
 
 def main(cluster_address: str | None, rounds: int, munmap_rounds: int,
-         json_path: str | None) -> int:
+         json_path: str | None, cost_model: str = "x86", quick: bool = False) -> int:
     from services.launcher import LocalCluster, mosquitto_binary
 
     if cluster_address is not None:
-        result = asyncio.run(bench(cluster_address, rounds, munmap_rounds))
+        result = asyncio.run(bench(cluster_address, rounds, munmap_rounds, cost_model,
+                                   memory_pid=_local_memory_pid(cluster_address), quick=quick))
     else:
         with LocalCluster() as local:  # stops every process, also on Ctrl-C
-            address = local.start(BENCH_CPUS, mqtt=mosquitto_binary() is not None).coordinator
-            result = asyncio.run(bench(address, rounds, munmap_rounds))
+            info = local.start(BENCH_CPUS, mqtt=mosquitto_binary() is not None)
+            result = asyncio.run(bench(info.coordinator, rounds, munmap_rounds, cost_model,
+                                       memory_pid=info.pids["memory"], quick=quick))
     print_bench(result)
     output.write_json(result, json_path)
     return 0

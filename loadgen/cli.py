@@ -9,6 +9,7 @@ from loadgen import output
 from loadgen.cluster import Cluster
 from loadgen.runner import run
 from loadgen.scenarios import DOCS, SCENARIOS, RunConfig
+from services.common import costmodel
 from services.common import policy as pol
 from services.common.errors import FailedPrecondition, InvalidArgument
 
@@ -52,6 +53,12 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
                         "(default 0: the memory service's own, effectively unlimited)")
     g.add_argument("--deadline", type=float, default=d.deadline_s,
                    help="seconds a CPU has to acknowledge a shootdown before it is fenced")
+    g.add_argument("--cost-model", default=d.cost_model.name, metavar="x86|invlpgb|PATH",
+                   help="prices every counted event in ns for the report's modelled time: "
+                        "x86 (IPIs, invlpg per page, refills after a full flush), invlpgb "
+                        "(broadcast invalidation, AMD INVLPGB / ARM TLBI IS: no IPIs), or a "
+                        "TOML file with the same keys (services/common/costmodels/) "
+                        f"(default {d.cost_model.name})")
 
 
 def policy_from(args: argparse.Namespace) -> pol.Policy:
@@ -59,7 +66,8 @@ def policy_from(args: argparse.Namespace) -> pol.Policy:
                       lazy_tlb=args.lazy_tlb == "on", transport=args.transport,
                       tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways, unsafe=args.unsafe,
                       deadline_s=args.deadline, mqtt_qos=args.mqtt_qos, fork=args.fork,
-                      shared_flush=args.shared_flush, frames=args.frames)
+                      shared_flush=args.shared_flush, frames=args.frames,
+                      cost_model=costmodel.load(args.cost_model))
 
 
 def add_workload_options(p: argparse.ArgumentParser, cpus: int = 4, pages: int = 512,
@@ -76,9 +84,10 @@ def add_workload_options(p: argparse.ArgumentParser, cpus: int = 4, pages: int =
                         "on; off is LATR's quiet variant)")
     g.add_argument("--children", type=int, default=2,
                    help="fork, shared-write, swapout: processes forked (default 2)")
-    g.add_argument("--resident", type=int, default=4096,
+    g.add_argument("--resident", type=int, default=None,
                    help="fork, shared-write, swapout: pages the parent has resident before "
-                        "forking (default 4096)")
+                        "forking (default 4096); flush-ceiling: the working set every CPU "
+                        "keeps in its TLB (default 512)")
     add_length_options(g)
 
 
@@ -98,6 +107,10 @@ def add_length_options(g) -> None:
 
 
 def config_from(args: argparse.Namespace, scenario: str) -> RunConfig:
+    if args.resident is None:
+        from loadgen.scenarios.flush_ceiling import DEFAULT_WORKING_SET
+        args = argparse.Namespace(**{**vars(args), "resident": DEFAULT_WORKING_SET
+                                     if scenario == "flush-ceiling" else RunConfig.resident})
     for name in ("cpus", "pages", "rounds", "children", "resident"):
         if getattr(args, name) < 1:
             raise InvalidArgument(f"--{name} must be at least 1")
@@ -163,6 +176,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_run)
     from loadgen import commands
     commands.add_load_commands(load_sub)
+    from loadgen import chaos_cli
+    chaos_cli.add_soak_command(load_sub)
     commands.add_trace_command(sub)
 
     d = sub.add_parser(
@@ -178,9 +193,11 @@ def add_commands(sub) -> None:
     b = sub.add_parser(
         "bench", help="shootdown latency vs the bare fan-out floor; per-page vs gathered munmap",
         description="Measure, in one run, shootdown latency to 1, 2, 4 and 8 CPUs per transport "
-                    "next to a bare ping fan-out to the same CPUs (the floor), and munmap of 512 "
-                    "pages per-page vs gathered. Starts its own local cluster unless --cluster "
-                    "is given. Report ratios: these machines are noisy.")
+                    "next to a bare ping fan-out to the same CPUs (the floor), munmap of 512 "
+                    "pages per-page vs gathered, fork copy vs share, TLB hits/s in one CPU vs "
+                    "its TLB alone, faults/s at the memory service vs a walk, and the memory "
+                    "service's RSS per resident page. Starts its own local cluster unless "
+                    "--cluster is given. Report ratios: these machines are noisy.")
     b.add_argument("--cluster", metavar="ADDR",
                    help="use a running cluster (needs 9 CPUs; `tlbsim up --mqtt` for mqtt rows)")
     b.add_argument("--rounds", type=int, default=200,
@@ -188,6 +205,12 @@ def add_commands(sub) -> None:
     b.add_argument("--munmap-rounds", type=int, default=3,
                    help="munmaps per flush mode (default 3)")
     b.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    b.add_argument("--quick", action="store_true",
+                   help="measure the memory service's RSS at 100k resident pages only "
+                        "(skips the 1M-page row, the slowest)")
+    b.add_argument("--cost-model", default=costmodel.DEFAULT_PRESET, metavar="x86|invlpgb|PATH",
+                   help="the cost model of the ranged-vs-full flush sweep's modelled time "
+                        f"(default {costmodel.DEFAULT_PRESET})")
     b.set_defaults(func=_bench)
 
 
@@ -213,7 +236,9 @@ def _bench(args: argparse.Namespace) -> int:
     from loadgen.bench import main
     if not 1 <= args.rounds <= 100_000 or not 1 <= args.munmap_rounds <= 1000:
         raise InvalidArgument("bench --rounds must be 1..100000 and --munmap-rounds 1..1000")
-    return main(args.cluster, args.rounds, args.munmap_rounds, args.json)
+    costmodel.load(args.cost_model)  # a bad model is an error before anything starts
+    return main(args.cluster, args.rounds, args.munmap_rounds, args.json, args.cost_model,
+                args.quick)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import dataclasses
 
 import grpc
 
+from services.common.chaos import epoch_metadata
 from services.common.errors import FailedPrecondition
 from services.common.policy import Policy
 from services.common.server import channel
@@ -29,6 +30,11 @@ class Cluster:
         self.coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(self._open(coordinator))
         self.memory: memory_pb2_grpc.MemoryServiceStub | None = None
         self.cpus: list[Cpu] = []
+        self.epoch = 0  # the memory epoch of the last reset: sent with calls to memory
+
+    def meta(self) -> tuple[tuple[str, str], ...]:
+        """Metadata for calls to the memory service about this run's machine."""
+        return epoch_metadata(self.epoch)
 
     def _open(self, address: str) -> grpc.aio.Channel:
         ch = channel(address)
@@ -76,11 +82,14 @@ class Cluster:
         """A clean machine under `policy`: returns the memory service's new epoch."""
         await self.discover(cpus)
         pb = policy.to_proto()
-        await self.coordinator.Reset(coordinator_pb2.CoordinatorResetRequest(policy=pb),
-                                     timeout=RPC_TIMEOUT_S)
         reply = await self.memory.Reset(memory_pb2.MemoryResetRequest(policy=pb),
                                         timeout=RPC_TIMEOUT_S)
+        self.epoch = reply.epoch
+        # The coordinator hands the epoch to CPUs that (re)start during the run.
+        await self.coordinator.Reset(coordinator_pb2.CoordinatorResetRequest(
+            policy=pb, epoch=reply.epoch), timeout=RPC_TIMEOUT_S)
         await asyncio.gather(*(c.stub.Reset(cpu_pb2.CpuResetRequest(
-            tlb_entries=policy.tlb_entries, tlb_ways=policy.tlb_ways, epoch=reply.epoch),
+            tlb_entries=policy.tlb_entries, tlb_ways=policy.tlb_ways, epoch=reply.epoch,
+            cost_model=pb.cost_model),
             timeout=RPC_TIMEOUT_S) for c in self.cpus))
         return reply.epoch

@@ -52,12 +52,38 @@ def print_report(report: dict) -> None:
     for label, key, how in ROWS:
         table.add_row(label, fmt(r[key], how))
     console.print(table)
+    if "modelled" in r:
+        print_modelled(r)
     if "replay" in r:
         print_replay(r["replay"])
     if report.get("interrupted"):
         err_console.print("interrupted: the report covers what ran before Ctrl-C")
     for v in report.get("violations", []):
         err_console.print(f"audit: {v}", markup=False)
+
+
+def print_modelled(r: dict) -> None:
+    """Modelled hardware time next to the wall time: the run, per round, per access, per
+    shootdown and per call of each kind of system call."""
+    md = r["modelled"]
+    parts = ", ".join(f"{k} {v:,.1f}" for k, v in md["components_us"].items() if v)
+    table = Table(title=f"modelled time (cost model {md['cost_model']['name']}"
+                        + (", after the warm-up" if md.get("from_warm") else "") + ")")
+    for col in ("what", "wall", "modelled"):
+        table.add_column(col, justify="left" if col == "what" else "right")
+    table.add_row("run", f"{r['duration_s']:.3f} s", f"{md['total_us']:,.3f} µs"
+                  + (f" ({parts})" if parts else ""))
+    table.add_row("per round", f"{r['duration_s'] / r['rounds'] * 1e3:.3f} ms"
+                  if r["rounds"] else "-", f"{md['ns_per_round']:,.1f} ns")
+    table.add_row("per access (walks, faults)", "-", f"{md['access_ns']:,.2f} ns")
+    table.add_row("per shootdown (invalidations, IPIs)",
+                  f"{r['shootdown_latency_ms']['p50']:.3f} ms p50",
+                  f"{md['flush_ns_per_shootdown']:,.1f} ns")
+    for kind, ns in md["syscall_ns"].items():
+        wall = r.get("syscall_latency_ms", {}).get(kind)
+        table.add_row(f"per {kind}", f"{wall['p50']:.3f} ms p50" if wall else "-",
+                      f"{ns:,.1f} ns")
+    console.print(table)
 
 
 def print_comparison(title: str, labels: list[str], reports: list[dict],

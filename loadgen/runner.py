@@ -8,6 +8,7 @@ import signal
 import time
 
 from loadgen.cluster import Cluster
+from loadgen.modelled import machine_events, modelled_results
 from loadgen.scenarios import SCENARIOS, Driver, Measurements, Progress, RunConfig
 from services.common.stats import p50_p99
 from tlbsim.v1 import coordinator_pb2, memory_pb2
@@ -78,6 +79,9 @@ async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: f
                   epoch: int, interrupted: bool = False) -> dict:
     mem = await cluster.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=30)
     coord = await cluster.coordinator.Stats(coordinator_pb2.CoordinatorStatsRequest(), timeout=30)
+    events = await machine_events(cluster, m.lost_cpus, mem, coord)
+    if m.modelled_from is not None:
+        events = events - m.modelled_from
     await Driver(cluster, m).audit()  # the final audit; a CPU that died since is skipped
     unmaps = m.munmap_latency_s or (m.syscall_latency_s.get("munmap", [])
                                     + m.syscall_latency_s.get("madvise_dontneed", []))
@@ -92,6 +96,7 @@ async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: f
         "tables_freed": mem.tables_freed,
         "full_flushes": mem.full_flushes,
         "stale_accesses": mem.stale_accesses,
+        "frames_freed_without_ack": mem.frames_freed_without_ack,
         "audit_violations": len(m.violations),
         "audit_entries_checked": m.audited_entries,
         "fenced_cpus": sorted(set(coord.fenced_cpus) | m.lost_cpus),
@@ -121,6 +126,10 @@ async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: f
         "ops_per_s": round(m.ops / duration, 1) if duration else 0.0,
         "syscalls": dict(sorted(m.syscalls.items())),
         "syscall_latency_ms": {k: _ms(v) for k, v in sorted(m.syscall_latency_s.items())},
+        # Modelled hardware time (the run's cost model), next to the wall times above.
+        "modelled": modelled_results(cfg.policy.cost_model, events, m.rounds_done, m.ops,
+                                     m.syscalls, m.syscall_shootdowns,
+                                     from_warm=m.modelled_from is not None),
         **m.extra,
     }
     return {"version": REPORT_VERSION, "scenario": cfg.scenario, "config": cfg.as_dict(),

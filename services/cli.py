@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+import grpc
+
 from services.common.errors import SimError
 
 
@@ -81,6 +83,53 @@ def _serve(args) -> int:
     return 0
 
 
+# Security options, for every command (README "Security").
+SECURITY_FLAGS = {"token": "TOKEN", "token_file": "TOKEN_FILE", "tls_cert": "TLS_CERT",
+                  "tls_key": "TLS_KEY", "tls_ca": "TLS_CA", "tls_server_name": "TLS_SERVER_NAME",
+                  "mqtt_username": "MQTT_USERNAME", "mqtt_password_file": "MQTT_PASSWORD_FILE"}
+
+
+def _add_security(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "security", "the admin token, TLS and MQTT credentials (README \"Security\")")
+    g.add_argument("--token", default=_env("TOKEN"), metavar="TOKEN",
+                   help="the shared token admin calls (Reset, Chaos) need; required when a "
+                        "service listens beyond loopback. On the command line `ps` shows it: "
+                        "prefer the variable or --token-file [TLBSIM_TOKEN]")
+    g.add_argument("--token-file", default=_env("TOKEN_FILE"), metavar="FILE",
+                   help="a file holding the token [TLBSIM_TOKEN_FILE]")
+    g.add_argument("--tls-cert", default=_env("TLS_CERT"), metavar="PEM",
+                   help="this node's certificate: servers serve TLS, clients present it "
+                        "[TLBSIM_TLS_CERT]")
+    g.add_argument("--tls-key", default=_env("TLS_KEY"), metavar="PEM",
+                   help="its private key [TLBSIM_TLS_KEY]")
+    g.add_argument("--tls-ca", default=_env("TLS_CA"), metavar="PEM",
+                   help="the CA clients verify servers with (turns TLS on for clients) "
+                        "[TLBSIM_TLS_CA]")
+    g.add_argument("--tls-client-auth", action="store_true",
+                   default=_env("TLS_CLIENT_AUTH", "") in ("1", "true", "yes"),
+                   help="servers require client certificates signed by --tls-ca (mutual "
+                        "TLS) [TLBSIM_TLS_CLIENT_AUTH=1]")
+    g.add_argument("--tls-server-name", default=_env("TLS_SERVER_NAME"), metavar="NAME",
+                   help="the name server certificates carry, when not the address "
+                        "[TLBSIM_TLS_SERVER_NAME]")
+    g.add_argument("--mqtt-username", default=_env("MQTT_USERNAME"), metavar="USER",
+                   help="MQTT broker user [TLBSIM_MQTT_USERNAME]")
+    g.add_argument("--mqtt-password-file", default=_env("MQTT_PASSWORD_FILE"), metavar="FILE",
+                   help="a file holding the MQTT password [TLBSIM_MQTT_PASSWORD_FILE, or "
+                        "TLBSIM_MQTT_PASSWORD itself]")
+
+
+def _export_security(args) -> None:
+    """Flags become the variables every server and client here, and every service `up`
+    starts, read (services/common/security.py, services/common/mqtt.py)."""
+    for attr, var in SECURITY_FLAGS.items():
+        if getattr(args, attr, None):
+            os.environ[f"TLBSIM_{var}"] = getattr(args, attr)
+    if getattr(args, "tls_client_auth", False):
+        os.environ["TLBSIM_TLS_CLIENT_AUTH"] = "1"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from loadgen import cli as load_cli
     from services import launcher
@@ -93,16 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "WARNING"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level of messages on stderr [TLBSIM_LOG_LEVEL]")
+    _add_security(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     launcher.add_commands(sub)
     load_cli.add_commands(sub)
+    from loadgen import chaos_cli
+    chaos_cli.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _export_security(args)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -110,5 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     except SimError as e:
         print(f"tlbsim: {e.message}", file=sys.stderr)
         return 2
+    except grpc.RpcError as e:  # a call the cluster refused: say why in one line
+        code = e.code() if callable(getattr(e, "code", None)) else None
+        details = e.details() if callable(getattr(e, "details", None)) else str(e)
+        print(f"tlbsim: {getattr(code, 'name', 'RPC failed')}: {details}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

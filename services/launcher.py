@@ -35,6 +35,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from services.common.mqtt import MqttUrl
+from services.common.server import sync_channel
+
 MAX_CPUS = 64
 READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
@@ -124,6 +127,15 @@ class LocalCluster:
         self._detach = detach
         self._ready_timeout = ready_timeout
         self._children: list[_Child] = []
+        self.info: ClusterInfo | None = None  # what start() started (or adopt() was given)
+
+    @classmethod
+    def adopt(cls, info: ClusterInfo) -> LocalCluster:
+        """A cluster another process started (`tlbsim up --detach`, its state file): its
+        services are known by pid; those restarted here are detached as well."""
+        cluster = cls(detach=True)
+        cluster.info = info
+        return cluster
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -175,6 +187,7 @@ class LocalCluster:
             mqtt=mqtt_url,
         )
         self._wait_serving(info.addresses(), deadline)
+        self.info = info
         return info
 
     def _start_mosquitto(self, log_dir: Path, deadline: float) -> str:
@@ -264,7 +277,7 @@ class LocalCluster:
     def _wait_serving(self, addresses: dict[str, str], deadline: float) -> None:
         children = {child.name: child for child in self._children}
         for name, address in addresses.items():
-            with grpc.insecure_channel(address) as channel:
+            with sync_channel(address) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 while (status := _health_status(stub)) != "SERVING":
                     if children[name].proc.poll() is not None:
@@ -272,6 +285,80 @@ class LocalCluster:
                     if time.monotonic() > deadline:
                         raise LauncherError(f"{name} at {address} is not SERVING (last: {status})")
                     time.sleep(POLL_S)
+
+    # --- process-level faults (services/common/chaos.py KINDS) -------------------------
+    def kill(self, name: str) -> None:
+        """SIGKILL one service (coordinator, memory, cpuN, mosquitto) and wait until it is
+        gone: no goodbye, as a crash. Only a process that is still ours is signalled."""
+        info = self._require_info()
+        pid = info.pids.get(name)
+        if pid is None:
+            raise LauncherError(f"no {name} in this cluster (has {', '.join(info.pids)})")
+        child = next((c for c in self._children if c.name == name), None)
+        if child is not None:
+            if child.proc.poll() is None:
+                child.proc.kill()
+            child.proc.wait()
+            self._children.remove(child)
+        elif _is_our_service(pid):
+            os.kill(pid, signal.SIGKILL)
+            if _wait_gone([pid], STOP_GRACE_S):
+                raise LauncherError(f"{name} (pid {pid}) did not die on SIGKILL")
+
+    def restart(self, name: str, kill: bool = True) -> float:
+        """(SIGKILL and) start a service again at its address and metrics port, so every
+        peer finds it where it was; wait until it serves. Returns the seconds it took."""
+        info = self._require_info()
+        t0 = time.monotonic()
+        if kill:
+            self.kill(name)
+        deadline = t0 + self._ready_timeout
+        self._rotate_logs(name)
+        if name == "mosquitto":
+            conf = info.log_dir / MOSQUITTO_CONF
+            binary = mosquitto_binary()
+            if not info.mqtt or binary is None or not conf.exists():
+                raise LauncherError("this cluster has no MQTT broker to start")
+            port = MqttUrl.parse(info.mqtt).port
+            child = self._spawn("mosquitto", [], info.log_dir, cmd=[binary, "-c", str(conf)])
+            if not wait_listening("127.0.0.1", port, deadline, child.proc):
+                raise child.died_error()
+            info.pids[name] = child.proc.pid
+            return time.monotonic() - t0
+        address = info.addresses().get(name)
+        if address is None:
+            raise LauncherError(f"no {name} in this cluster")
+        broker = ["--mqtt-url", info.mqtt] if info.mqtt else []
+        if name == "coordinator":
+            extra = broker
+        elif name == "memory":
+            extra = ["--coordinator", info.coordinator]
+        else:
+            extra = ["--id", name[3:], "--memory", info.memory, "--coordinator",
+                     info.coordinator, *broker]
+        extra += ["--listen", address, "--metrics-port", str(info.metrics.get(name, 0))]
+        child = self._spawn(name, extra, info.log_dir)
+        self._wait_ready([child], deadline)
+        self._wait_serving({name: address}, deadline)
+        info.pids[name] = child.proc.pid
+        return time.monotonic() - t0
+
+    def _require_info(self) -> ClusterInfo:
+        if self.info is None:
+            raise LauncherError("this cluster is not running")
+        return self.info
+
+    def _rotate_logs(self, name: str) -> None:
+        """Keep the previous incarnation's logs as NAME.N.out/.log (the ready line is read
+        from NAME.out, which must start empty)."""
+        log_dir = self._require_info().log_dir
+        n = 1
+        while (log_dir / f"{name}.{n}.log").exists():
+            n += 1
+        for ext in ("out", "log"):
+            old = log_dir / f"{name}.{ext}"
+            if old.exists():
+                old.rename(log_dir / f"{name}.{n}.{ext}")
 
     def first_exit(self) -> tuple[str, int, Path] | None:
         """Name, exit code and stderr log of a child that has exited, if any."""

@@ -14,6 +14,8 @@ import grpc
 
 from loadgen.cluster import Cluster, Cpu
 from services.common.addresses import PAGE_SIZE
+from services.common.costmodel import Events
+from services.common.chaos import MACHINE_LOST
 from services.common.errors import FailedPrecondition
 from services.common.policy import Policy
 from tlbsim.v1 import common_pb2, cpu_pb2, memory_pb2
@@ -23,6 +25,17 @@ CALL_TIMEOUT_S = 120.0
 # Errors that mean a CPU left the run (killed, restarting, fenced): the run goes on without it.
 CPU_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
             grpc.StatusCode.FAILED_PRECONDITION}
+
+
+class CpuLeft(FailedPrecondition):
+    """A CPU a scenario's step needed left the run (killed, fenced, unreachable)."""
+
+
+def machine_lost(e: grpc.aio.AioRpcError) -> bool:
+    """The memory service restarted (or another run reset it): the run cannot go on."""
+    details = e.details() or ""
+    return e.code() == grpc.StatusCode.FAILED_PRECONDITION and (
+        details.startswith(MACHINE_LOST[:40]) or "reset by another run" in details)
 
 
 @dataclasses.dataclass
@@ -72,6 +85,12 @@ class Measurements:
     syscall_latency_s: dict[str, list[float]] = dataclasses.field(
         default_factory=lambda: collections.defaultdict(list))
     extra: dict = dataclasses.field(default_factory=dict)  # scenario-specific results
+    # Shootdowns each kind of system call issued (modelled time attributes flush costs).
+    syscall_shootdowns: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter)
+    # The machine's events at the end of a scenario's warm-up (loadgen/modelled.py): when
+    # set, modelled time covers only what followed.
+    modelled_from: Events | None = None
 
     def add(self, r: cpu_pb2.AccessResponse) -> None:
         self.ops += r.accesses
@@ -88,6 +107,8 @@ PERMILLE = 1000  # progress units of a --duration / --ops run
 
 class Driver:
     """CPU calls that tolerate a CPU leaving mid-run (it is fenced, the run goes on)."""
+
+    call_timeout_s = CALL_TIMEOUT_S  # every call's deadline (the soak sets its own)
 
     def __init__(self, cluster: Cluster, m: Measurements):
         self.cluster = cluster
@@ -133,6 +154,8 @@ class Driver:
         try:
             return await rpc
         except grpc.aio.AioRpcError as e:
+            if machine_lost(e):
+                raise FailedPrecondition(e.details()) from None
             if e.code() not in CPU_LOST:
                 raise
             log.warning("cpu %d left the run: %s %s", cpu.id, e.code().name, e.details())
@@ -145,25 +168,26 @@ class Driver:
         """`write` makes every access a write; `writes` gives one flag per address."""
         req = cpu_pb2.AccessRequest(addresses=addresses, stop_on_segv=stop_on_segv,
                                     writes=writes or (b"\x01" * len(addresses) if write else b""))
-        r = await self._call(cpu, cpu.stub.Access(req, timeout=CALL_TIMEOUT_S))
+        r = await self._call(cpu, cpu.stub.Access(req, timeout=self.call_timeout_s))
         if r is not None:
             self.m.add(r)
         return r
 
     async def switch(self, cpu: Cpu, mm: int) -> None:
         await self._call(cpu, cpu.stub.SwitchMm(cpu_pb2.SwitchMmRequest(mm=mm),
-                                                timeout=CALL_TIMEOUT_S))
+                                                timeout=self.call_timeout_s))
 
     async def syscall(self, cpu: Cpu, **call) -> common_pb2.SyscallResponse:
         """A system call on a CPU the scenario cannot do without."""
         kind = next(iter(call))
         t0 = time.perf_counter()
         r = await self._call(cpu, cpu.stub.Syscall(common_pb2.SyscallRequest(**call),
-                                                   timeout=CALL_TIMEOUT_S))
+                                                   timeout=self.call_timeout_s))
         if r is None:
-            raise FailedPrecondition(f"cpu {cpu.id}, which drives this scenario, left the run")
+            raise CpuLeft(f"cpu {cpu.id}, which drives this scenario, left the run")
         self.m.syscall_latency_s[kind].append(time.perf_counter() - t0)
         self.m.syscalls[kind] += 1
+        self.m.syscall_shootdowns[kind] += r.shootdowns
         self.m.ops += 1
         return r
 
@@ -174,14 +198,23 @@ class Driver:
             dump = await self._call(cpu, cpu.stub.DumpTlb(cpu_pb2.DumpTlbRequest(), timeout=10))
             if dump is not None:
                 dumps.append(dump)
-        r = await self.cluster.memory.Audit(memory_pb2.AuditRequest(tlbs=dumps),
-                                            timeout=CALL_TIMEOUT_S)
+        r = await self._memory(self.cluster.memory.Audit, memory_pb2.AuditRequest(tlbs=dumps))
         self.m.audited_entries += r.entries_checked
         self.m.violations.extend(r.violations)
 
+    async def _memory(self, method, request):
+        """A call to the memory service about this run's machine (it names the epoch)."""
+        try:
+            return await method(request, timeout=self.call_timeout_s,
+                                metadata=self.cluster.meta())
+        except grpc.aio.AioRpcError as e:
+            if machine_lost(e):
+                raise FailedPrecondition(e.details()) from None
+            raise
+
     async def new_process(self, cpus: list[Cpu]) -> int:
-        mm = (await self.cluster.memory.CreateMm(memory_pb2.CreateMmRequest(),
-                                                  timeout=CALL_TIMEOUT_S)).mm
+        mm = (await self._memory(self.cluster.memory.CreateMm,
+                                 memory_pb2.CreateMmRequest())).mm
         await asyncio.gather(*(self.switch(c, mm) for c in cpus))
         return mm
 

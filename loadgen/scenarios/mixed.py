@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from loadgen.scenarios.base import Cpu, Driver, Progress, RunConfig, pages_at
+from loadgen.scenarios.base import Cpu, CpuLeft, Driver, Progress, RunConfig, pages_at
 from services.common.addresses import PAGE_SIZE
 from services.common.errors import InvalidArgument
 from tlbsim.v1 import common_pb2
@@ -89,7 +89,10 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
         for _ in range(OPS_PER_ROUND):
             if not d.time_left(cfg) or cpu.id in d.m.lost_cpus:
                 return
-            await step(cpu, rngs[cpu.id].choices(names, w)[0])
+            try:
+                await step(cpu, rngs[cpu.id].choices(names, w)[0])
+            except CpuLeft:
+                return  # its thread ends; the others go on
 
     for _ in d.rounds(cfg, progress):
         await asyncio.gather(*(thread(c) for c in d.live(cpus)))

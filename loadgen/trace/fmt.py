@@ -50,7 +50,7 @@ def check_event(e: object, n: int) -> dict:
     if not isinstance(e, dict):
         raise TraceError(f"line {n}: an event must be a JSON object")
     op = e.get("op")
-    if op not in REQUIRED:
+    if not isinstance(op, str) or op not in REQUIRED:
         raise TraceError(f"line {n}: unknown op {op!r} (expected one of {', '.join(REQUIRED)})")
     if not isinstance(e.get("tid"), int) or isinstance(e.get("tid"), bool):
         raise TraceError(f"line {n}: {op} event without an integer tid")

@@ -45,3 +45,7 @@ class Aborted(SimError):
 
 class ResourceExhausted(SimError):
     code = Code.RESOURCE_EXHAUSTED
+
+
+class Unavailable(SimError):
+    code = Code.UNAVAILABLE

@@ -25,7 +25,9 @@ def default_address() -> str:
 
 def check(address: str, service: str = "", timeout: float = 1.0) -> str:
     """The serving status's name; raises grpc.RpcError when the call fails."""
-    with grpc.insecure_channel(address) as channel:
+    from services.common.server import sync_channel
+
+    with sync_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

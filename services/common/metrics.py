@@ -12,6 +12,12 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from services.common.costmodel import CostModel, Events
+
+# The bucket bounds (SECONDS_BUCKETS, COUNT_BUCKETS) live with Samples, which counts
+# per bucket as the domain records.
+from services.common.stats import COUNT_BUCKETS, SECONDS_BUCKETS, Samples  # noqa: F401
+
 VERSION = "0.1.0"
 
 Sample = tuple[str, str, str, float]  # kind ("counter" | "gauge"), name, help, value
@@ -19,19 +25,71 @@ Sample = tuple[str, str, str, float]  # kind ("counter" | "gauge"), name, help, 
 
 
 class NodeCollector(Collector):
-    """Reads plain numbers from the domain when Prometheus scrapes."""
+    """Reads plain numbers from the domain when Prometheus scrapes, and prices the
+    events among them with the run's cost model (`modelled_time`)."""
 
-    def __init__(self, read: Callable[[], Iterable[Sample]]):
+    def __init__(self, read: Callable[[], Iterable[Sample]],
+                 policy: Callable[[], object] = lambda: None):
         self._read = read
+        self._policy = policy
 
     def collect(self):
+        families = []
         for item in self._read():
-            if not isinstance(item, tuple):  # a ready metric family (labelled, histogram)
-                yield item
-                continue
-            kind, name, help_text, value = item
-            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            yield family(name, help_text, value=value)
+            if isinstance(item, tuple):
+                kind, name, help_text, value = item
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                item = family(name, help_text, value=value)
+            families.append(item)
+            yield item
+        model = getattr(self._policy(), "cost_model", None)
+        if model is not None:
+            yield modelled_time(model, families)
+
+
+# Which exported samples are which cost-model events. Every event is exported by exactly
+# one service (TLB events by the CPUs, IPIs by the coordinator, shootdowns, faults and
+# locks by the memory service), so summing the metric over services gives the machine's.
+_EVENTS: dict[str, tuple[str, dict[str, str]]] = {
+    "tlbsim_tlb_lookups_total": ("hits", {"result": "hit"}),
+    "tlbsim_tlb_page_invalidations_total": ("pages_invalidated", {}),
+    "tlbsim_ipis_total": ("ipis", {}),
+    "tlbsim_memory_shootdowns_total": ("shootdowns", {}),
+    "tlbsim_full_flushes_total": ("full_shootdowns", {}),
+    "tlbsim_shootdown_range_pages_total": ("range_shootdown_pages", {}),
+    "tlbsim_lock_acquisitions_total": ("lock_acquisitions", {}),
+}
+
+
+def _events(families) -> Events:
+    e = Events()
+    for family in families:
+        for sample in family.samples:
+            name, labels = sample.name, sample.labels
+            if name == "tlbsim_tlb_lookups_total" and labels.get("result") == "miss":
+                e.misses += int(sample.value)
+            elif name == "tlbsim_tlb_flushes_total" and labels.get("kind") == "full":
+                e.full_flushes += int(sample.value)
+            elif name == "tlbsim_faults_total" and labels.get("kind") != "spurious":
+                e.faults += int(sample.value)
+            elif name in _EVENTS:
+                field, want = _EVENTS[name]
+                if all(labels.get(k) == v for k, v in want.items()):
+                    setattr(e, field, getattr(e, field) + int(sample.value))
+    return e
+
+
+def modelled_time(model: CostModel, families) -> CounterMetricFamily:
+    """`tlbsim_modelled_seconds_total{component,cost_model}`: what this service's events
+    would cost on the modelled hardware (walk, fault, invalidate, ipi, lock)."""
+    family = CounterMetricFamily(
+        "tlbsim_modelled_seconds",
+        "Modelled hardware time of the events this service counted, by component "
+        "(services/common/costmodel.py); sum over services for the machine",
+        labels=["component", "cost_model"])
+    for component, ns in model.breakdown(_events(families)).items():
+        family.add_metric([component, model.name], ns * 1e-9)
+    return family
 
 
 class _BuildInfo(Collector):
@@ -52,10 +110,6 @@ def build_info(registry: CollectorRegistry, service: str, policy: Callable[[], o
 
 # --- histograms and labelled families read at scrape time ----------------------------------
 
-# Log-spaced 1-2.5-5 buckets per decade from 1 µs to 10 s (python-ecosystem.md §3).
-SECONDS_BUCKETS = tuple(float(f"{m}e{e}") for e in range(-6, 1) for m in (1, 2.5, 5)) + (10.0,)
-# Counts (targets, pages per shootdown): powers of two up to a full gather (9,698 pages).
-COUNT_BUCKETS = tuple(float(1 << i) for i in range(15))
 
 
 def labelled(kind: str, name: str, help_text: str, labelnames: Sequence[str],
@@ -69,9 +123,9 @@ def labelled(kind: str, name: str, help_text: str, labelnames: Sequence[str],
 
 
 class ListHistogram:
-    """A histogram fed from append-only lists the domain keeps (latencies it records
-    anyway), bucketed incrementally at scrape time: the domain pays one list append per
-    event and no metric call. Items are seconds, or (value, weight) pairs. When the
+    """A histogram fed from the Samples the domain keeps (latencies it records anyway,
+    bucketed as recorded: no metric call on its paths), or from append-only lists,
+    bucketed incrementally at scrape time (items: seconds, or (value, weight)). When the
     domain replaces a list (a run's reset), the series restarts from zero, like every
     domain counter; Prometheus treats it as a counter reset."""
 
@@ -82,9 +136,15 @@ class ListHistogram:
         self._series: dict[tuple, list] = {}  # labels -> [source, consumed, counts, sum, n]
         self._seen: set[tuple] = set()  # exported: the series updated since the last scrape
 
-    def update(self, label_values: Sequence[str], source: list) -> None:
+    def update(self, label_values: Sequence[str], source: list | Samples) -> None:
         key = tuple(str(v) for v in label_values)
         self._seen.add(key)
+        if isinstance(source, Samples):  # bucketed as it was recorded: copy its counts
+            if source.bounds != tuple(self.bounds):
+                raise ValueError(f"{self.name}: the samples have other bucket bounds")
+            self._series[key] = [source, source.count, list(source.buckets), source.total,
+                                 source.count]
+            return
         s = self._series.get(key)
         if s is None or s[0] is not source:
             s = self._series[key] = [source, 0, [0] * (len(self.bounds) + 1), 0.0, 0]
@@ -130,5 +190,5 @@ def node_registry(enabled: bool, service: str, policy: Callable[[], object],
     registry = CollectorRegistry()
     if enabled:
         build_info(registry, service, policy)
-        registry.register(NodeCollector(read))
+        registry.register(NodeCollector(read, policy))
     return registry

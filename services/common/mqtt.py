@@ -31,6 +31,8 @@ DEFAULT_PORT = 1883
 KEEPALIVE_S = 5
 CONNECT_TIMEOUT_S = 2.0
 BACKOFF_S = (0.05, 1.0)  # reconnect: first retry, largest wait
+MAX_QUEUED_IN = 100_000  # messages received, not yet handled: aiomqtt drops past this
+MAX_PENDING_OUT = 10_000  # publish_soon messages not yet sent (acks)
 
 log = logging.getLogger("tlbsim.mqtt")
 
@@ -67,6 +69,34 @@ class MqttUrl:
         return f"mqtt://{self.host}:{self.port}/{self.root}"
 
 
+@dataclasses.dataclass(frozen=True)
+class MqttCredentials:
+    """The broker login, from TLBSIM_MQTT_USERNAME and TLBSIM_MQTT_PASSWORD (or
+    TLBSIM_MQTT_PASSWORD_FILE, which keeps it out of the environment of `ps e`)."""
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "MqttCredentials":
+        password = env.get("TLBSIM_MQTT_PASSWORD")
+        path = env.get("TLBSIM_MQTT_PASSWORD_FILE")
+        if password is None and path:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    password = f.read().strip()
+            except OSError as e:
+                raise InvalidArgument(f"TLBSIM_MQTT_PASSWORD_FILE={path}: {e.strerror}") from None
+        return cls(env.get("TLBSIM_MQTT_USERNAME") or None, password)
+
+
+def refused_login(error: Exception) -> bool:
+    """Did the broker turn the client's credentials down (MQTT 3.1.1 codes 4/5, MQTT 5
+    codes 134/135)?"""
+    text = str(error).lower()
+    return any(s in text for s in ("not authori", "bad user", "code:4]", "code:5]",
+                                   "code:134", "code:135"))
+
+
 class MqttUnavailable(Exception):
     """The broker is not connected (or the connection broke while publishing)."""
 
@@ -80,13 +110,16 @@ class MqttLink:
     Each outage is logged once, with `while_down` saying what happens meanwhile."""
 
     def __init__(self, url: MqttUrl, name: str, topics: list[str], on_message: OnMessage,
-                 while_down: str):
+                 while_down: str, credentials: MqttCredentials | None = None):
+        self.credentials = MqttCredentials.from_env() if credentials is None else credentials
         self.url = url
         self.name = name
         self.topics = topics
         self.on_message = on_message
         self.while_down = while_down
         self.connects = 0  # successful (re)connections, for tests and logs
+        self.last_error = ""  # why the last connection attempt failed
+        self.dropped = 0  # publish_soon messages dropped because too many were pending
         self._client: aiomqtt.Client | None = None
         self._up = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -130,7 +163,14 @@ class MqttLink:
             raise MqttUnavailable(str(e)) from None
 
     def publish_soon(self, topic: str, payload: bytes, qos: int, timeout: float = 5.0) -> None:
-        """Publish without waiting (an ack); a failure only loses this message."""
+        """Publish without waiting (an ack); a failure only loses this message. At most
+        MAX_PENDING_OUT wait at once: past that the message is dropped (the sender's
+        shootdown falls back to gRPC), so a stalled broker cannot grow memory."""
+        if len(self._pending) >= MAX_PENDING_OUT:
+            self.dropped += 1
+            log.debug("%s: %d publishes pending; dropping one to %s", self.name,
+                      len(self._pending), topic)
+            return
         async def go():
             try:
                 await self.publish(topic, payload, qos, timeout)
@@ -146,7 +186,8 @@ class MqttLink:
             client = aiomqtt.Client(
                 self.url.host, self.url.port, identifier=f"tlbsim-{self.name}-{os.urandom(4).hex()}",
                 socket_options=NODELAY, keepalive=KEEPALIVE_S, clean_session=True,
-                timeout=CONNECT_TIMEOUT_S, max_queued_incoming_messages=100_000)
+                timeout=CONNECT_TIMEOUT_S, max_queued_incoming_messages=MAX_QUEUED_IN,
+                username=self.credentials.username, password=self.credentials.password)
             try:
                 async with client:
                     for topic in self.topics:
@@ -168,8 +209,14 @@ class MqttLink:
                             log.exception("%s: handling a message on %s failed", self.name,
                                           message.topic)
             except aiomqtt.MqttError as e:
+                self.last_error = str(e)
                 if not self._said_down:
-                    log.warning("%s: MQTT broker %s unreachable (%s); %s", self.name, self.url,
+                    who = self.credentials.username
+                    what = "unreachable"
+                    if refused_login(e):
+                        what = f"refused the login of {who!r}" if who else \
+                            "refused an anonymous login (set TLBSIM_MQTT_USERNAME)"
+                    log.warning("%s: MQTT broker %s %s (%s); %s", self.name, self.url, what,
                                 e, self.while_down)
                     self._said_down = True
             finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from services.common.costmodel import DEFAULT_PRESET, CostModel, preset
 from services.common.errors import InvalidArgument
 from tlbsim.v1 import common_pb2 as pb
 
@@ -60,6 +61,8 @@ class Policy:
     fork: str = "copy"
     shared_flush: str = "all-cpus"
     frames: int = 0  # 0: the memory service's default
+    # What each event costs on hardware (modelled time, services/common/costmodel.py).
+    cost_model: CostModel = dataclasses.field(default_factory=lambda: preset(DEFAULT_PRESET))
 
     def __post_init__(self) -> None:
         for value, table, what in ((self.lock, LOCKS, "lock"), (self.flush, FLUSHES, "flush"),
@@ -94,7 +97,7 @@ class Policy:
                          tlb_ways=self.tlb_ways, unsafe=UNSAFE[self.unsafe],
                          deadline_s=self.deadline_s, mqtt_qos=self.mqtt_qos,
                          fork=FORKS[self.fork], shared_flush=SHARED_FLUSHES[self.shared_flush],
-                         frames=self.frames)
+                         frames=self.frames, cost_model=self.cost_model.to_proto())
 
     @classmethod
     def from_proto(cls, p: pb.Policy) -> "Policy":
@@ -105,7 +108,10 @@ class Policy:
                    unsafe=_name(UNSAFE, p.unsafe, "unsafe"), deadline_s=p.deadline_s,
                    mqtt_qos=p.mqtt_qos, fork=_name(FORKS, p.fork, "fork"),
                    shared_flush=_name(SHARED_FLUSHES, p.shared_flush, "shared-flush"),
-                   frames=p.frames)
+                   frames=p.frames, cost_model=CostModel.from_proto(p.cost_model))
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat values (build-info labels, the report's config): the model by its name."""
+        d = dataclasses.asdict(self)
+        d["cost_model"] = self.cost_model.name
+        return d

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hmac
 import json
 import logging
 import signal
@@ -17,16 +18,27 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from services.common.admin import ADMIN_METHODS
 from services.common.errors import Code, SimError
+from services.common.security import TOKEN_HEADER, Security
 
 log = logging.getLogger("tlbsim")
 
-MAX_MESSAGE_BYTES = 64 << 20  # explicit on every channel and server
+# 64 MiB, explicit on every channel and server (grpc's default receive limit is 4 MiB):
+# the largest legitimate messages are an Access of MAX_ACCESSES (2^20) addresses, ~10 MiB
+# packed, and a TLB dump or audit of a few hundred thousand entries; 64 MiB leaves room
+# for those while one request still cannot make a service buffer more than that.
+MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)]  # a port clash fails loudly
+# Every unary call through `channel()` that names no timeout gets this one: generous,
+# as a munmap of a large populated range or an Access of 2^20 addresses may take tens of
+# seconds, yet finite, so a peer that never answers cannot hang its caller. Callers with
+# a tighter bound pass their own. Streams (Attach) are long-lived and get none.
+DEFAULT_DEADLINE_S = 300.0
 
 STATUS = {c: getattr(grpc.StatusCode, c.value) for c in Code}
 
@@ -41,8 +53,146 @@ class Node(Protocol):
     async def stop(self) -> None: ...
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+class _DefaultDeadline:
+    """A unary multicallable whose calls get a deadline (and, for admin methods, the
+    token) unless the caller gave one: one Python call of overhead, no interceptor."""
+    __slots__ = ("_call", "_timeout", "_metadata")
+
+    def __init__(self, call, timeout: float, metadata: tuple | None):
+        self._call, self._timeout, self._metadata = call, timeout, metadata
+
+    def __call__(self, request, *, timeout=None, metadata=None, **kwargs):
+        if self._metadata is not None:
+            metadata = (*(metadata or ()), *self._metadata)
+        return self._call(request, timeout=self._timeout if timeout is None else timeout,
+                          metadata=metadata, **kwargs)
+
+
+class Channel:
+    """A grpc.aio channel (all its methods) whose unary calls always have a deadline."""
+
+    def __init__(self, inner: grpc.aio.Channel, timeout: float, token: str):
+        self._inner, self._timeout = inner, timeout
+        self._token = ((TOKEN_HEADER, token),) if token else None
+
+    def unary_unary(self, method: str, *args, **kwargs):
+        metadata = self._token if method in ADMIN_METHODS else None
+        return _DefaultDeadline(self._inner.unary_unary(method, *args, **kwargs),
+                                self._timeout, metadata)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    async def __aenter__(self) -> "Channel":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._inner.close()
+
+
+def channel(address: str, default_timeout: float = DEFAULT_DEADLINE_S,
+            security: Security | None = None) -> Channel:
+    """The one way a tlbsim process opens a channel: message limits, a deadline on every
+    unary call, TLS when a CA is configured, the admin token on admin calls."""
+    security = Security.from_env() if security is None else security
+    creds = security.channel_credentials()
+    options = list(CHANNEL_OPTIONS)
+    if creds is None:
+        inner = grpc.aio.insecure_channel(address, options=options)
+    else:
+        if security.server_name:
+            options.append(("grpc.ssl_target_name_override", security.server_name))
+        inner = grpc.aio.secure_channel(address, creds, options=options)
+    return Channel(inner, default_timeout, security.token)
+
+
+def sync_channel(address: str, security: Security | None = None) -> grpc.Channel:
+    """A blocking channel (health probes in the launcher and the healthcheck command):
+    TLS when configured, like `channel()`."""
+    security = Security.from_env() if security is None else security
+    creds = security.channel_credentials()
+    options = list(CHANNEL_OPTIONS)
+    if creds is None:
+        return grpc.insecure_channel(address, options=options)
+    if security.server_name:
+        options.append(("grpc.ssl_target_name_override", security.server_name))
+    return grpc.secure_channel(address, creds, options=options)
+
+
+class _Undecodable:
+    """What a request that fails to parse becomes, so the handler can answer
+    INVALID_ARGUMENT (grpc itself would answer INTERNAL)."""
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+class Guard:
+    """Every call's gate: requests that do not parse get INVALID_ARGUMENT, admin calls
+    without the right token UNAUTHENTICATED. It wraps each method's handler once, as the
+    node registers it (see `_Registrar`): no interceptor runs per call."""
+
+    def __init__(self, token: str, token_required: bool, listen: str):
+        self._token = token.encode()
+        self._required = token_required
+        self._listen = listen
+
+    def wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if h.request_streaming or h.response_streaming:
+            return h  # streams (Attach) as grpc handles them; no stream is an admin call
+        decode, behavior = h.request_deserializer, h.unary_unary
+        admin = method in ADMIN_METHODS and self._required
+
+        def safe_decode(data: bytes):
+            try:
+                return decode(data) if decode else data
+            except Exception as e:  # protobuf's DecodeError and friends
+                return _Undecodable(f"{type(e).__name__}: {e}")
+
+        async def guarded(request, context):
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{method}: the request does not parse ({request.error})")
+            if admin:
+                await self._check_token(method, context)
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=safe_decode,
+            response_serializer=h.response_serializer)
+
+    async def _check_token(self, method: str, context) -> None:
+        if not self._token:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{method} is an admin call and this service listens on "
+                                f"{self._listen} without a token: set TLBSIM_TOKEN")
+        given = dict(context.invocation_metadata() or ()).get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self._token):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{method} is an admin call: "
+                                f"{'wrong' if given else 'missing'} token")
+
+
+class _Registrar:
+    """What a node's `add_to_server` sees: the server, but the handlers that the
+    generated `add_*Servicer_to_server` registers go through the Guard first. (The
+    generated code registers one dict twice, as registered methods and as a generic
+    handler; both get the wrapped handlers.)"""
+
+    def __init__(self, server: grpc.aio.Server, guard: Guard):
+        self._server, self._guard = server, guard
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        wrapped = {name: self._guard.wrap(f"/{service}/{name}", h)
+                   for name, h in handlers.items()}
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, wrapped),))
+        self._server.add_registered_method_handlers(service, wrapped)
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        """The generated code's second registration of the same methods: already done,
+        wrapped, by add_registered_method_handlers."""
 
 
 def rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -110,15 +260,20 @@ def bind_host(listen: str) -> str:
 
 
 async def start_server(node: Node, listen: str = "127.0.0.1:0",
-                       advertise: str | None = None) -> RunningServer:
+                       advertise: str | None = None,
+                       security: Security | None = None) -> RunningServer:
+    security = Security.from_env() if security is None else security
+    guard = Guard(security.token, security.token_required(listen), listen)
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    node.add_to_server(server)
+    node.add_to_server(_Registrar(server, guard))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (*node.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     try:
-        port = server.add_insecure_port(listen)
+        creds = security.server_credentials()
+        port = (server.add_insecure_port(listen) if creds is None
+                else server.add_secure_port(listen, creds))
     except RuntimeError as e:
         raise OSError(f"cannot listen on {listen}: {e}") from None
     await server.start()

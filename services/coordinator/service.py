@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
@@ -16,23 +17,37 @@ from typing import AsyncIterator
 
 import grpc
 
+from services.common.chaos import LEASE_MARGIN_S, LEASE_S
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.metrics import COUNT_BUCKETS, histogram, labelled, node_registry
 from services.common.mqtt import MqttLink, MqttUnavailable, MqttUrl
 from services.common.policy import TRANSPORTS, Policy
 from services.common.server import channel, rpc
-from services.common.stats import p50_p99
+from services.common.stats import Samples, p50_p99
 from tlbsim.v1 import common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc, cpu_pb2, cpu_pb2_grpc
 
 log = logging.getLogger("tlbsim.coordinator")
 
 PING = 0  # a FlushRequest for mm 0 is a ping: acknowledged without touching the TLB
+MAX_PING_ROUNDS = 10_000  # per request: bounded work
+MAX_TARGETS = 1024  # CPUs per shootdown or ping fan-out (CPU ids are 0..1023)
 # mqtt: the broadcast's acks are awaited for this share of the deadline; targets still
 # silent get a direct gRPC Flush with the rest, and only those that miss it too are fenced.
 # A missed broadcast costs a cheap fallback (a duplicate elides by generation), a missed
 # fallback a fence (a full TLB flush and re-registration): the fallback gets the larger
 # share; a quarter of the default 1 s is still >100x the broadcast's p99 at 8 CPUs.
 MQTT_SHARE = 0.25
+# A failed delivery (a lost message, a CPU restarting) is sent again: a flush is idempotent
+# by generation. Unary: after a short backoff; stream: after this share of the deadline.
+REDELIVER_BACKOFF_S = (0.01, 0.1)
+STREAM_RESEND_SHARE = 0.05
+# A restarted coordinator knows no CPU. A target it does not know may still run with its
+# TLB until its lease runs out (services/common/chaos.py): it is waited for (to register
+# and take the flush) until this long after our start, and only then counted as fenced.
+UNKNOWN_TARGET_WAIT_S = LEASE_S + LEASE_MARGIN_S
+# Fencing a live target is complete only once it cannot be using its TLB any more: it
+# registered again (it flushes first), or its lease — renewed by the last heartbeat we
+# answered unfenced — ran out (+ LEASE_MARGIN_S).
 
 
 @dataclasses.dataclass
@@ -43,6 +58,25 @@ class CpuLink:
     stub: cpu_pb2_grpc.CpuServiceStub
     fenced: bool = False
     stream: asyncio.Queue | None = None  # flushes to push on the CPU's attached stream
+    renewed: float = dataclasses.field(default_factory=time.monotonic)  # lease: last unfenced answer
+    rejoined: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # after a fence
+
+    def fence(self) -> None:
+        if not self.fenced:
+            self.fenced = True
+            self.rejoined = asyncio.Event()
+
+    def unfence(self) -> None:
+        self.fenced = False
+        self.renewed = time.monotonic()
+        self.rejoined.set()
+
+    async def settled(self) -> None:
+        """Until the fenced CPU cannot use its TLB: it re-registered, or its lease ran out."""
+        left = self.renewed + LEASE_S + LEASE_MARGIN_S - time.monotonic()
+        if self.fenced and left > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.rejoined.wait(), left)
 
 
 @dataclasses.dataclass
@@ -54,7 +88,9 @@ class CoordinatorStats:
     deadline_misses: int = 0
     fallbacks: int = 0    # mqtt: targets reached by the gRPC fallback
     broker_down: int = 0  # mqtt: shootdowns sent over gRPC because the broker was down
-    latency_s: list[float] = dataclasses.field(default_factory=list)
+    redeliveries: int = 0     # flushes sent again after a failed delivery
+    unknown_targets: int = 0  # targets not registered when their shootdown came
+    latency_s: Samples = dataclasses.field(default_factory=Samples)
 
 
 class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -67,6 +103,15 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.links: dict[int, CpuLink] = {}
         self.memory_address = ""
         self.stats = CoordinatorStats()
+        # The run's memory epoch, handed to CPUs at registration; `configured` once a run
+        # (or, after a restart of ours, the memory service's announcement) set the policy.
+        self.epoch = 0
+        self.configured = False
+        self.started = time.monotonic()
+        # CPUs a shootdown counted as fenced while we did not know them: at registration
+        # they are told to flush everything first.
+        self.owes_flush: set[int] = set()
+        self._arrivals: dict[int, asyncio.Event] = {}  # unknown targets awaited
         self._acks: dict[tuple[int, int], asyncio.Future] = {}  # (shootdown id, cpu)
         self._ping_ids = iter(range(1 << 62, 1 << 63))
         # Metrics: labelled counts for the process's lifetime (runs reset `stats`, not
@@ -106,29 +151,52 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
                                      "--mqtt-url (or `tlbsim up --mqtt`)")
         self.policy = policy
         self.stats = CoordinatorStats()
+        self.epoch, self.configured = request.epoch, True
         return pb.CoordinatorResetResponse()
 
     @rpc
     async def Register(self, request, context):
         if not request.address:
             raise InvalidArgument("register: the CPU's address is empty")
+        owes = request.cpu in self.owes_flush
+        self.owes_flush.discard(request.cpu)
         old = self.links.get(request.cpu)
         if old is not None and old.address == request.address:
-            old.fenced = False  # the CPU flushed everything before re-registering
-            return pb.RegisterResponse()
-        if old is not None:
-            await old.channel.close()
-        ch = channel(request.address)
-        self.links[request.cpu] = CpuLink(request.cpu, request.address, ch,
-                                          cpu_pb2_grpc.CpuServiceStub(ch))
-        log.info("cpu %d registered at %s", request.cpu, request.address)
-        return pb.RegisterResponse()
+            link = old
+        else:
+            if old is not None:
+                old.unfence()  # the process is gone: it cannot use any TLB
+                await old.channel.close()
+            ch = channel(request.address)
+            link = self.links[request.cpu] = CpuLink(request.cpu, request.address, ch,
+                                                     cpu_pb2_grpc.CpuServiceStub(ch))
+            log.info("cpu %d registered at %s", request.cpu, request.address)
+        if owes:
+            link.fence()
+        else:
+            link.unfence()  # it flushed everything before re-registering
+        arrival = self._arrivals.pop(request.cpu, None)
+        if arrival is not None:
+            arrival.set()
+        # Owing a flush: the CPU flushes its whole TLB and registers again (unfenced then).
+        return pb.RegisterResponse(fenced=owes, epoch=self.epoch)
 
     @rpc
     async def RegisterMemory(self, request, context):
         if not request.address:
             raise InvalidArgument("register: the memory service's address is empty")
         self.memory_address = request.address
+        if not self.configured and request.HasField("policy"):
+            # We restarted and lost the run's policy: the memory service still has it.
+            self.policy = Policy.from_proto(request.policy)
+            self.epoch, self.configured = request.epoch, True
+            log.warning("adopted the running policy and epoch %d from the memory service",
+                        request.epoch)
+        elif request.epoch != self.epoch and request.epoch >> 32 != self.epoch >> 32:
+            if self.epoch:
+                log.warning("memory service restarted (epoch %d -> %d): the run is lost",
+                            self.epoch, request.epoch)
+                self.epoch = request.epoch  # log it once; CPUs already hold the old one
         return pb.RegisterMemoryResponse()
 
     @rpc
@@ -136,6 +204,8 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         link = self.links.get(request.cpu)
         if link is None:
             raise NotFound(f"cpu {request.cpu} is not registered")
+        if not link.fenced:
+            link.renewed = time.monotonic()  # its lease runs on
         return pb.HeartbeatResponse(fenced=link.fenced)
 
     async def Attach(self, request_iterator, context) -> AsyncIterator[common_pb2.FlushRequest]:
@@ -235,48 +305,122 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
     # --- delivery ------------------------------------------------------------------------
     async def _deliver(self, link: CpuLink, flush: common_pb2.FlushRequest, transport: str,
                        timeout: float) -> common_pb2.FlushAck | None:
-        """One flush to one CPU; None if it did not acknowledge in time."""
+        """One flush to one CPU, delivered again while it fails (a flush is idempotent:
+        a CPU that has it already elides it by generation); None if no ack came in time."""
+        loop = asyncio.get_running_loop()
+        t_end = loop.time() + timeout
+        backoff = REDELIVER_BACKOFF_S[0]
+        error: object = "timeout"
+        first = True
+        while first or loop.time() < t_end:
+            if not first:
+                self.stats.redeliveries += 1
+            first = False
+            left = max(0.0, t_end - loop.time())
+            try:
+                if transport == "stream" and link.stream is not None:
+                    return await self._deliver_stream(link, flush, left)
+                # Unary, and the stream transport's path to a CPU with no stream open.
+                # wait_for_ready: a CPU restarting is waited for, up to the deadline.
+                return await link.stub.Flush(flush, timeout=left, wait_for_ready=True)
+            except asyncio.TimeoutError:
+                error = "timeout"  # the stream: resend
+            except grpc.aio.AioRpcError as e:
+                error = e.code()
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    break
+                await asyncio.sleep(min(backoff, max(0.0, t_end - loop.time())))
+                backoff = min(2 * backoff, REDELIVER_BACKOFF_S[1])
+        log.warning("cpu %d missed shootdown %d: %s", link.cpu, flush.shootdown_id, error)
+        return None
+
+    async def _deliver_stream(self, link: CpuLink, flush: common_pb2.FlushRequest,
+                              left: float) -> common_pb2.FlushAck:
+        """Push the flush on the CPU's stream; wait a share of the deadline for the ack
+        (TimeoutError: send it again)."""
+        key = (flush.shootdown_id, link.cpu)
+        future = self._acks.get(key)
+        if future is None or future.done():
+            future = self._acks[key] = asyncio.get_running_loop().create_future()
+        link.stream.put_nowait(flush)
+        wait = min(left, max(0.05, self.policy.deadline_s * STREAM_RESEND_SHARE))
         try:
-            if transport == "stream" and link.stream is not None:
-                future = asyncio.get_running_loop().create_future()
-                self._acks[(flush.shootdown_id, link.cpu)] = future
-                link.stream.put_nowait(flush)
-                try:
-                    return await asyncio.wait_for(future, timeout)
-                finally:
-                    self._acks.pop((flush.shootdown_id, link.cpu), None)
-            # Unary, and the stream transport's path to a CPU with no stream open.
-            # wait_for_ready: a CPU restarting is waited for, up to the deadline.
-            return await link.stub.Flush(flush, timeout=timeout, wait_for_ready=True)
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError) as e:
-            log.warning("cpu %d missed shootdown %d: %s", link.cpu, flush.shootdown_id,
-                        getattr(e, "code", lambda: "timeout")())
+            ack = await asyncio.wait_for(asyncio.shield(future), wait)
+        except asyncio.TimeoutError:
+            if wait >= left:
+                self._acks.pop(key, None)
+            raise
+        self._acks.pop(key, None)
+        return ack
+
+    async def _await_unknown(self, cpu: int, flush: common_pb2.FlushRequest,
+                             deadline: float) -> common_pb2.FlushAck | None:
+        """A target we do not know (we restarted): wait for it to register, then deliver;
+        None (fenced, and told to flush at registration) if it does not come in time."""
+        loop = asyncio.get_running_loop()  # its clock is time.monotonic(), as self.started
+        # It may run with its old TLB until its lease expires: wait at least that long.
+        give_up = max(loop.time() + deadline, self.started + UNKNOWN_TARGET_WAIT_S)
+        if cpu not in self.links:
+            arrival = self._arrivals.setdefault(cpu, asyncio.Event())  # set by Register
+            try:
+                await asyncio.wait_for(arrival.wait(), max(0.0, give_up - loop.time()))
+            except asyncio.TimeoutError:
+                pass
+        if cpu not in self.links:
+            self.owes_flush.add(cpu)
             return None
+        link = self.links[cpu]
+        if link.fenced:
+            return None
+        # Late (past the flush's deadline) it still goes: the CPU then fences itself.
+        return await self._deliver(link, flush, "grpc", max(0.5, give_up - loop.time()))
 
     @rpc
     async def Shootdown(self, request, context):
         t0 = time.perf_counter()
+        if len(request.targets) > MAX_TARGETS:
+            raise InvalidArgument(f"shootdown: {len(request.targets)} targets, at most "
+                                  f"{MAX_TARGETS} CPUs")
         flush = common_pb2.FlushRequest()
         flush.CopyFrom(request.flush)
-        deadline = self.policy.deadline_s
-        flush.deadline_unix_s = time.time() + deadline
+        # The memory service fixes the deadline (a retried shootdown keeps it); a caller
+        # that does not gets the policy's.
+        if not flush.deadline_unix_s:
+            flush.deadline_unix_s = time.time() + self.policy.deadline_s
+        # Never longer than the policy's: a far-future (or infinite) deadline_unix_s
+        # must not hold the call open for ever.
+        deadline = min(max(0.0, flush.deadline_unix_s - time.time()), self.policy.deadline_s)
         live = [self.links[c] for c in request.targets
                 if c in self.links and not self.links[c].fenced]
         fenced = sorted({c for c in request.targets
-                         if c not in self.links or self.links[c].fenced})
+                         if c in self.links and self.links[c].fenced})
+        unknown = sorted({c for c in request.targets if c not in self.links})
+        # Targets fenced before or during this shootdown: it completes once they settle.
+        missed = [self.links[c] for c in fenced]
+        self.stats.unknown_targets += len(unknown)
+        waits = asyncio.gather(*(self._await_unknown(c, flush, deadline) for c in unknown))
         if self.policy.transport == "mqtt":
             replies = await self._deliver_mqtt(live, flush, deadline)
         else:
             replies = await asyncio.gather(*(self._deliver(l, flush, self.policy.transport,
                                                            deadline) for l in live))
+        for cpu, ack in zip(unknown, await waits):
+            if cpu in self.links:  # it registered meanwhile: an ack, or a miss (below)
+                live.append(self.links[cpu])
+                replies.append(ack)
+            else:
+                fenced.append(cpu)  # told to flush when it registers
         acks = []
         for link, ack in zip(live, replies):
             if ack is None:
-                link.fenced = True  # it must flush everything and re-register
+                link.fence()  # it must flush everything and re-register
                 self.stats.deadline_misses += 1
                 fenced.append(link.cpu)
+                missed.append(link)
             else:
                 acks.append(ack)
+        # Frames may be freed only once no fenced target can still be using its TLB.
+        await asyncio.gather(*(link.settled() for link in missed))
         latency = time.perf_counter() - t0
         s = self.stats
         s.shootdowns += 1
@@ -295,6 +439,12 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
                      common_pb2.TRANSPORT_MQTT: "mqtt"}.get(request.transport)
         if transport is None:
             raise InvalidArgument("ping fan-out: choose the grpc, stream or mqtt transport")
+        if len(request.targets) > MAX_TARGETS:
+            raise InvalidArgument(f"ping fan-out: {len(request.targets)} targets, at most "
+                                  f"{MAX_TARGETS}")
+        if request.rounds > MAX_PING_ROUNDS:  # found by fuzzing: 2^32 rounds of nothing
+            raise InvalidArgument(f"ping fan-out: {request.rounds} rounds, at most "
+                                  f"{MAX_PING_ROUNDS}")  # held the event loop for hours
         if transport == "mqtt" and (self.mqtt is None or not self.mqtt.connected):
             raise FailedPrecondition("ping fan-out: no MQTT broker connected")
         missing = [c for c in request.targets if c not in self.links]
@@ -335,7 +485,8 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
             fenced_cpus=sorted(c for c, l in self.links.items() if l.fenced),
             latency_s=common_pb2.Percentiles(p50=p50, p99=p99, count=n),
             cpus_online=sum(not l.fenced for l in self.links.values()),
-            fallbacks=s.fallbacks, broker_down=s.broker_down)
+            fallbacks=s.fallbacks, broker_down=s.broker_down, redeliveries=s.redeliveries,
+            unknown_targets=s.unknown_targets)
 
     # --- metrics ---------------------------------------------------------------------------
     def _count_shootdown(self, request, sent: int, elided: int, missed: int,

@@ -9,12 +9,16 @@ heartbeat; when fenced, flush everything and register again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from array import array
 
 import grpc
 
-from services.common.addresses import vpn_of
+from services.common.addresses import USER_VA_END, vpn_of
+from services.common.costmodel import CostModel
+from services.common.chaos import LEASE_S, FaultCounts, FaultPlan, epoch_metadata
 from services.common.errors import InvalidArgument
 from services.common.metrics import histogram, labelled, node_registry
 from services.common.mqtt import MqttLink, MqttUrl
@@ -33,6 +37,7 @@ MISS = {memory_pb2.MISS_OUTCOME_WALKED: "walked", memory_pb2.MISS_OUTCOME_FAULT_
         memory_pb2.MISS_OUTCOME_FAULT_COW: "cow", memory_pb2.MISS_OUTCOME_FAULT_PROT: "prot",
         memory_pb2.MISS_OUTCOME_SEGV: "segv", memory_pb2.MISS_OUTCOME_SWAP_IN: "swapin"}
 HEARTBEAT_S = 0.25
+HEARTBEAT_TIMEOUT_S = 0.5  # a heartbeat or registration slower than this failed (lease)
 RPC_TIMEOUT_S = 30.0
 MAX_ACCESSES = 1 << 20  # per request: bounded work and memory
 
@@ -47,6 +52,18 @@ class _Miss:
         self.local_flushes = r.local_flushes
 
 
+def reachable(fn):
+    """A partitioned CPU (chaos) answers nothing: every RPC but Chaos is refused."""
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        if self.plan.partitioned:
+            self.faults.calls_refused += 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"cpu {self.id} is unreachable (chaos partition)")
+        return await fn(self, request, context)
+    return wrapper
+
+
 class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     service_names = (pb.DESCRIPTOR.services_by_name["CpuService"].full_name,)
 
@@ -56,9 +73,16 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         self.mqtt_url = MqttUrl.parse(mqtt_url) if mqtt_url else None
         self.mqtt: MqttLink | None = None  # the mqtt transport: broadcast flushes
         self.core = CpuCore(cpu_id, p.tlb_entries, p.tlb_ways)
+        self.cost_model = p.cost_model  # the run's, from Reset: prices the modelled-time metric
         self.memory_address = memory
         self.coordinator_address = coordinator
         self.address = ""
+        self.epoch = 0  # the memory epoch this CPU's state belongs to (Reset, registration)
+        self.plan = FaultPlan()  # chaos: what this CPU does wrong on purpose
+        self.faults = FaultCounts()
+        self._reachable = asyncio.Event()  # cleared while partitioned: nothing goes out
+        self._reachable.set()
+        self._last_contact: float | None = None  # when the last answered heartbeat was sent
         self._exec = asyncio.Lock()  # one task at a time
         self._tasks: list[asyncio.Task] = []
         self._channels: list[grpc.aio.Channel] = []
@@ -88,7 +112,8 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         self._channels = [mem, coord]
         self.memory = memory_pb2_grpc.MemoryServiceStub(mem)
         self.coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(coord)
-        self._tasks = [asyncio.create_task(self._membership())]
+        self._tasks = [asyncio.create_task(self._membership()),
+                       asyncio.create_task(self._lease_watchdog())]
         if self.mqtt_url is not None:
             self.mqtt = MqttLink(self.mqtt_url, f"cpu{self.id}", [self.mqtt_url.shootdown_topic],
                                  self._on_broadcast, "flushes arrive by the gRPC fallback")
@@ -104,9 +129,21 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             await ch.close()
 
     async def _register(self) -> None:
-        await self.coordinator.Register(
-            coordinator_pb2.RegisterRequest(cpu=self.id, address=self.address),
-            timeout=RPC_TIMEOUT_S, wait_for_ready=True)
+        """Register; a coordinator that counted us fenced while it did not know us (it
+        restarted) says so: flush everything, then register again."""
+        while True:
+            sent = asyncio.get_running_loop().time()
+            r = await self.coordinator.Register(
+                coordinator_pb2.RegisterRequest(cpu=self.id, address=self.address),
+                timeout=HEARTBEAT_TIMEOUT_S * 4, wait_for_ready=True)
+            if not self.epoch:  # a fresh process learns the run's memory epoch
+                self.epoch = r.epoch
+            if not r.fenced:
+                break
+            log.warning("cpu %d missed a shootdown while unregistered: flushing the TLB",
+                        self.id)
+            self.core.fence()
+        self._last_contact = sent
         self.core.fenced = False
 
     async def _membership(self) -> None:
@@ -114,12 +151,17 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         stream: asyncio.Task | None = None
         while True:
             try:
+                await self._reachable.wait()  # a partitioned CPU sends nothing
                 await self._register()
                 stream = asyncio.create_task(self._attach())
                 while not stream.done():
+                    await self._reachable.wait()
+                    sent = asyncio.get_running_loop().time()
                     beat = await self.coordinator.Heartbeat(
-                        coordinator_pb2.HeartbeatRequest(cpu=self.id), timeout=5)
-                    if beat.fenced:
+                        coordinator_pb2.HeartbeatRequest(cpu=self.id),
+                        timeout=HEARTBEAT_TIMEOUT_S)
+                    self._last_contact = sent
+                    if beat.fenced or self.core.fenced:  # told, or our lease ran out
                         log.warning("cpu %d fenced: flushing the TLB and re-registering", self.id)
                         self.core.fence()
                         await self._register()
@@ -130,6 +172,26 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             finally:
                 if stream is not None:
                     stream.cancel()
+
+    async def _lease_watchdog(self) -> None:
+        """No heartbeat answered for LEASE_S: flush everything and stop executing until
+        registered again (services/common/chaos.py says why a restarted coordinator
+        relies on it). A wake-up that came late means this loop was blocked — so was
+        every CPU on it — and the heartbeat gets another chance first."""
+        loop = asyncio.get_running_loop()
+        grace_until = 0.0
+        while True:
+            before = loop.time()
+            await asyncio.sleep(HEARTBEAT_S / 2)
+            if loop.time() - before > HEARTBEAT_S * 2:
+                grace_until = loop.time() + HEARTBEAT_TIMEOUT_S  # within LEASE_MARGIN_S
+            if loop.time() < grace_until:
+                continue
+            if self._last_contact is not None and not self.core.fenced and \
+                    loop.time() - self._last_contact > LEASE_S:
+                log.warning("cpu %d: no heartbeat answered for %.1f s; flushing the TLB",
+                            self.id, loop.time() - self._last_contact)
+                self.core.fence()
 
     async def _attach(self) -> None:
         """The stream transport: flushes arrive on one stream, acks go back on it."""
@@ -142,7 +204,13 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
 
         call = self.coordinator.Attach(outgoing())
         async for flush in call:
-            acks.put_nowait(self._flush(flush))
+            ack = self._delivered(flush)
+            if ack is None:
+                continue  # lost (chaos)
+            if self.plan.ack_delay_s:
+                self._later(self.plan.ack_delay_s, acks.put_nowait, ack)
+            else:
+                acks.put_nowait(ack)
 
     # --- flushes -------------------------------------------------------------------------
     def _flush(self, f: common_pb2.FlushRequest) -> common_pb2.FlushAck:
@@ -156,9 +224,54 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         return common_pb2.FlushAck(shootdown_id=f.shootdown_id, cpu=self.id,
                                    outcome=OUTCOME[outcome], entries_removed=removed)
 
+    def _delivered(self, f: common_pb2.FlushRequest) -> common_pb2.FlushAck | None:
+        """A flush as delivered under the fault plan: None when it is lost on the way
+        (partitioned, or dropped) — nothing applied, nothing acked."""
+        if self.plan.partitioned or self.plan.drops():
+            self.faults.deliveries_dropped += not self.plan.partitioned
+            return None
+        if self.plan.ack_delay_s:
+            self.faults.acks_delayed += 1
+        return self._flush(f)
+
+    def _later(self, delay: float, fn, *args) -> None:
+        """chaos: an ack held back (the flush itself was applied at once)."""
+        asyncio.get_running_loop().call_later(delay, fn, *args)
+
+    @reachable
     @rpc
     async def Flush(self, request, context):
-        return self._flush(request)
+        ack = self._delivered(request)
+        if ack is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"cpu {self.id}: flush delivery lost (chaos)")
+        if self.plan.ack_delay_s:
+            await asyncio.sleep(self.plan.ack_delay_s)
+        return ack
+
+    @rpc
+    async def Chaos(self, request, context):
+        """Replace the fault plan. Healing a partition first asks the coordinator whether
+        we were fenced meanwhile (flushing if so), and only then lets work go on."""
+        plan = FaultPlan(ack_delay_s=request.ack_delay_s, drop_fraction=request.drop_fraction,
+                         partitioned=request.partitioned, seed=request.seed)  # validates
+        was_partitioned, self.plan = self.plan.partitioned, plan
+        if plan.partitioned:
+            self._reachable.clear()
+        elif was_partitioned:
+            try:
+                beat = await self.coordinator.Heartbeat(
+                    coordinator_pb2.HeartbeatRequest(cpu=self.id), timeout=HEARTBEAT_TIMEOUT_S)
+                if beat.fenced:
+                    self.core.fence()
+            except grpc.aio.AioRpcError:
+                self.core.fence()  # cannot tell: assume the worst
+            self._reachable.set()
+        log.warning("cpu %d chaos: %s", self.id, plan.describe())
+        f = self.faults
+        return pb.ChaosResponse(acks_delayed=f.acks_delayed,
+                                deliveries_dropped=f.deliveries_dropped,
+                                calls_refused=f.calls_refused)
 
     async def _on_broadcast(self, message) -> None:
         """The mqtt transport: a shootdown for a target set. Not ours: ignore it. Ours: the
@@ -166,21 +279,30 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         shootdown = coordinator_pb2.ShootdownRequest.FromString(message.payload)
         if self.id not in shootdown.targets:
             return
-        ack = self._flush(shootdown.flush)
+        ack = self._delivered(shootdown.flush)
+        if ack is None:
+            return  # lost (chaos)
         # The ack goes at the broadcast's QoS: the run's --mqtt-qos governs both ways.
-        self.mqtt.publish_soon(self.mqtt_url.ack_topic, ack.SerializeToString(), message.qos)
+        publish = functools.partial(self.mqtt.publish_soon, self.mqtt_url.ack_topic,
+                                    ack.SerializeToString(), message.qos)
+        if self.plan.ack_delay_s:
+            self._later(self.plan.ack_delay_s, publish)
+        else:
+            publish()
 
     # --- tasks ---------------------------------------------------------------------------
+    @reachable
     @rpc
     @completes
     async def SwitchMm(self, request, context):
         async with self._exec:
             if self.core.fenced:
                 self.core.require_runnable()
-            r = await self.memory.SwitchMm(
-                memory_pb2.MemSwitchMmRequest(cpu=self.id, mm=request.mm), timeout=RPC_TIMEOUT_S)
+            r = await self._to_memory(self.memory.SwitchMm,
+                memory_pb2.MemSwitchMmRequest(cpu=self.id, mm=request.mm))
             return pb.SwitchMmResponse(flushed=self.core.switch(request.mm, r.tlb_gen, r.lazy))
 
+    @reachable
     @rpc
     @completes
     async def Access(self, request, context):
@@ -189,16 +311,18 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             raise InvalidArgument(f"{n} accesses in one request: at most {MAX_ACCESSES}")
         if request.writes and len(request.writes) != n:
             raise InvalidArgument(f"writes has {len(request.writes)} flags for {n} addresses")
-        vpns = [vpn_of(a) for a in request.addresses]
+        addresses = array("Q", request.addresses)
+        if n and max(addresses) >= USER_VA_END:
+            for a in addresses:
+                vpn_of(a)  # raises, naming the first bad address
         async with self._exec:
             mm = self.core.require_runnable()
             fault_latency: list[float] = []
 
             async def miss(vpn: int, write: bool):
                 t0 = time.perf_counter()
-                r = await self.memory.HandleMiss(
-                    memory_pb2.HandleMissRequest(cpu=self.id, mm=mm, vpn=vpn, write=write),
-                    timeout=RPC_TIMEOUT_S)
+                r = await self._to_memory(self.memory.HandleMiss,
+                    memory_pb2.HandleMissRequest(cpu=self.id, mm=mm, vpn=vpn, write=write))
                 self._walked("miss", t0)
                 if r.outcome in (memory_pb2.MISS_OUTCOME_FAULT_ANON,
                                  memory_pb2.MISS_OUTCOME_FAULT_COW,
@@ -208,13 +332,13 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
 
             async def walk(batch: list[int]):
                 t0 = time.perf_counter()
-                r = await self.memory.Walk(memory_pb2.WalkRequest(cpu=self.id, mm=mm, vpns=batch),
-                                           timeout=RPC_TIMEOUT_S)
+                r = await self._to_memory(self.memory.Walk,
+                    memory_pb2.WalkRequest(cpu=self.id, mm=mm, vpns=batch))
                 self._walked("batch", t0)
                 return [(p.pfn, p.writable, p.tid) if p.present else None for p in r.ptes]
 
             try:
-                s = await self.core.run_accesses(vpns, request.writes, miss, walk,
+                s = await self.core.run_accesses(addresses, request.writes, miss, walk,
                                                  request.stop_on_segv)
             finally:
                 await self._report_hits()
@@ -222,27 +346,34 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                                      faults=s.faults, segv=s.segv,
                                      fault_latency_s=fault_latency)
 
-    async def _report_hits(self) -> None:
-        words, times = self.core.take_hits()
-        if words:
-            await self.memory.ReportAccesses(
-                memory_pb2.ReportAccessesRequest(cpu=self.id, tids=words, times=times),
-                timeout=RPC_TIMEOUT_S)
+    async def _to_memory(self, method, request):
+        """Every call to the memory service: none leaves a partitioned CPU (it waits, as
+        a real partition would hold it), and each names the epoch our state belongs to."""
+        if not self._reachable.is_set():
+            await self._reachable.wait()
+        return await method(request, timeout=RPC_TIMEOUT_S, metadata=epoch_metadata(self.epoch))
 
+    async def _report_hits(self) -> None:
+        words, runs = self.core.take_hits()
+        if words:
+            await self._to_memory(self.memory.ReportAccesses,
+                memory_pb2.ReportAccessesRequest(cpu=self.id, tids=words, runs=runs))
+
+    @reachable
     @rpc
     @completes
     async def Syscall(self, request, context):
         async with self._exec:
             mm = self.core.require_runnable()
-            r = await self.memory.Syscall(
-                memory_pb2.MemSyscallRequest(cpu=self.id, mm=mm, call=request),
-                timeout=RPC_TIMEOUT_S)
+            r = await self._to_memory(self.memory.Syscall,
+                memory_pb2.MemSyscallRequest(cpu=self.id, mm=mm, call=request))
             for f in r.local_flushes:  # the initiator flushes itself
                 self.core.apply_flush(f)
             if request.WhichOneof("call") == "exit":
                 self.core.switch(0, 0)
             return r.result
 
+    @reachable
     @rpc
     async def DumpTlb(self, request, context):
         c = self.core
@@ -253,13 +384,18 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             entries=[pb.TlbEntry(mm=mm, vpn=vpn, pfn=e.pfn, writable=e.writable, tid=e.tid)
                      for mm, vpn, e in c.tlb.entries()])
 
+    @reachable
     @rpc
     async def Reset(self, request, context):
-        p = Policy(tlb_entries=request.tlb_entries, tlb_ways=request.tlb_ways)  # validates
+        p = Policy(tlb_entries=request.tlb_entries, tlb_ways=request.tlb_ways,
+                   cost_model=CostModel.from_proto(request.cost_model))  # validates
         async with self._exec:
             self.core.reset(p.tlb_entries, p.tlb_ways)
+            self.epoch = request.epoch or self.epoch
+            self.cost_model = p.cost_model
         return pb.CpuResetResponse()
 
+    @reachable
     async def Ping(self, request, context):
         return pb.PingResponse(payload=request.payload)
 
@@ -273,7 +409,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     def _geometry(self) -> Policy:
         """What the CPU knows of the run's policy: its TLB's shape (build info)."""
         t = self.core.tlb
-        return _TlbShape(t.nsets * t.ways, t.ways)
+        return _TlbShape(t.nsets * t.ways, t.ways, self.cost_model)
 
     def _metrics(self):
         """Read at scrape time. Counters restart when a run resets the CPU (a new TLB)."""
@@ -300,11 +436,18 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                        [((cpu, k), n) for k, n in self.walks.items()])
         yield labelled("gauge", "tlbsim_cpu_fenced", "1 while the CPU is fenced", ["cpu"],
                        [((cpu,), int(self.core.fenced))])
+        f = self.faults
+        yield labelled("counter", "tlbsim_chaos_faults",
+                       "Faults this CPU injected into itself (chaos), by kind", ["cpu", "kind"],
+                       [((cpu, "ack_delayed"), f.acks_delayed),
+                        ((cpu, "delivery_dropped"), f.deliveries_dropped),
+                        ((cpu, "call_refused"), f.calls_refused)])
 
 
 class _TlbShape:
-    def __init__(self, entries: int, ways: int):
-        self.entries, self.ways = entries, ways
+    def __init__(self, entries: int, ways: int, cost_model: CostModel):
+        self.entries, self.ways, self.cost_model = entries, ways, cost_model
 
     def as_dict(self) -> dict:
-        return {"tlb_entries": self.entries, "tlb_ways": self.ways}
+        return {"tlb_entries": self.entries, "tlb_ways": self.ways,
+                "cost_model": self.cost_model.name}

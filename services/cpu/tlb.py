@@ -15,7 +15,11 @@ from __future__ import annotations
 import dataclasses
 from array import array
 from collections import OrderedDict
-from typing import Callable, Iterator, NamedTuple, Sequence
+from itertools import compress
+from operator import or_
+from typing import Iterator, NamedTuple, Sequence
+
+from services.common.addresses import PAGE_SHIFT
 
 
 class Entry(NamedTuple):
@@ -81,18 +85,63 @@ class Tlb:
         self.counters.hits += 1
         return slot.entry
 
-    def hits_from(self, mm: int, vpns: Sequence[int], writes: Sequence[int], start: int,
-                  words: array, times: array, clock: Callable[[], int]) -> int:
-        """The hot path: from vpns[start], serve every access that hits a live entry
-        permitting it, recording (tid << 1 | write, time) for the oracle; stop at the
-        first that does not and return its index (len(vpns) if none). `lookup`'s work,
-        inlined, because it runs once per simulated memory access."""
+    def hits_from(self, mm: int, addresses: Sequence[int], writes: Sequence[int], start: int,
+                  stop: int, words: array) -> int:
+        """The hot path: from addresses[start] up to addresses[stop] (byte addresses),
+        serve every access that hits a live entry permitting it, recording
+        tid << 1 | write for the oracle; stop at the first that does not and return
+        its index (`stop` if none)."""
+        chunk = addresses[start:stop]
+        written = writes[start:stop] if writes else b""
+        served = self._serve_all(mm, chunk, written, words)
+        if served < len(chunk):  # the accesses before the first non-hit were served
+            return self._serve_each(mm, addresses, writes, start + served, stop, words)
+        return stop
+
+    def _serve_all(self, mm: int, addresses: Sequence[int], writes: Sequence[int],
+                   words: array) -> int:
+        """Serve a run of accesses that all hit in one go: each distinct address is
+        looked up once, then its page moved in its set's LRU order as one access after
+        another would have left it. If some would not hit, serve only the accesses
+        before the first of them; return how many were served."""
         sets, nsets, epoch = self._sets, self.nsets, self._epoch.get(mm, 0)
         spread = mm * 0x9E3779B1
-        record_word, record_time = words.append, times.append
-        i, n = start, len(vpns)
-        while i < n:
-            vpn = vpns[i]
+        written = set(compress(addresses, writes)) if writes else ()
+        latest_first = list(dict.fromkeys(reversed(addresses)))  # by last access, newest first
+        word: dict[int, int] = {}
+        lru: list[tuple[OrderedDict, tuple[int, int]]] = []
+        failing: list[int] = []
+        for address in latest_first:
+            vpn = address >> PAGE_SHIFT
+            key = (mm, vpn)
+            s = sets[(vpn ^ spread) % nsets]
+            slot = s.get(key)
+            if slot is None or slot.epoch != epoch or \
+                    (address in written and not slot.entry.writable):
+                failing.append(address)
+            else:
+                word[address] = slot.entry.tid << 1
+                lru.append((s, key))
+        if failing:
+            first = min(addresses.index(a) for a in failing)
+            return self._serve_all(mm, addresses[:first], writes[:first], words) if first else 0
+        for s, key in reversed(lru):  # oldest last access first: the newest ends up last
+            s.move_to_end(key)
+        served = map(word.__getitem__, addresses)
+        words.extend(map(or_, served, writes) if writes else served)
+        self.counters.hits += len(addresses)
+        return len(addresses)
+
+    def _serve_each(self, mm: int, addresses: Sequence[int], writes: Sequence[int],
+                    start: int, stop: int, words: array) -> int:
+        """`hits_from` one access at a time (`lookup`'s work, inlined), up to the first
+        access that does not hit."""
+        sets, nsets, epoch = self._sets, self.nsets, self._epoch.get(mm, 0)
+        spread = mm * 0x9E3779B1
+        record = words.append
+        i = start
+        while i < stop:
+            vpn = addresses[i] >> PAGE_SHIFT
             key = (mm, vpn)
             s = sets[(vpn ^ spread) % nsets]
             slot = s.get(key)
@@ -102,8 +151,7 @@ class Tlb:
             if write and not slot.entry.writable:
                 break
             s.move_to_end(key)
-            record_word(slot.entry.tid << 1 | write)
-            record_time(clock())
+            record(slot.entry.tid << 1 | write)
             i += 1
         self.counters.hits += i - start
         return i

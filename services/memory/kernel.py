@@ -21,11 +21,12 @@ import dataclasses
 import itertools
 import time
 import contextlib
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 from services.common.addresses import PTRS_PER_TABLE, USER_VPN_END, page_range
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from services.common.policy import SPLIT_LOCKS, Policy
+from services.common.stats import COUNT_BUCKETS, Samples
 from services.memory.frames import Frames
 from services.memory.gather import FlushSpec, Gather, capacity
 from services.memory.locks import LockClass, LockStats, LockValidator, OpContext, SimLock
@@ -35,6 +36,9 @@ from services.memory.oracle import Oracle, Revokes
 from services.memory.pagetable import (PageTable, make_pte, present_ptes, pte_pfn, pte_writable,
                                        swapped_ptes, walk)
 
+# One populating mmap faults in at most this many pages (~6 s, ~300 MiB): bounded work
+# per request, like every other call (munmap and friends walk only populated tables).
+MAX_POPULATE_PAGES = 1 << 20
 DEFAULT_FRAMES = 1 << 24  # 64 GiB of simulated memory; arrays grow only as frames are used
 UNSAFE_IPI_DELAY_S = 0.005  # free-before-flush: how long the freed frames stay in use
 
@@ -102,16 +106,20 @@ class KernelStats:
     swap_ins: int = 0
     reclaim_shootdowns: int = 0
     reclaim_ipis: int = 0
-    fault_latency_s: list[float] = dataclasses.field(default_factory=list)
-    munmap_latency_s: list[float] = dataclasses.field(default_factory=list)
-    fork_latency_s: list[float] = dataclasses.field(default_factory=list)
+    fault_latency_s: Samples = dataclasses.field(default_factory=Samples)
+    munmap_latency_s: Samples = dataclasses.field(default_factory=Samples)
+    fork_latency_s: Samples = dataclasses.field(default_factory=Samples)
     audit_violations: int = 0
     # Metrics, read at scrape time: frames off the page tables not yet freed (their
     # shootdown in flight, or the table lock not yet dropped); per flush, how long its
     # frames waited since the gather opened, with how many frames; PTEs each flush covers.
     frames_pending_free: int = 0
-    flush_waits: list[tuple[float, int]] = dataclasses.field(default_factory=list)
-    flush_pages: list[int] = dataclasses.field(default_factory=list)
+    # Frames freed while the shootdown covering them had not completed (a target neither
+    # acked nor was fenced): the unsafe order's signature; 0 for every safe policy.
+    frames_freed_without_ack: int = 0
+    flush_waits: Samples = dataclasses.field(default_factory=Samples)  # weighted by frames
+    flush_pages: Samples = dataclasses.field(default_factory=lambda: Samples(COUNT_BUCKETS))
+    range_pages: int = 0          # pages named by ranged shootdowns (broadcast invalidations)
 
 
 class _Zap:
@@ -146,6 +154,9 @@ class Kernel:
         self.low_watermark, self.high_watermark = watermarks(frames)
         self._reclaiming = asyncio.Lock()  # one reclaimer at a time; not a page-table lock
         self._pending_local: dict[int, list[FlushOrder]] = {}
+        # Frames whose covering shootdown has not completed, by pfn (a count: one frame
+        # may be in two flushes at once, e.g. a page table and a reclaim batch).
+        self._unflushed: collections.Counter = collections.Counter()
         self._mm_ids = itertools.count(1)
         self._table_uids = itertools.count(1)
         self._shootdown_ids = itertools.count(1)
@@ -254,6 +265,8 @@ class Kernel:
     def _release(self, pages: list[int], tables: list[PageTable]) -> int:
         """Drop the gathered references; free what reaches zero. Returns pages freed."""
         freed = 0
+        self.stats.frames_freed_without_ack += sum(
+            1 for pfn in itertools.chain(pages, (t.pfn for t in tables)) if self._unflushed[pfn])
         for pfn in pages:
             if self.frames.put(pfn):
                 self.frames.free(pfn)
@@ -276,6 +289,8 @@ class Kernel:
             return
         self.stats.frames_pending_free += len(pages) + len(tables)
         self.stats.flush_pages.append(len(revoked) + len(write_revoked))
+        covered = [*pages, *(t.pfn for t in tables)]
+        self._unflushed.update(covered)
         if self.policy.unsafe == "free-before-flush":
             # Deliberately wrong: the frames go back to the allocator while other CPUs
             # may still hold translations to them. The oracle must catch the result.
@@ -286,7 +301,8 @@ class Kernel:
             # translations to frames that are already free, as the bug lets them.
             await asyncio.sleep(UNSAFE_IPI_DELAY_S)
         await self._shoot(mm, initiator, spec, zap)
-        self.stats.flush_waits.append((time.perf_counter() - opened, len(pages) + len(tables)))
+        self._unflushed -= collections.Counter(covered)  # every target acked or was fenced
+        self.stats.flush_waits.append(time.perf_counter() - opened, len(pages) + len(tables))
         now = self.clock()
         self.oracle.revoke(revoked, now)
         for old, new in write_revoked:
@@ -314,6 +330,7 @@ class Kernel:
         zap.shootdowns += 1
         self.stats.shootdowns += 1
         self.stats.full_flushes += spec.full
+        self.stats.range_pages += spec.pages  # 0 for a full flush (the cost model's input)
         if not targets:
             return
         self.stats.ipis += len(targets)
@@ -666,6 +683,7 @@ class Kernel:
             return
         self.stats.swap_outs += len(revoked)
         self.stats.frames_pending_free += len(pages)
+        self._unflushed.update(pages)
         mms = [self.mms[m] for m in sorted(union)]
         if shared and self.policy.shared_flush == "all-cpus":
             cpus = set(self.cpu_mm)  # CPUs that ever ran anything: the rest cache nothing
@@ -690,6 +708,7 @@ class Kernel:
             self.stats.reclaim_ipis += len(targets)
             result = await self.shootdown(order, targets)
             self.stats.fenced.update(result.fenced)
+        self._unflushed -= collections.Counter(pages)
         self.oracle.revoke(revoked, self.clock())
         self._pending_local.setdefault(initiator, []).extend(local)
         freed = self._release(pages, [])
@@ -705,6 +724,9 @@ class Kernel:
         mm = self.running(cpu, mm_id)
         if pages <= 0:
             raise InvalidArgument(f"mmap of {pages} pages: must be at least 1")
+        if populate and pages > MAX_POPULATE_PAGES:
+            raise OutOfRange(f"mmap of {pages} populated pages: at most {MAX_POPULATE_PAGES} "
+                             "per call (populate more with several mmaps)")
         if populate and pages > self.frames.budget:
             raise OutOfRange(f"mmap of {pages} populated pages: the machine has "
                              f"{self.frames.budget} frames")
@@ -939,8 +961,8 @@ class Kernel:
                              latency_s=time.perf_counter() - t0, local_flushes=zap.local)
 
     # --- the oracle ----------------------------------------------------------------------------
-    def report_accesses(self, words: list[int], times: list[int]) -> int:
-        return self.oracle.check_hits(words, times)
+    def report_accesses(self, words: Sequence[int], runs: Sequence[int]) -> int:
+        return self.oracle.check_hits(words, runs)
 
     def audit(self, dumps: list[dict]) -> tuple[int, list[str]]:
         """Compare TLB contents with the page tables at a quiescent point.

@@ -16,6 +16,7 @@ import time
 from typing import AsyncIterator
 
 from services.common.errors import Aborted
+from services.common.stats import Samples
 
 
 class LockClass(enum.IntEnum):
@@ -33,16 +34,16 @@ class LockClass(enum.IntEnum):
 class ClassStats:
     acquisitions: int = 0
     contended: int = 0
-    wait_s: list[float] = dataclasses.field(default_factory=list)
-    hold_s: list[float] = dataclasses.field(default_factory=list)
+    wait_s: Samples = dataclasses.field(default_factory=Samples)
+    hold_s: Samples = dataclasses.field(default_factory=Samples)
 
 
 class LockStats:
     def __init__(self) -> None:
         self.by_class: dict[LockClass, ClassStats] = {c: ClassStats() for c in LockClass}
 
-    def all_waits(self) -> list[float]:
-        return [w for s in self.by_class.values() for w in s.wait_s]
+    def all_waits(self) -> Samples:
+        return Samples.merged(s.wait_s for s in self.by_class.values())
 
     @property
     def contended(self) -> int:

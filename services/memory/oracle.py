@@ -11,12 +11,36 @@ revocation is a stale access: on real hardware, memory corruption.
 Hits are reported with the CPU's CLOCK_MONOTONIC time, which every process on
 one host shares; hits before a CPU acknowledged its flush are, correctly, not
 stale.
+
+The time of a hit is known to within its run. A CPU records one word per hit
+(tid << 1 | write) and one (hits, first_ns, last_ns) triple per run of at most
+RUN_HITS hits served in one synchronous stretch (services/cpu/core.py): every
+hit of the run happened within [first_ns, last_ns]. A hit is judged at its
+run's last_ns. Staleness only grows with time (revocations accumulate), so this
+never misses a stale hit, and is exact unless a revocation falls inside the
+run; then the whole run's hits on that tid count (at most RUN_HITS - 1 too
+many; `straddled` counts them). That cannot happen in a safe run: the memory
+service stamps a revocation only after every CPU that may hold the entry
+acknowledged its flush, and a CPU acknowledges between runs, never during one
+(its event loop is busy running it), so its runs on the old tid ended before
+the stamp; the initiator flushes itself inside its own system call, when it
+runs no accesses. It can happen when a CPU is fenced mid-run (its hits after
+the fence are stale anyway) and in the deliberately unsafe free-before-flush
+order, whose revocation lands at the free, at any moment.
+
+`revoked` grows with every translation that ends (about 160 bytes each) until
+the run's reset, and is not trimmed: the memory service cannot know when no TLB
+holds a tid any more. A CPU that kept an entry past its flush (the bug this
+oracle exists to catch) may hit it at any later time, and that hit must still
+count; and an entry whose state changed revoking nothing stays valid for ever,
+its successor chain walked by `entry_valid` and `is_stale`.
 """
 from __future__ import annotations
 
 import enum
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
+from services.common.errors import InvalidArgument
 from services.memory.pagetable import tid_seq, tid_table
 
 
@@ -40,6 +64,7 @@ class Oracle:
         self.table_wp: dict[int, list[tuple[int, int]]] = {}
         self.stale = 0
         self.checked = 0
+        self.straddled = 0  # of `stale`: hits in a run a revocation fell inside
 
     def write_protect_table(self, uid: int, upto_seq: int, at_ns: int) -> None:
         self.table_wp.setdefault(uid, []).append((upto_seq, at_ns))
@@ -68,16 +93,32 @@ class Oracle:
             r = self.revoked.get(r.successor) if r.successor else None
         return False
 
-    def check_hits(self, words: Iterable[int], times: Iterable[int]) -> int:
-        """Count stale hits among (tid << 1 | write, time) records."""
-        stale = 0
-        revoked = self.revoked
-        for word, t in zip(words, times):
-            self.checked += 1
-            tid = word >> 1
-            if (tid in revoked or (word & 1 and self.table_wp)) and \
-                    self.is_stale(tid, bool(word & 1), t):
-                stale += 1
+    def check_hits(self, words: Sequence[int], runs: Sequence[int]) -> int:
+        """Count stale hits among `words` (tid << 1 | write), served in `runs`: flat
+        (hits, first_ns, last_ns) triples that cover the words in order."""
+        if len(runs) % 3 or any(h <= 0 for h in runs[0::3]) or sum(runs[0::3]) != len(words):
+            raise InvalidArgument("hit report: runs must be (hits > 0, first_ns, last_ns) "
+                                  "triples whose hits add up to the words")
+        if any(runs[k + 1] > runs[k + 2] for k in range(0, len(runs), 3)):
+            raise InvalidArgument("hit report: a run ends before it starts")
+        self.checked += len(words)
+        revoked, table_wp = self.revoked, self.table_wp
+        # Almost every hit is on a live translation: look each distinct word up once.
+        suspects = {w for w in set(words) if w >> 1 in revoked or (w & 1 and table_wp)}
+        if not suspects:
+            return 0
+        stale = pos = 0
+        for k in range(0, len(runs), 3):
+            hits, first_ns, last_ns = runs[k:k + 3]
+            run = words[pos:pos + hits]
+            pos += hits
+            for w in suspects.intersection(run):
+                tid, write = w >> 1, bool(w & 1)
+                if self.is_stale(tid, write, last_ns):
+                    n = run.count(w)
+                    stale += n
+                    if not self.is_stale(tid, write, first_ns):
+                        self.straddled += n
         self.stale += stale
         return stale
 

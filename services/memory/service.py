@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from array import array
 
 import grpc
 
-from services.common.errors import InvalidArgument
+from services.common.chaos import check_epoch, epoch_of, new_boot
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.metrics import COUNT_BUCKETS, ListHistogram, labelled, node_registry
 from services.common.policy import Policy
 from services.common.server import channel, completes, rpc
-from services.common.stats import p50_p99
+from services.common.stats import Samples, p50_p99
+from services.memory.digest import kernel_digest
 from services.memory.kernel import FlushOrder, Kernel, ShootdownResult
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, memory_pb2 as pb,
                        memory_pb2_grpc)
@@ -22,6 +25,11 @@ OUTCOMES = {"walked": pb.MISS_OUTCOME_WALKED, "anon": pb.MISS_OUTCOME_FAULT_ANON
             "cow": pb.MISS_OUTCOME_FAULT_COW, "prot": pb.MISS_OUTCOME_FAULT_PROT,
             "segv": pb.MISS_OUTCOME_SEGV, "swapin": pb.MISS_OUTCOME_SWAP_IN}
 SHOOTDOWN_MARGIN_S = 5.0  # the coordinator answers by the deadline; this covers the hop
+MAX_WALK_PAGES = 1 << 16  # per Walk: bounded work (CPUs read ahead 64 pages at a time)
+# and a coordinator restart: a Shootdown that failed is sent again (the same flush: it is
+# idempotent by generation) until deadline + margin; frames wait for its completion.
+RETRY_BACKOFF_S = (0.05, 0.5)
+ANNOUNCE_S = 1.0  # the memory service re-announces itself: a restarted coordinator learns it
 # Why the RPC being served shoots down (a metrics label): the system call, or "cow" for a
 # fault. A context variable, because concurrent RPCs interleave on one event loop.
 FAULT_KINDS = ("anon", "cow", "prot", "segv")
@@ -34,7 +42,7 @@ def flush_to_proto(f: FlushOrder) -> common_pb2.FlushRequest:
                                    initiator=f.initiator, all_mms=f.all_mms)
 
 
-def percentiles(samples: list[float]) -> common_pb2.Percentiles:
+def percentiles(samples: Samples) -> common_pb2.Percentiles:
     p50, p99, n = p50_p99(samples)
     return common_pb2.Percentiles(p50=p50, p99=p99, count=n)
 
@@ -45,7 +53,10 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     def __init__(self, coordinator: str, frames: int | None = None, metrics: bool = True):
         self.coordinator_address = coordinator
         self.frames = frames
-        self.epoch = 0
+        self.boot = new_boot()  # a restarted service is another machine: another epoch
+        self.runs = 0
+        self.epoch = epoch_of(self.boot, 0)
+        self.shootdown_retries = 0
         self._coordinator: coordinator_pb2_grpc.CoordinatorServiceStub | None = None
         self._channel: grpc.aio.Channel | None = None
         self.kernel = self._new_kernel(Policy())
@@ -88,15 +99,18 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         self._announce = asyncio.create_task(self._register(address))
 
     async def _register(self, address: str) -> None:
-        """Tell the coordinator where memory is; it may start after us, so keep trying."""
+        """Tell the coordinator where memory is, which epoch and policy the machine has;
+        it may start after us, or restart (with nothing), so keep telling it."""
         while True:
             try:
                 await self._coordinator.RegisterMemory(
-                    coordinator_pb2.RegisterMemoryRequest(address=address), timeout=5,
-                    wait_for_ready=True)
-                return
+                    coordinator_pb2.RegisterMemoryRequest(
+                        address=address, epoch=self.epoch,
+                        policy=self.kernel.policy.to_proto()),
+                    timeout=5, wait_for_ready=True)
+                await asyncio.sleep(ANNOUNCE_S)
             except grpc.aio.AioRpcError as e:
-                log.warning("cannot register with the coordinator yet: %s", e.code().name)
+                log.warning("cannot register with the coordinator: %s", e.code().name)
                 await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
@@ -106,27 +120,62 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             await self._channel.close()
 
     async def _shootdown(self, order: FlushOrder, targets: list[int]) -> ShootdownResult:
-        reply = await self._coordinator.Shootdown(
-            coordinator_pb2.ShootdownRequest(flush=flush_to_proto(order), targets=targets,
-                                             reason=order.reason,
-                                             scope=self._scope(order)),
-            timeout=self.kernel.policy.deadline_s + SHOOTDOWN_MARGIN_S)
-        return ShootdownResult(acked=[a.cpu for a in reply.acks], fenced=list(reply.fenced))
+        """One shootdown through the coordinator. It completes only when every target
+        acked or was fenced; a coordinator that fails (restarts) gets the same request
+        again, with the deadline fixed at the first try, until deadline + margin."""
+        deadline = self.kernel.policy.deadline_s
+        flush = flush_to_proto(order)
+        flush.deadline_unix_s = time.time() + deadline
+        request = coordinator_pb2.ShootdownRequest(flush=flush, targets=targets,
+                                                   reason=order.reason, scope=self._scope(order))
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + deadline + SHOOTDOWN_MARGIN_S
+        backoff = RETRY_BACKOFF_S[0]
+        while True:
+            try:
+                reply = await self._coordinator.Shootdown(
+                    request, timeout=max(0.01, give_up - loop.time()), wait_for_ready=True)
+                break
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or loop.time() + backoff >= give_up:
+                    raise Unavailable(
+                        f"shootdown {order.shootdown_id} of mm {order.mm} did not complete "
+                        f"by its deadline + {SHOOTDOWN_MARGIN_S:g} s ({e.code().name}: the "
+                        "coordinator is unreachable); its frames stay allocated") from None
+                self.shootdown_retries += 1
+                log.warning("shootdown %d: coordinator %s; retrying", order.shootdown_id,
+                            e.code().name)
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, RETRY_BACKOFF_S[1])
+        acked, fenced = [a.cpu for a in reply.acks], list(reply.fenced)
+        missing = set(targets) - set(acked) - set(fenced)
+        if missing:  # never free a frame on a shootdown some target did not answer for
+            raise Unavailable(f"shootdown {order.shootdown_id}: the coordinator reported "
+                              f"neither an ack nor a fence for cpus {sorted(missing)}")
+        return ShootdownResult(acked=acked, fenced=fenced)
+
+    def _check_epoch(self, context) -> None:
+        """State from another epoch (a restarted machine): refuse it (common/chaos.py)."""
+        if context is not None:
+            check_epoch(self.epoch, context.invocation_metadata())
 
     # --- RPCs ----------------------------------------------------------------------------
     @rpc
     async def Reset(self, request, context):
         policy = Policy.from_proto(request.policy)
         self.kernel = self._new_kernel(policy)
-        self.epoch += 1
+        self.runs += 1
+        self.epoch = epoch_of(self.boot, self.runs)
         return pb.MemoryResetResponse(epoch=self.epoch)
 
     @rpc
     async def CreateMm(self, request, context):
+        self._check_epoch(context)
         return pb.CreateMmResponse(mm=self.kernel.create_mm())
 
     @rpc
     async def SwitchMm(self, request, context):
+        self._check_epoch(context)
         lazy = request.mm == 0 and self.kernel.policy.lazy_tlb and \
             bool(self.kernel.cpu_mm.get(request.cpu))
         gen = self.kernel.switch_mm(request.cpu, request.mm)
@@ -134,6 +183,9 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
 
     @rpc
     async def Walk(self, request, context):
+        self._check_epoch(context)
+        if len(request.vpns) > MAX_WALK_PAGES:
+            raise InvalidArgument(f"walk of {len(request.vpns)} pages: at most {MAX_WALK_PAGES}")
         ptes = self.kernel.walk(request.cpu, request.mm, list(request.vpns))
         return pb.WalkResponse(ptes=[pb.Pte(present=True, pfn=p[0], writable=p[1], tid=p[2])
                                      if p else pb.Pte() for p in ptes])
@@ -141,6 +193,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     @rpc
     @completes
     async def HandleMiss(self, request, context):
+        self._check_epoch(context)
         r = await self.kernel.handle_miss(request.cpu, request.mm, request.vpn, request.write)
         return pb.HandleMissResponse(outcome=OUTCOMES[r.outcome], pfn=r.pfn, writable=r.writable,
                                      tid=r.tid,
@@ -149,6 +202,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     @rpc
     @completes
     async def Syscall(self, request, context):
+        self._check_epoch(context)
         k, cpu, mm, call = self.kernel, request.cpu, request.mm, request.call
         which = call.WhichOneof("call")
         if which == "mmap":
@@ -175,15 +229,17 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
 
     @rpc
     async def ReportAccesses(self, request, context):
-        words, times = array("Q"), array("q")
-        if len(request.tids) % 8 or len(request.times) != len(request.tids):
-            raise InvalidArgument("report: tids and times must be equal runs of 8-byte values")
+        self._check_epoch(context)
+        words, runs = array("Q"), array("q")
+        if len(request.tids) % 8 or len(request.runs) % 24:
+            raise InvalidArgument("report: tids must be 8-byte values and runs 24-byte triples")
         words.frombytes(request.tids)
-        times.frombytes(request.times)
-        return pb.ReportAccessesResponse(stale=self.kernel.report_accesses(words, times))
+        runs.frombytes(request.runs)
+        return pb.ReportAccessesResponse(stale=self.kernel.report_accesses(words, runs))
 
     @rpc
     async def Audit(self, request, context):
+        self._check_epoch(context)
         dumps = [dict(cpu=d.cpu, fenced=d.fenced, loaded_mm=d.loaded_mm, lazy=d.lazy,
                       local_gen=dict(d.local_tlb_gen),
                       entries=[(e.mm, e.vpn, e.pfn, e.writable, e.tid) for e in d.entries])
@@ -210,7 +266,12 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             tables_dropped=s.tables_dropped, shared_tables=s.shared_tables,
             reclaimed_pages=s.reclaimed_pages, swap_outs=s.swap_outs, swap_ins=s.swap_ins,
             reclaim_shootdowns=s.reclaim_shootdowns, reclaim_ipis=s.reclaim_ipis,
-            lock_order_reports=k.validator.reports[:10])
+            lock_order_reports=k.validator.reports[:10],
+            frames_freed_without_ack=s.frames_freed_without_ack,
+            shootdown_retries=self.shootdown_retries,
+            lock_acquisitions=sum(c.acquisitions for c in k.lock_stats.by_class.values()),
+            range_pages=s.range_pages,
+            digest=kernel_digest(k) if request.digest else "")
 
     def _scope(self, order: FlushOrder) -> str:
         """Whose CPUs a shootdown targets (a metrics label): this mm's, or, for a changed
@@ -239,10 +300,17 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
                        [((p.flush,), s.shootdowns)])
         yield "counter", "tlbsim_full_flushes", "Shootdowns that flushed the whole mm", \
             s.full_flushes
+        yield "counter", "tlbsim_shootdown_range_pages", \
+            "Pages named by ranged shootdowns (one broadcast invalidation each)", s.range_pages
         yield "counter", "tlbsim_lazy_cpus_skipped", \
             "Lazy CPUs left out of a shootdown (they catch up at switch_mm)", s.lazy_skipped
         yield "counter", "tlbsim_pages_freed", "Data pages returned to the allocator", \
             s.pages_freed
+        yield "counter", "tlbsim_frames_freed_without_ack", \
+            "Frames freed before their shootdown completed (a target neither acked nor " \
+            "was fenced); must stay 0", s.frames_freed_without_ack
+        yield "counter", "tlbsim_shootdown_retries", \
+            "Shootdowns sent to the coordinator again after it failed", self.shootdown_retries
         yield "counter", "tlbsim_page_tables_freed", "Page-table frames freed", s.tables_freed
         yield "counter", "tlbsim_pages_reclaimed", "Pages reclaimed", \
             getattr(s, "reclaimed_pages", 0)

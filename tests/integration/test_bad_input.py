@@ -113,5 +113,7 @@ async def test_bad_policies_and_empty_calls(env):
                  "no call")
     await expect(cl.memory.ReportAccesses(memory_pb2.ReportAccessesRequest(tids=b"123")),
                  grpc.StatusCode.INVALID_ARGUMENT, "8-byte")
+    await expect(cl.memory.ReportAccesses(memory_pb2.ReportAccessesRequest(tids=bytes(16))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "add up to the words")  # no runs
     assert await state(cl) == before
     assert (await cpu.Access(cpu_pb2.AccessRequest(addresses=[base]))).hits == 1

@@ -32,19 +32,19 @@ class Machine:
         async def walk(vpns: list[int]):
             return self.kernel.walk(cpu, core.loaded_mm, vpns)
 
-        stats = await core.run_accesses([a >> 12 for a in addresses],
+        stats = await core.run_accesses(addresses,
                                         [int(write)] * len(addresses), miss,
                                         walk if self.batch_walks else None)
         words, times = core.take_hits()
         self.report(words, times)
         return stats
 
-    def report(self, words: bytes, times: bytes) -> int:
+    def report(self, words: bytes, runs: bytes) -> int:
         from array import array
-        w, t = array("Q"), array("q")
+        w, r = array("Q"), array("q")
         w.frombytes(words)
-        t.frombytes(times)
-        return self.kernel.report_accesses(list(w), list(t))
+        r.frombytes(runs)
+        return self.kernel.report_accesses(list(w), list(r))
 
     def apply_local(self, cpu: int, result) -> None:
         for f in result.local_flushes:

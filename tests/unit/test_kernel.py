@@ -64,10 +64,9 @@ async def munmap_while_cpu1_runs_before_its_ipi(m, mm, base, addrs) -> list[int]
 
     async def port(order, targets):
         core = m.cpus[1]
-        for a in addrs:
-            e = core.tlb.lookup(mm, a >> 12)
-            core._hit_words.append(e.tid << 1)
-            core._hit_times.append(core.clock())
+        t0 = core.clock()
+        words = [core.tlb.lookup(mm, a >> 12).tid << 1 for a in addrs]
+        core.record_hits(words, t0, core.clock())
         seen.append(m.report(*core.take_hits()))
         return await real_port(order, targets)
 
@@ -211,5 +210,7 @@ async def test_write_through_a_stale_writable_entry_after_mprotect_is_stale():
 
 
 def _hits(words, times):
+    """One run per hit, at its time."""
     from array import array
-    return array("Q", words).tobytes(), array("q", times).tobytes()
+    runs = [x for t in times for x in (1, t, t)]
+    return array("Q", words).tobytes(), array("q", runs).tobytes()

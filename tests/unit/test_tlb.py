@@ -1,5 +1,7 @@
 """The TLB alone: LRU, epochs, and the x86 flush generation rule (flush_tlb_func)."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.cpu.tlb import ELIDED, FULL, RANGE, Entry, Tlb
 
@@ -80,13 +82,42 @@ def test_hits_from_serves_the_run_of_hits_and_stops_where_the_slow_path_starts()
     from array import array
     tlb = filled(vpns=range(4))
     tlb.fill(1, 9, Entry(9, False, 9))           # read-only
-    words, times = array("Q"), array("q")
-    vpns = [0, 1, 2, 9, 3, 5]
+    words = array("Q")
+    vpns = [a << 12 for a in (0, 1, 2, 9, 3, 5)]  # byte addresses of these pages
     # reads: 0,1,2 hit, 9 hits (read-only is fine), 3 hits, 5 misses
-    assert tlb.hits_from(1, vpns, b"", 0, words, times, lambda: 7) == 5
+    assert tlb.hits_from(1, vpns, b"", 0, len(vpns), words) == 5
     assert list(words) == [1000 << 1, 1001 << 1, 1002 << 1, 9 << 1, 1003 << 1]
     # a write to the read-only entry stops the run there
-    assert tlb.hits_from(1, vpns, b"\x01" * 6, 0, words, times, lambda: 7) == 3
+    assert tlb.hits_from(1, vpns, b"\x01" * 6, 0, len(vpns), words) == 3
+    # a run ends at `stop` even when more would hit
+    assert tlb.hits_from(1, vpns, b"", 1, 2, words) == 2
     tlb.apply_flush(1, 0, 0, new_gen=1, mm_gen=1)  # full flush: every entry dead
-    assert tlb.hits_from(1, vpns, b"", 0, words, times, lambda: 7) == 0
-    assert tlb.counters.hits == 5 + 3
+    assert tlb.hits_from(1, vpns, b"", 0, len(vpns), words) == 0
+    assert tlb.counters.hits == 5 + 3 + 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(filled_pages=st.lists(st.tuples(st.integers(0, 11), st.booleans()), max_size=40),
+       accesses=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 4095), st.booleans()),
+                         max_size=60),
+       with_writes=st.booleans())
+def test_serving_a_run_in_bulk_equals_serving_it_access_by_access(filled_pages, accesses,
+                                                                  with_writes):
+    """Same stopping point, oracle words, LRU order (hence later evictions) and counts."""
+    from array import array
+
+    def tlb():
+        t = Tlb(16, 4)  # small: the fills evict, so LRU order matters
+        for vpn, writable in filled_pages:
+            t.fill(1, vpn, Entry(vpn + 100, writable, vpn + 1000))
+        return t
+
+    addresses = [vpn << 12 | offset for vpn, offset, _ in accesses]
+    writes = bytes(int(w) for _, _, w in accesses) if with_writes else b""
+    bulk, each = tlb(), tlb()
+    bulk_words, each_words = array("Q"), array("Q")
+    stop = bulk.hits_from(1, addresses, writes, 0, len(addresses), bulk_words)
+    assert stop == each._serve_each(1, addresses, writes, 0, len(addresses), each_words)
+    assert bulk_words == each_words
+    assert [list(s) for s in bulk._sets] == [list(s) for s in each._sets]
+    assert bulk.counters == each.counters

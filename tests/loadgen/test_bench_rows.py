@@ -1,0 +1,21 @@
+"""`tlbsim bench`'s throughput and memory rows over real gRPC (small sizes: the
+numbers come from the bench itself, never from a timed test)."""
+import os
+
+from loadgen.bench import faults_vs_floor, memory_rss_per_page, tlb_hits_vs_floor
+from tests.harness import InProcessCluster
+from tlbsim.v1 import memory_pb2
+
+
+async def test_throughput_and_rss_rows_measure_what_they_name():
+    async with InProcessCluster(cpus=1) as c:
+        hits = await tlb_hits_vs_floor(c.client, rounds=1)  # raises if one access missed
+        assert hits["accesses_per_request"] == 102_400
+        assert hits["hits_per_s"] > 0 and hits["floor_hits_per_s"] > 0 and hits["ratio"] > 0
+        faults = await faults_vs_floor(c.client, pages=20, rounds=1)  # raises unless each
+        assert faults["faults_per_s"] > 0 and faults["floor_walks_per_s"] > 0  # call faulted
+        rss = await memory_rss_per_page(c.client, os.getpid(), sizes=(2000, 4000))
+        assert [r["pages"] for r in rss["rows"]] == [2000, 4000]
+        assert rss["empty_rss_mib"] > 0 and all(r["rss_mib"] > 0 for r in rss["rows"])
+        stats = await c.client.memory.Stats(memory_pb2.MemoryStatsRequest())
+        assert stats.used_frames == 0  # the RSS row handed its frames back
