@@ -132,6 +132,7 @@ class _Zap:
         self.tables: list[PageTable] = []
         self.local: list[FlushOrder] = []
         self.shootdowns = 0
+        self.freed = 0  # pages freed by the batches flushed so far
 
 
 class Kernel:
@@ -771,7 +772,7 @@ class Kernel:
                 # shared, so faults elsewhere in the mm go on while the shootdown waits.
                 await mmap_lock.downgrade()
                 await self._zap(ctx, cpu, mm, start, end, zap, free_tables=True)
-        freed = self._release(zap.to_free, zap.tables)
+        freed = zap.freed + self._release(zap.to_free, zap.tables)
         latency = time.perf_counter() - t0
         self.stats.munmap_latency_s.append(latency)
         return SyscallResult(shootdowns=zap.shootdowns, pages_freed=freed, latency_s=latency,
@@ -788,7 +789,7 @@ class Kernel:
             if not mm.covered(start, end):
                 raise NotFound(f"madvise: [{address:#x}, +{pages} pages) is not fully mapped")
             await self._zap(ctx, cpu, mm, start, end, zap, free_tables=False)
-        freed = self._release(zap.to_free, zap.tables)
+        freed = zap.freed + self._release(zap.to_free, zap.tables)
         return SyscallResult(shootdowns=zap.shootdowns, pages_freed=freed,
                              latency_s=time.perf_counter() - t0, local_flushes=zap.local)
 
@@ -834,7 +835,7 @@ class Kernel:
                     if i == len(tables) - 1 and not at_end:
                         await self._flush(mm, cpu, zap)
                 # Frames freed after the lock is dropped; the shootdown already completed.
-                self._release(zap.to_free, [])
+                zap.freed += self._release(zap.to_free, [])
                 zap.to_free.clear()
             if at_end:  # under page_table_lock, and before any sharer lock is released
                 async with ctx.locked_once(mm.page_table_lock):
@@ -954,7 +955,7 @@ class Kernel:
             await self._zap(ctx, cpu, mm, 0, USER_VPN_END, zap, free_tables=True, free_pgd=True)
             mm.exited = True
         self.families[mm.family].discard(mm.id)
-        freed = self._release(zap.to_free, zap.tables)
+        freed = zap.freed + self._release(zap.to_free, zap.tables)
         self.switch_mm(cpu, 0)
         mm.cpumask.clear()
         return SyscallResult(shootdowns=zap.shootdowns, pages_freed=freed,

@@ -33,6 +33,15 @@ async def test_gathered_munmap_is_one_full_shootdown_to_the_other_cpus():
     assert violations == []
 
 
+async def test_munmap_over_several_batches_reports_every_page_it_freed():
+    m = make_machine(2, batch=8)
+    mm, base, _ = await process_on_all(m, 600, ncpus=2)
+    r = await m.syscall(0, "munmap", base, 600)
+    assert r.shootdowns > 1  # the gather filled: flushed and freed mid-way
+    assert r.pages_freed == 600 == m.kernel.stats.pages_freed
+    assert m.kernel.oracle.stale == 0
+
+
 async def test_small_munmap_is_a_ranged_flush():
     m = make_machine(2)
     mm, base, _ = await process_on_all(m, 16, ncpus=2)
