@@ -1,5 +1,6 @@
 """Issue 4, point 3: the stale-access alert goes pending, then firing, seen through a
-real Prometheus's API, when a run uses an unsafe policy, and never with a safe one."""
+real Prometheus's API, when a run uses an unsafe policy, and never with a safe one; the
+frames-freed-without-ack alert (issue 8) fires with it."""
 from __future__ import annotations
 
 import asyncio
@@ -13,10 +14,11 @@ from services.common.policy import Policy
 from tests.observability.conftest import requires_prometheus
 
 ALERT = "TlbsimStaleAccess"
+EARLY_FREE = "TlbsimFramesFreedWithoutAck"
 
 
-def states(prom) -> set[str]:
-    return {a["state"] for a in prom.alerts() if a["labels"]["alertname"] == ALERT}
+def states(prom, alert: str = ALERT) -> set[str]:
+    return {a["state"] for a in prom.alerts() if a["labels"]["alertname"] == alert}
 
 
 async def watch(prom, seconds: float, until: str | None = None) -> list[str]:
@@ -44,6 +46,7 @@ async def test_stale_access_alert_fires_for_an_unsafe_run_and_never_for_a_safe_o
     await prom.wait_scraped(len(exporters.ports))
     # Longer than the rule's `for: 5s` plus an evaluation: a safe run never even pends.
     assert await watch(prom, 8) == []
+    assert states(prom, EARLY_FREE) == set()
 
     # Watch from the start: the run may take longer than the rule's `for`.
     watching = asyncio.create_task(watch(prom, 60, until="firing"))
@@ -65,3 +68,9 @@ async def test_stale_access_alert_fires_for_an_unsafe_run_and_never_for_a_safe_o
         await asyncio.sleep(0.2)
     assert alert["state"] == "firing" and alert["labels"]["severity"] == "critical"
     assert float(alert["value"]) == stale
+    # The unsafe order freed frames before their shootdown completed: its own alert.
+    assert unsafe["results"]["frames_freed_without_ack"] > 0
+    give_up = time.monotonic() + 15
+    while "firing" not in states(prom, EARLY_FREE):
+        assert time.monotonic() < give_up, f"{EARLY_FREE}: {states(prom, EARLY_FREE)}"
+        await asyncio.sleep(0.2)
