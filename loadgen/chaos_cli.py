@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from loadgen.faults import Injector, Plan
-from services.common.chaos import KINDS
+from loadgen.faults import Injector
+from services.common.chaos import KINDS, FaultPlan
 from services.common.errors import InvalidArgument
 
 CPU_KINDS = ("delay-acks", "drop-flushes", "partition")
@@ -57,9 +57,9 @@ def _chaos(args: argparse.Namespace) -> int:
         raise InvalidArgument(str(e)) from None
     local = LocalCluster.adopt(info)
     faults = Injector(local)
-    plan = {"delay-acks": Plan(ack_delay_s=args.delay),
-            "drop-flushes": Plan(drop_fraction=args.fraction, seed=args.seed),
-            "partition": Plan(partitioned=True)}.get(args.kind)
+    plan = {"delay-acks": lambda: FaultPlan(ack_delay_s=args.delay),
+            "drop-flushes": lambda: FaultPlan(drop_fraction=args.fraction, seed=args.seed),
+            "partition": lambda: FaultPlan(partitioned=True)}.get(args.kind, lambda: None)()
 
     async def main() -> str:
         if plan is not None:
@@ -67,11 +67,11 @@ def _chaos(args: argparse.Namespace) -> int:
             if args.hold is None:
                 return f"cpu {args.cpu}: {args.kind} until `tlbsim chaos heal --cpu {args.cpu}`"
             await asyncio.sleep(args.hold)
-            await faults.set_plan(args.cpu, Plan())
+            await faults.set_plan(args.cpu, FaultPlan())
             return f"cpu {args.cpu}: {args.kind} for {args.hold:g} s, healed"
         if args.kind == "heal":
             cpus = [args.cpu] if args.cpu is not None else faults.cpus()
-            await asyncio.gather(*(faults.set_plan(c, Plan()) for c in cpus))
+            await asyncio.gather(*(faults.set_plan(c, FaultPlan()) for c in cpus))
             return f"healed cpus {cpus}"
         if args.kind == "kill-cpu":
             faults._cpu_address(args.cpu)  # a known CPU

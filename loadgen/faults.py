@@ -8,6 +8,7 @@ import dataclasses
 
 import grpc
 
+from services.common.chaos import FaultPlan  # validated here, before it is sent
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.server import channel
 from services.launcher import LauncherError, LocalCluster
@@ -15,15 +16,6 @@ from tlbsim.v1 import cpu_pb2, cpu_pb2_grpc
 
 RPC_TIMEOUT_S = 10.0
 PROCESS = {"restart-coordinator": "coordinator", "restart-memory": "memory"}
-
-
-@dataclasses.dataclass
-class Plan:
-    """A CPU's fault plan as the Chaos RPC takes it (all zero: healthy)."""
-    ack_delay_s: float = 0.0
-    drop_fraction: float = 0.0
-    partitioned: bool = False
-    seed: int = 0
 
 
 class Injector:
@@ -45,8 +37,8 @@ class Injector:
             raise InvalidArgument(f"no cpu {cpu} in this cluster (cpus {self.cpus()})")
         return address
 
-    async def set_plan(self, cpu: int, plan: Plan) -> cpu_pb2.ChaosResponse:
-        """Replace CPU `cpu`'s fault plan; Plan() heals it."""
+    async def set_plan(self, cpu: int, plan: FaultPlan) -> cpu_pb2.ChaosResponse:
+        """Replace CPU `cpu`'s fault plan; FaultPlan() heals it."""
         ch = channel(self._cpu_address(cpu))
         try:
             return await cpu_pb2_grpc.CpuServiceStub(ch).Chaos(
@@ -60,7 +52,7 @@ class Injector:
             await ch.close()
 
     async def heal_all(self) -> None:
-        await asyncio.gather(*(self.set_plan(c, Plan()) for c in self.cpus()))
+        await asyncio.gather(*(self.set_plan(c, FaultPlan()) for c in self.cpus()))
 
     async def restart(self, name: str) -> float:
         """SIGKILL a service and start it again where it was; seconds it took."""

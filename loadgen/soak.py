@@ -26,11 +26,11 @@ import grpc
 
 from loadgen import output
 from loadgen.cluster import Cluster
-from loadgen.faults import Injector, Plan
+from loadgen.faults import Injector
 from loadgen.runner import collect
 from loadgen.scenarios import mixed
 from loadgen.scenarios.base import CPU_LOST, Driver, Measurements, RunConfig, machine_lost
-from services.common.chaos import LEASE_MARGIN_S, LEASE_S, SOAK_KINDS
+from services.common.chaos import LEASE_MARGIN_S, LEASE_S, SOAK_KINDS, FaultPlan
 from services.common.errors import FailedPrecondition, SimError
 from services.common.policy import Policy
 from services.launcher import LocalCluster, mosquitto_binary
@@ -278,13 +278,13 @@ class Soak:
                 await asyncio.sleep(hold)
                 await self.faults.start_broker()
             else:
-                plan = {"delay-acks": Plan(ack_delay_s=self.cfg.deadline_s + 1.0),
-                        "drop-flushes": Plan(drop_fraction=0.5,
+                plan = {"delay-acks": FaultPlan(ack_delay_s=self.cfg.deadline_s + 1.0),
+                        "drop-flushes": FaultPlan(drop_fraction=0.5,
                                              seed=self.schedule.rng.randrange(1 << 30)),
-                        "partition": Plan(partitioned=True)}[kind]
+                        "partition": FaultPlan(partitioned=True)}[kind]
                 await self.faults.set_plan(cpu, plan)
                 await asyncio.sleep(hold)
-                await self.faults.set_plan(cpu, Plan())
+                await self.faults.set_plan(cpu, FaultPlan())
             self.tally.faults[kind] += 1
             t0 = time.monotonic()
             if await self._rejoined():
