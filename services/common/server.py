@@ -95,14 +95,9 @@ def channel(address: str, default_timeout: float = DEFAULT_DEADLINE_S,
     """The one way a tlbsim process opens a channel: message limits, a deadline on every
     unary call, TLS when a CA is configured, the admin token on admin calls."""
     security = Security.from_env() if security is None else security
-    creds = security.channel_credentials()
-    options = list(CHANNEL_OPTIONS)
-    if creds is None:
-        inner = grpc.aio.insecure_channel(address, options=options)
-    else:
-        if security.server_name:
-            options.append(("grpc.ssl_target_name_override", security.server_name))
-        inner = grpc.aio.secure_channel(address, creds, options=options)
+    creds, options = _channel_settings(security)
+    inner = grpc.aio.insecure_channel(address, options=options) if creds is None else \
+        grpc.aio.secure_channel(address, creds, options=options)
     return Channel(inner, default_timeout, security.token)
 
 
@@ -110,13 +105,18 @@ def sync_channel(address: str, security: Security | None = None) -> grpc.Channel
     """A blocking channel (health probes in the launcher and the healthcheck command):
     TLS when configured, like `channel()`."""
     security = Security.from_env() if security is None else security
+    creds, options = _channel_settings(security)
+    return grpc.insecure_channel(address, options=options) if creds is None else \
+        grpc.secure_channel(address, creds, options=options)
+
+
+def _channel_settings(security: Security) -> tuple[grpc.ChannelCredentials | None, list]:
+    """Credentials (None: plaintext) and options, the same for both kinds of channel."""
     creds = security.channel_credentials()
     options = list(CHANNEL_OPTIONS)
-    if creds is None:
-        return grpc.insecure_channel(address, options=options)
-    if security.server_name:
+    if creds is not None and security.server_name:
         options.append(("grpc.ssl_target_name_override", security.server_name))
-    return grpc.secure_channel(address, creds, options=options)
+    return creds, options
 
 
 class _Undecodable:
