@@ -19,11 +19,11 @@ import grpc
 
 from services.common.chaos import LEASE_MARGIN_S, LEASE_S
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.metrics import COUNT_BUCKETS, histogram, labelled, node_registry
+from services.common.metrics import histogram, labelled, node_registry
 from services.common.mqtt import MqttLink, MqttUnavailable, MqttUrl
 from services.common.policy import TRANSPORTS, Policy
 from services.common.server import channel, rpc
-from services.common.stats import Samples, p50_p99
+from services.common.stats import COUNT_BUCKETS, Samples, p50_p99
 from tlbsim.v1 import common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc, cpu_pb2, cpu_pb2_grpc
 
 log = logging.getLogger("tlbsim.coordinator")

@@ -10,10 +10,10 @@ import grpc
 
 from services.common.chaos import check_epoch, epoch_of, new_boot
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.metrics import COUNT_BUCKETS, ListHistogram, labelled, node_registry
+from services.common.metrics import ListHistogram, labelled, node_registry
 from services.common.policy import Policy
 from services.common.server import channel, completes, rpc
-from services.common.stats import Samples, p50_p99
+from services.common.stats import COUNT_BUCKETS, Samples, p50_p99
 from services.memory.digest import kernel_digest
 from services.memory.kernel import FlushOrder, Kernel, ShootdownResult
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, memory_pb2 as pb,
