@@ -184,6 +184,13 @@ def overview() -> dict:
               "PTE tables shared between mms, and unshares (table copies on write) per second.",
               "none", [target(f"sum({sel('tlbsim_shared_page_tables')})", "shared tables"),
                        target(f"sum({rate('tlbsim_unshares_total')})", "unshares/s")]),
+        panel("timeseries", "Modelled hardware time by component",
+              "What the counted events would cost on hardware under the run's cost model "
+              "(--cost-model; README, Cost model), in modelled seconds per second of wall "
+              "time: walks (TLB misses), invalidations, IPIs, locks, faults.", "s",
+              [target(f"sum by (component, cost_model) "
+                      f"({rate('tlbsim_modelled_seconds_total')})",
+                      "{{component}} ({{cost_model}})")]),
     ]
     return dashboard("tlbsim-overview", "tlbsim overview",
                      "Shootdowns, IPIs, latency, TLB hit rate, faults, locks, frames and the "
