@@ -44,8 +44,8 @@ def add_commands(sub) -> None:
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    from services.launcher import LauncherError, LocalCluster, _write_state, load_state, \
-        state_path
+    from services.launcher import (LauncherError, LocalCluster, load_state, state_path,
+                                   write_state)
     if args.hold is not None and not 0 < args.hold <= 3600:
         raise InvalidArgument("--for must be in (0, 3600] seconds")
     needs_cpu = args.kind in (*CPU_KINDS, "kill-cpu")
@@ -96,7 +96,7 @@ def _chaos(args: argparse.Namespace) -> int:
     try:
         print(asyncio.run(main()))
     finally:
-        _write_state(state_path(args.state), info)  # restarted processes have new pids
+        write_state(state_path(args.state), info)  # restarted processes have new pids
     return 0
 
 

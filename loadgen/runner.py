@@ -52,19 +52,14 @@ async def run(cluster: Cluster, cfg: RunConfig, progress: Progress = lambda n: N
 
 
 @contextlib.contextmanager
-def _ctrl_c(d: Driver, task: asyncio.Future):
-    """The first Ctrl-C asks the scenario to stop after the calls in flight (cancelling a
-    system call half-way would leave the cluster mid-operation and the audit would see
-    it); the second cancels it at once."""
-    def on_sigint() -> None:
-        if d.stopping:
-            task.cancel()
-        d.stopping = True
-
+def on_sigint(handler):
+    """Run `handler` on Ctrl-C while in the block (the event loop's own handler), then
+    restore the previous one. Off the main thread, where signals cannot be handled,
+    nothing changes."""
     loop = asyncio.get_running_loop()
     previous = signal.getsignal(signal.SIGINT)
     try:
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        loop.add_signal_handler(signal.SIGINT, handler)
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
         yield
         return
@@ -73,6 +68,17 @@ def _ctrl_c(d: Driver, task: asyncio.Future):
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c(d: Driver, task: asyncio.Future):
+    """The first Ctrl-C asks the scenario to stop after the calls in flight (cancelling a
+    system call half-way would leave the cluster mid-operation and the audit would see
+    it); the second cancels it at once."""
+    def stop() -> None:
+        if d.stopping:
+            task.cancel()
+        d.stopping = True
+    return on_sigint(stop)
 
 
 async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: float,

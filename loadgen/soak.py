@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import logging
 import random
-import signal
 import time
 
 import grpc
@@ -27,7 +26,7 @@ import grpc
 from loadgen import output
 from loadgen.cluster import Cluster
 from loadgen.faults import Injector
-from loadgen.runner import collect
+from loadgen.runner import collect, on_sigint
 from loadgen.scenarios import mixed
 from loadgen.scenarios.base import CPU_LOST, Driver, Measurements, RunConfig, machine_lost
 from services.common.chaos import LEASE_MARGIN_S, LEASE_S, SOAK_KINDS, FaultPlan
@@ -392,25 +391,15 @@ def _describe(e: BaseException) -> str:
     return getattr(e, "message", str(e))
 
 
-@contextlib.contextmanager
 def _ctrl_c(soak: Soak):
     """Ctrl-C: no new segment starts; the running one finishes and is audited."""
-    loop = asyncio.get_running_loop()
-    try:
-        loop.add_signal_handler(signal.SIGINT, lambda: setattr(soak, "stopping", True))
-    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
+    return on_sigint(lambda: setattr(soak, "stopping", True))
 
 
 def run_soak(cfg: SoakConfig, state: str | None = None, log_dir=None) -> dict:
     """Start a local cluster (or adopt the `tlbsim up --detach` one of `state`), soak it,
     stop what was started; the report."""
-    from services.launcher import _write_state, load_state, state_path
+    from services.launcher import load_state, state_path, write_state
 
     own = state is None
     if own:
@@ -432,4 +421,4 @@ def run_soak(cfg: SoakConfig, state: str | None = None, log_dir=None) -> dict:
         if own:
             local.stop()
         else:
-            _write_state(state_path(state), local.info)  # restarted processes: new pids
+            write_state(state_path(state), local.info)  # restarted processes: new pids

@@ -471,7 +471,7 @@ def load_state(path: str | None) -> ClusterInfo:
         raise LauncherError(f"unreadable cluster state {file}: {exc!r}") from None
 
 
-def _write_state(file: Path, info: ClusterInfo) -> None:
+def write_state(file: Path, info: ClusterInfo) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp")
     tmp.write_text(info.to_json() + "\n")
@@ -588,7 +588,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     except (KeyboardInterrupt, _Terminated):
         return 1  # start() has already stopped what it started
-    _write_state(file, info)
+    write_state(file, info)
     _print_cluster(info)
     if info.mqtt:
         print(f"mqtt {info.mqtt}", flush=True)
