@@ -5,7 +5,15 @@ memory service's walk/fault handler). Every hit is recorded for the oracle as a
 word, tid << 1 | write, and each run of up to RUN_HITS hits served without a
 pause as (hits, CLOCK_MONOTONIC ns before the first, after the last): one clock
 read per run instead of one per hit (services/memory/oracle.py says why that
-stays safe)."""
+stays safe).
+
+Fencing and the lease (the invariant the coordinator relies on): a fenced CPU serves
+no translation from its old TLB contents, and a CPU whose lease has run out serves
+none at all. `run_accesses` checks both before every run of hits and before every
+TLB fill, so an Access in flight when the CPU is fenced (by a missed deadline, by
+its lease, or by the coordinator) stops at its next run or fill. A run of hits is
+atomic: the CPU takes flushes and checks its lease only between runs, and the
+oracle judges a run at its start (services/memory/oracle.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +45,7 @@ class FlushLike(Protocol):
 MissHandler = Callable[[int, bool], Awaitable[Translation]]
 Pte = tuple[int, bool, int] | None  # (pfn, writable, tid) of a present PTE
 Walker = Callable[[list[int]], Awaitable[list[Pte]]]
+Pause = Callable[[], Awaitable[None]]
 WALK_AHEAD = 64  # pages read per walk request: one round trip serves the misses that follow
 FAULTED = {"anon", "cow", "swapin"}
 SEGV = {"segv", "prot"}
@@ -45,6 +54,14 @@ SEGV = {"segv", "prot"}
 # run that stops early costs no more than the hits before it.
 FIRST_RUN = 16
 RUN_HITS = 4096
+# A long Access gives the event loop a turn at least this often (ns of the core's
+# clock), so heartbeats renew the lease and flushes are taken between runs.
+PAUSE_EVERY_NS = 2_000_000
+FENCE_REASONS = {
+    "deadline": "it missed a shootdown deadline",
+    "lease": "its lease ran out (no heartbeat answered in time)",
+    "coordinator": "the coordinator fenced it",
+}
 
 
 @dataclasses.dataclass
@@ -65,6 +82,10 @@ class CpuCore:
         self.loaded_mm = 0
         self.lazy = False
         self.fenced = False
+        self.fence_reason = ""
+        # The lease, on `clock`: no translation is served at or after it. None: no
+        # lease (a CPU that is not a cluster member, e.g. in domain tests).
+        self.lease_until_ns: int | None = None
         self._hit_words = array("Q")
         self._hit_runs = array("q")  # (hits, first_ns, last_ns) per run
 
@@ -87,17 +108,29 @@ class CpuCore:
         return self.tlb.switch_to(mm, mm_gen)
 
     def require_runnable(self) -> int:
+        if not self.fenced and self.lease_until_ns is not None and \
+                self.clock() >= self.lease_until_ns:
+            self.fence("lease")
         if self.fenced:
+            why = FENCE_REASONS.get(self.fence_reason, self.fence_reason or "it was fenced")
             raise FailedPrecondition(
-                f"cpu {self.id} is fenced: it missed a shootdown deadline and must re-register")
+                f"cpu {self.id} is fenced: {why}; it flushes its TLB and re-registers")
         if not self.loaded_mm or self.lazy:
             raise FailedPrecondition(f"cpu {self.id} runs no mm: switch_mm first")
         return self.loaded_mm
 
-    def fence(self) -> None:
-        """Missed a deadline: nothing cached may be trusted any more."""
+    def fence(self, reason: str = "deadline") -> None:
+        """Nothing cached may be trusted any more: drop it all, and serve nothing until
+        unfenced (after re-registering). `reason` is one of FENCE_REASONS."""
+        if not self.fenced:
+            self.fence_reason = reason
         self.fenced = True
         self.tlb.invalidate_all()
+
+    def unfence(self) -> None:
+        """Re-registered after flushing: the TLB is empty, execution may resume."""
+        self.fenced = False
+        self.fence_reason = ""
 
     # --- invalidation ------------------------------------------------------------------
     def apply_flush(self, f: FlushLike) -> tuple[str, int]:
@@ -110,19 +143,28 @@ class CpuCore:
     # --- execution -------------------------------------------------------------------
     async def run_accesses(self, addresses: Sequence[int], writes: Sequence[int],
                            miss: MissHandler, walk: Walker | None = None,
-                           stop_on_segv: bool = False) -> AccessStats:
+                           stop_on_segv: bool = False,
+                           pause: Pause | None = None) -> AccessStats:
         """Execute accesses (user-space byte addresses) in order. A TLB miss is served
         from a batched walk of the pages ahead when possible (valid only while no flush
-        reached this CPU since), else by the memory service's fault handler."""
+        reached this CPU since), else by the memory service's fault handler. `pause`
+        gives the caller's event loop a turn every PAUSE_EVERY_NS (flushes and
+        heartbeats are served then, between runs). Raises FailedPrecondition, with the
+        hits served so far recorded, once the CPU is fenced or its lease runs out."""
         mm = self.require_runnable()
         stats = AccessStats()
         walked: dict[int, Pte] = {}
         walked_at = -1  # flushes_applied when `walked` was read
         tlb, words, runs, clock = self.tlb, self._hit_words, self._hit_runs, self.clock
         i, n, span = 0, len(addresses), FIRST_RUN
+        paused_ns = clock()
         while i < n:
             stop = min(n, i + span)
             first_ns = clock()
+            if pause is not None and first_ns - paused_ns >= PAUSE_EVERY_NS:
+                await pause()
+                first_ns = paused_ns = clock()
+            self._may_serve(mm, first_ns)
             j = tlb.hits_from(mm, addresses, writes, i, stop, words)  # TLB hits: no I/O
             if j > i:
                 runs.extend((j - i, first_ns, clock()))
@@ -147,6 +189,7 @@ class CpuCore:
                 pte = walked[vpn]
                 if walked_at == tlb.flushes_applied and pte is not None and \
                         (not write or pte[1]):
+                    self._may_serve(mm, clock())  # fenced while the walk was out?
                     stats.misses += 1
                     tlb.fill(mm, vpn, Entry(*pte))
                     continue
@@ -171,11 +214,17 @@ class CpuCore:
             if t.outcome in SEGV:
                 stats.segv += 1
                 return True
-            if self.fenced or self.loaded_mm != mm:
-                self.require_runnable()
+            self._may_serve(mm, self.clock())  # fenced while the fault was out?
             if not overtaken:
                 self.tlb.fill(mm, vpn, Entry(t.pfn, t.writable, t.tid))
                 return False
+
+    def _may_serve(self, mm: int, now_ns: int) -> None:
+        """Before a run of hits or a fill: still unfenced, within the lease, on `mm`."""
+        if self.fenced or self.loaded_mm != mm or (
+                self.lease_until_ns is not None and now_ns >= self.lease_until_ns):
+            self.require_runnable()
+            raise FailedPrecondition(f"cpu {self.id} switched mm during an access")
 
     def record_hits(self, words: Sequence[int], first_ns: int, last_ns: int) -> None:
         """Record one run of hits made outside `run_accesses` (tests drive the TLB directly)."""

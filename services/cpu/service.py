@@ -42,6 +42,11 @@ RPC_TIMEOUT_S = 30.0
 MAX_ACCESSES = 1 << 20  # per request: bounded work and memory
 
 
+async def _yield() -> None:
+    """A long Access lets heartbeats and flushes in (services/cpu/core.py)."""
+    await asyncio.sleep(0)
+
+
 class _Miss:
     """A HandleMissResponse seen through the core's Translation protocol."""
     __slots__ = ("outcome", "pfn", "writable", "tid", "local_flushes")
@@ -144,7 +149,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                         self.id)
             self.core.fence()
         self._last_contact = sent
-        self.core.fenced = False
+        self.core.unfence()
 
     async def _membership(self) -> None:
         """Stay registered, attached and unfenced, whatever happens to the coordinator."""
@@ -339,7 +344,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
 
             try:
                 s = await self.core.run_accesses(addresses, request.writes, miss, walk,
-                                                 request.stop_on_segv)
+                                                 request.stop_on_segv, pause=_yield)
             finally:
                 await self._report_hits()
             return pb.AccessResponse(accesses=s.accesses, hits=s.hits, misses=s.misses,
