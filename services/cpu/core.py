@@ -1,11 +1,11 @@
 """One simulated CPU: its TLB, the mm it runs, and the access loop (no I/O).
 
 TLB hits never leave the CPU; a miss calls the injected `miss` coroutine (the
-memory service's walk/fault handler). Every hit is recorded for the oracle as a
-word, tid << 1 | write, and each run of up to RUN_HITS hits served without a
-pause as (hits, CLOCK_MONOTONIC ns before the first, after the last): one clock
-read per run instead of one per hit (services/memory/oracle.py says why that
-stays safe).
+memory service's walk/fault handler). Every hit, and every TLB fill, is recorded
+for the oracle as a word, tid << 1 | write, and each run of up to RUN_HITS hits
+served without a pause as (hits, CLOCK_MONOTONIC ns before the first, after the
+last): one clock read per run instead of one per hit; a fill is a run of its own
+(services/memory/oracle.py says why that stays safe).
 
 Fencing and the lease (the invariant the coordinator relies on): a fenced CPU serves
 no translation from its old TLB contents, and a CPU whose lease has run out serves
@@ -49,6 +49,7 @@ Pause = Callable[[], Awaitable[None]]
 WALK_AHEAD = 64  # pages read per walk request: one round trip serves the misses that follow
 FAULTED = {"anon", "cow", "swapin"}
 SEGV = {"segv", "prot"}
+RETRY = "retry"  # the fault found the PTE changed under it: nothing to fill, access again
 # Accesses offered to the TLB at once: from FIRST_RUN after a miss, doubling while
 # all hit, up to RUN_HITS (which bounds how far the oracle's time can be off): a
 # run that stops early costs no more than the hits before it.
@@ -189,9 +190,8 @@ class CpuCore:
                 pte = walked[vpn]
                 if walked_at == tlb.flushes_applied and pte is not None and \
                         (not write or pte[1]):
-                    self._may_serve(mm, clock())  # fenced while the walk was out?
                     stats.misses += 1
-                    tlb.fill(mm, vpn, Entry(*pte))
+                    self._fill(mm, vpn, Entry(*pte), write)
                     continue
             segv = await self._miss(mm, vpn, bool(write), miss, stats)
             if segv and stop_on_segv:
@@ -214,10 +214,20 @@ class CpuCore:
             if t.outcome in SEGV:
                 stats.segv += 1
                 return True
-            self._may_serve(mm, self.clock())  # fenced while the fault was out?
-            if not overtaken:
-                self.tlb.fill(mm, vpn, Entry(t.pfn, t.writable, t.tid))
+            self._may_serve(mm, self.clock())  # fenced while the fault was out? stop
+            if not overtaken and t.outcome != RETRY:
+                self._fill(mm, vpn, Entry(t.pfn, t.writable, t.tid), write)
                 return False
+
+    def _fill(self, mm: int, vpn: int, entry: Entry, write: bool) -> None:
+        """Fill the TLB and serve the access from it: recorded for the oracle like a hit
+        (a run of one), after checking the CPU may still serve anything — it may have
+        been fenced while the walk or the fault was out."""
+        now = self.clock()
+        self._may_serve(mm, now)
+        self.tlb.fill(mm, vpn, entry)
+        self._hit_words.append(entry.tid << 1 | write)
+        self._hit_runs.extend((1, now, now))
 
     def _may_serve(self, mm: int, now_ns: int) -> None:
         """Before a run of hits or a fill: still unfenced, within the lease, on `mm`."""

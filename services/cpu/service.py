@@ -35,7 +35,8 @@ OUTCOME = {RANGE: common_pb2.FLUSH_OUTCOME_RANGE, FULL: common_pb2.FLUSH_OUTCOME
            ELIDED: common_pb2.FLUSH_OUTCOME_ELIDED}
 MISS = {memory_pb2.MISS_OUTCOME_WALKED: "walked", memory_pb2.MISS_OUTCOME_FAULT_ANON: "anon",
         memory_pb2.MISS_OUTCOME_FAULT_COW: "cow", memory_pb2.MISS_OUTCOME_FAULT_PROT: "prot",
-        memory_pb2.MISS_OUTCOME_SEGV: "segv", memory_pb2.MISS_OUTCOME_SWAP_IN: "swapin"}
+        memory_pb2.MISS_OUTCOME_SEGV: "segv", memory_pb2.MISS_OUTCOME_SWAP_IN: "swapin",
+        memory_pb2.MISS_OUTCOME_RETRY: "retry"}
 HEARTBEAT_S = 0.25
 HEARTBEAT_TIMEOUT_S = 0.5  # a heartbeat or registration slower than this failed (lease)
 RPC_TIMEOUT_S = 30.0
@@ -346,7 +347,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 s = await self.core.run_accesses(addresses, request.writes, miss, walk,
                                                  request.stop_on_segv, pause=_yield)
             finally:
-                await self._report_hits()
+                await self._report_hits(mm)
             return pb.AccessResponse(accesses=s.accesses, hits=s.hits, misses=s.misses,
                                      faults=s.faults, segv=s.segv,
                                      fault_latency_s=fault_latency)
@@ -358,11 +359,11 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             await self._reachable.wait()
         return await method(request, timeout=RPC_TIMEOUT_S, metadata=epoch_metadata(self.epoch))
 
-    async def _report_hits(self) -> None:
+    async def _report_hits(self, mm: int) -> None:
         words, runs = self.core.take_hits()
         if words:
             await self._to_memory(self.memory.ReportAccesses,
-                memory_pb2.ReportAccessesRequest(cpu=self.id, tids=words, runs=runs))
+                memory_pb2.ReportAccessesRequest(cpu=self.id, tids=words, runs=runs, mm=mm))
 
     @reachable
     @rpc

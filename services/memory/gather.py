@@ -8,9 +8,18 @@ becomes a full flush (x86 `tlb_single_page_flush_ceiling`).
 from __future__ import annotations
 
 import dataclasses
-import time
+from typing import Callable, Protocol
 
 from services.memory.pagetable import PageTable
+
+
+class Batch(Protocol):
+    """What the oracle tracks of a gather's changes until their flush completes
+    (services/memory/oracle.py Batch)."""
+    def clear(self, vpn: int, tid: int) -> None: ...
+    def downgrade(self, vpn: int, old: int, new: int) -> None: ...
+    def protect_table(self, uid: int, upto_seq: int) -> None: ...
+    def leave_table(self, uid: int) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,27 +46,32 @@ def capacity(batch: int) -> int:
 
 
 class Gather:
-    def __init__(self, batch: int, ceiling: int, fullmm: bool = False):
+    """One mmu_gather. `new_batch` gives the oracle's record of the translations the
+    next flush ends; `clock` stamps when a range opened (metrics)."""
+
+    def __init__(self, batch: int, ceiling: int, new_batch: Callable[[], Batch],
+                 clock: Callable[[], int], fullmm: bool = False):
         self.batch = batch  # pages queued before a forced flush
         self.ceiling = ceiling
         self.fullmm = fullmm
+        self._new_batch = new_batch
+        self._clock = clock
         self._reset_range()
         self.pages: list[int] = []          # frames to put after the flush
         self.tables: list[PageTable] = []   # table frames to free after the flush
-        self.revoked: list[int] = []        # tids that stop being valid at the flush
-        self.write_revoked: list[tuple[int, int]] = []  # (old tid, new tid): writes revoked
-        self.protected: list[tuple[int, int]] = []  # (table uid, seq): whole tables made read-only
+        self.ends = new_batch()             # the translations the next flush ends
 
     def _reset_range(self) -> None:
         self.start: int | None = None
         self.end = 0
-        self.opened = 0.0  # perf_counter at the first change of this range (metrics)
+        self.opened = 0  # clock ns at the first change of this range (metrics)
         self.cleared = False
         self.freed_tables = False
+        self.forced = False  # whole_mm(): the flush is full and reaches lazy CPUs
 
     def _adjust(self, vpn: int, pages: int = 1) -> None:
         if self.start is None:
-            self.opened = time.perf_counter()
+            self.opened = self._clock()
         self.start = vpn if self.start is None else min(self.start, vpn)
         self.end = max(self.end, vpn + pages)
 
@@ -71,7 +85,7 @@ class Gather:
         """A PTE was cleared; queue its page."""
         self._adjust(vpn)
         self.cleared = True
-        self.revoked.append(tid)
+        self.ends.clear(vpn, tid)
         if pfn is not None:
             self.pages.append(pfn)
 
@@ -79,19 +93,30 @@ class Gather:
         """A PTE lost write permission (mprotect, COW at fork): flush, nothing to free."""
         self._adjust(vpn)
         self.cleared = True
-        self.write_revoked.append((old_tid, new_tid))
+        self.ends.downgrade(vpn, old_tid, new_tid)
 
     def protect_table(self, table: PageTable) -> None:
         """A whole table lost write permission (fork sharing it): one entry per table."""
         self._adjust(table.base_vpn, table.span)
         self.cleared = True
-        self.protected.append((table.uid, table.seq))
+        self.ends.protect_table(table.uid, table.seq)
 
     def unshare_table(self, table: PageTable) -> None:
         """This mm stopped mapping a shared table (unshare, or drop). Its CPUs may cache
         the table's translations and walk through it: flush them, lazy ones too, as for
         freed tables (Linux passes `freed_tables || unshared_tables`)."""
         self._adjust(table.base_vpn, table.span)
+        self.freed_tables = True
+        self.ends.leave_table(table.uid)
+
+    def whole_mm(self) -> None:
+        """Flush the whole mm, lazy CPUs too, whatever this gather holds: flush_tlb_mm
+        (freed_tables set), as fork, flush_tlb_batched_pending and a nested
+        tlb_finish_mmu do."""
+        if self.start is None:
+            self.opened = self._clock()
+            self.start = self.end = 0
+        self.forced = True
         self.freed_tables = True
 
     def free_table(self, table: PageTable, vpn: int) -> None:
@@ -106,15 +131,14 @@ class Gather:
             return None
         assert self.start is not None
         pages = self.end - self.start
-        full = self.fullmm or pages > self.ceiling
+        full = self.fullmm or self.forced or pages > self.ceiling
         return FlushSpec(start_vpn=0 if full else self.start, pages=0 if full else pages,
                          freed_tables=self.freed_tables)
 
-    def take(self) -> tuple[list[int], list[PageTable], list[int], list[tuple[int, int]],
-                            list[tuple[int, int]]]:
-        """After a flush: hand over what may now be freed, and start a new range."""
-        taken = self.pages, self.tables, self.revoked, self.write_revoked, self.protected
-        self.pages, self.tables, self.revoked, self.write_revoked = [], [], [], []
-        self.protected = []
+    def take(self) -> tuple[list[int], list[PageTable], Batch]:
+        """At a flush: hand over what may be freed once it completed and what it ends,
+        and start a new range."""
+        taken = self.pages, self.tables, self.ends
+        self.pages, self.tables, self.ends = [], [], self._new_batch()
         self._reset_range()
         return taken

@@ -27,7 +27,11 @@ class Mm:
         self.page_table_lock = SimLock(LockClass.PAGE_TABLE, f"page_table_lock:{mm_id}", key=mm_id)
         self.cpumask: set[int] = set()
         self.tlb_gen = 0
-        self.tlb_flush_pending = 0
+        self.tlb_flush_pending = 0  # gathers in flight (mm_tlb_flush_nested reads it)
+        # Reclaim's deferred flushes (mm->tlb_flush_batched): PTEs cleared with their
+        # flush batched, and how many of those flush_tlb_batched_pending has flushed.
+        self.tlb_batch_pending = 0
+        self.tlb_batch_flushed = 0
         self.exited = False
         self.next_vpn = MMAP_BASE_VPN
         self.family = mm_id  # the fork family whose members may map this mm's pages

@@ -5,7 +5,9 @@ A PTE table stores, per slot, an int: `pfn << 1 | writable` for a present page,
 also keeps the translation id (`tid`) of each present state: every change gives
 the PTE a new tid, and the oracle remembers when each old tid stopped being valid.
 A tid carries its table's uid in the high bits, so the oracle can revoke writes
-for a whole table at once (a table write-protected when fork shares it).
+for a whole table at once (a table write-protected when fork shares it). Tids
+never alias within a run: a table uid has TID_UID_BITS, a table's change counter
+TID_SEQ_BITS, and running out of either is refused, not wrapped.
 
 The table's lock (`ptl`) and `share_count` live in its descriptor, as Linus
 proposed: "the lock we have is the lock that we've always had in struct page".
@@ -17,9 +19,14 @@ from __future__ import annotations
 from typing import Iterator
 
 from services.common.addresses import PTRS_PER_TABLE, table_index
+from services.common.errors import ResourceExhausted
 
-
-TID_SEQ_BITS = 24  # a tid is (table uid << 24) | the table's change counter
+# A tid is (table uid << TID_SEQ_BITS) | the table's change counter: 63 bits in all
+# (a signed or unsigned 64-bit field carries it). 2^24 tables and 2^39 changes per
+# table in one run are far beyond what a run does (a change a microsecond: 6 days).
+TID_SEQ_BITS = 39
+TID_UID_BITS = 24
+MAX_TABLE_UID = (1 << TID_UID_BITS) - 1
 
 
 class PageTable:
@@ -42,6 +49,9 @@ class PageTable:
         self.rmap_lock = None         # guards `sharers` and `share_count`
 
     def new_tid(self) -> int:
+        if self.seq >= (1 << TID_SEQ_BITS) - 1:
+            raise ResourceExhausted(f"page table {self.uid} changed 2^{TID_SEQ_BITS} times: "
+                                    "translation ids would repeat; start a new run")
         self.seq += 1
         return self.uid << TID_SEQ_BITS | self.seq
 

@@ -23,7 +23,8 @@ log = logging.getLogger("tlbsim.memory")
 
 OUTCOMES = {"walked": pb.MISS_OUTCOME_WALKED, "anon": pb.MISS_OUTCOME_FAULT_ANON,
             "cow": pb.MISS_OUTCOME_FAULT_COW, "prot": pb.MISS_OUTCOME_FAULT_PROT,
-            "segv": pb.MISS_OUTCOME_SEGV, "swapin": pb.MISS_OUTCOME_SWAP_IN}
+            "segv": pb.MISS_OUTCOME_SEGV, "swapin": pb.MISS_OUTCOME_SWAP_IN,
+            "retry": pb.MISS_OUTCOME_RETRY}
 SHOOTDOWN_MARGIN_S = 5.0  # the coordinator answers by the deadline; this covers the hop
 MAX_WALK_PAGES = 1 << 16  # per Walk: bounded work (CPUs read ahead 64 pages at a time)
 # and a coordinator restart: a Shootdown that failed is sent again (the same flush: it is
@@ -235,7 +236,13 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             raise InvalidArgument("report: tids must be 8-byte values and runs 24-byte triples")
         words.frombytes(request.tids)
         runs.frombytes(request.runs)
-        return pb.ReportAccessesResponse(stale=self.kernel.report_accesses(words, runs))
+        stale = 0
+        # In chunks, giving the loop a turn in between: a report of a million stale
+        # hits must not hold up every other call while it is judged.
+        for part in self.kernel.judge_accesses(words, runs, request.mm):
+            stale += part
+            await asyncio.sleep(0)
+        return pb.ReportAccessesResponse(stale=stale)
 
     @rpc
     async def Audit(self, request, context):

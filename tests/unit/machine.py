@@ -5,6 +5,7 @@ an event log, and can simulate CPUs that never answer (fenced at once)."""
 from __future__ import annotations
 
 import dataclasses
+from array import array
 
 from services.common.policy import Policy
 from services.cpu.core import CpuCore
@@ -32,19 +33,19 @@ class Machine:
         async def walk(vpns: list[int]):
             return self.kernel.walk(cpu, core.loaded_mm, vpns)
 
-        stats = await core.run_accesses(addresses,
-                                        [int(write)] * len(addresses), miss,
-                                        walk if self.batch_walks else None)
-        words, times = core.take_hits()
-        self.report(words, times)
-        return stats
+        mm = core.loaded_mm
+        try:
+            return await core.run_accesses(addresses, [int(write)] * len(addresses), miss,
+                                           walk if self.batch_walks else None)
+        finally:  # what was served is reported, also when the CPU stopped (fenced)
+            words, times = core.take_hits()
+            self.report(words, times, mm)
 
-    def report(self, words: bytes, runs: bytes) -> int:
-        from array import array
+    def report(self, words: bytes, runs: bytes, mm: int = 0) -> int:
         w, r = array("Q"), array("q")
         w.frombytes(words)
         r.frombytes(runs)
-        return self.kernel.report_accesses(list(w), list(r))
+        return self.kernel.report_accesses(list(w), list(r), mm)
 
     def apply_local(self, cpu: int, result) -> None:
         for f in result.local_flushes:
@@ -64,7 +65,8 @@ class Machine:
                 for c in self.cpus.values()]
 
 
-def make_machine(ncpus: int = 4, **policy) -> Machine:
+def make_machine(ncpus: int = 4, broken: frozenset = frozenset(), **policy) -> Machine:
+    """`broken`: safety rules the kernel skips on purpose (services/memory/rules.py)."""
     log: list[tuple] = []
     dead: set[int] = set()
     cpus: dict[int, CpuCore] = {}
@@ -82,7 +84,7 @@ def make_machine(ncpus: int = 4, **policy) -> Machine:
         return ShootdownResult(acked, fenced)
 
     p = Policy(**policy)
-    kernel = Kernel(p, port)
+    kernel = Kernel(p, port, broken=broken)
     for i in range(ncpus):
         cpus[i] = CpuCore(i, p.tlb_entries, p.tlb_ways)
     return Machine(kernel, cpus, log, dead)
