@@ -64,9 +64,10 @@ def _serve(args) -> int:
         from services.memory.service import MemoryNode
         if not args.coordinator:
             args.parser.error("serve memory needs --coordinator")
+        from services.common.policy import MIN_FRAMES
         frames = int(args.frames) if args.frames else None
-        if frames is not None and frames < 1:
-            args.parser.error("--frames must be at least 1")
+        if frames is not None and frames < MIN_FRAMES:
+            args.parser.error(f"--frames must be at least {MIN_FRAMES}")
         node = MemoryNode(args.coordinator, frames)
         ready = {"service": "memory"}
     else:

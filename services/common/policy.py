@@ -36,6 +36,9 @@ DEFAULT_MQTT_QOS = 0
 MQTT_QOS = (0, 1)
 MAX_TLB_ENTRIES = 1 << 20
 MAX_FRAMES = 1 << 28  # 1 TiB of simulated memory
+# Reclaim starts below 16 free frames, which it keeps for page tables (they never wait
+# for reclaim), and frees up to 32: a smaller machine would reclaim at every fault.
+MIN_FRAMES = 64
 
 
 def _name(table: dict[str, int], value: int, what: str) -> str:
@@ -71,9 +74,11 @@ class Policy:
                                    (self.shared_flush, SHARED_FLUSHES, "shared-flush")):
             if value not in table:
                 raise InvalidArgument(f"unknown {what} {value!r}: choose from {', '.join(table)}")
-        if not 0 <= self.frames <= MAX_FRAMES:
-            raise InvalidArgument(f"frames {self.frames}: must be between 1 and {MAX_FRAMES} "
-                                  "(0 = the service's default)")
+        if self.frames and not MIN_FRAMES <= self.frames <= MAX_FRAMES:
+            raise InvalidArgument(
+                f"frames {self.frames}: must be between {MIN_FRAMES} and {MAX_FRAMES} (0 = the "
+                f"service's default); below {MIN_FRAMES}, reclaim's watermarks and the page "
+                "tables leave no memory to run in")
         if self.batch < 1:
             raise InvalidArgument(f"batch {self.batch}: must be at least 1 page")
         if self.ceiling < 0:

@@ -42,9 +42,9 @@ inside a run (the unsafe order, a CPU fenced at its deadline mid-run) leaves
 that run's hits on the tid unjudged as stale — the next run catches the CPU —
 and counts them in `straddled`.
 
-Cost: a report is judged in O(words) with one dict lookup per distinct word;
-`judge` works through it in chunks so the memory service's event loop is never
-held for long. `revoked` grows with every translation that ends (~160 B each)
+Cost: a report is judged in O(words) with one lookup per distinct word (and
+per run that holds a suspect); `judge` works through it in chunks of CHUNK_WORDS,
+a few ms each, so the memory service's event loop is never held for long. `revoked` grows with every translation that ends (~160 B each)
 until the run's reset and is not trimmed: a CPU that kept an entry past its flush
 (the bug this oracle exists to catch) may hit it at any later time.
 """
@@ -58,7 +58,7 @@ from services.common.errors import InvalidArgument
 from services.memory.pagetable import tid_seq, tid_table
 
 # Words judged between two turns of the caller's event loop (a few ms of work).
-CHUNK_WORDS = 1 << 16
+CHUNK_WORDS = 1 << 13
 
 
 class Revokes(enum.IntEnum):
@@ -214,16 +214,18 @@ class Oracle:
             tid = r.successor if r is not None and r.at_ns <= at_ns else 0
         return False
 
-    def _suspects(self, words: Iterable[int], mm: int) -> set[int]:
-        """The distinct words that could be stale: almost every hit is on a live
-        translation, so each distinct word is looked up once."""
-        revoked, table_wp = self.revoked, self.table_wp
-        mine = self.revoked_for.get(mm, {}) if mm else {}
-        left = self.left.get(mm, {}) if mm else {}
-        return {w for w in set(words)
-                if w >> 1 in revoked or w >> 1 == 0 or w >> 1 in mine
-                or (left and tid_table(w >> 1) in left)
-                or (w & 1 and tid_table(w >> 1) in table_wp)}
+    def _suspect(self, w: int, mm: int) -> bool:
+        """Could a use of word `w` (tid << 1 | write) by a CPU running `mm` be stale?
+        Almost every hit is on a live translation: each distinct word is asked once."""
+        tid = w >> 1
+        if tid == 0 or tid in self.revoked:
+            return True
+        if w & 1 and tid_table(tid) in self.table_wp:
+            return True
+        if mm:
+            mine, left = self.revoked_for.get(mm), self.left.get(mm)
+            return bool(mine and tid in mine) or bool(left and tid_table(tid) in left)
+        return False
 
     @staticmethod
     def validate(words: Sequence[int], runs: Sequence[int]) -> None:
@@ -236,13 +238,20 @@ class Oracle:
     def judge(self, words: Sequence[int], runs: Sequence[int], mm: int = 0) -> Iterator[int]:
         """Judge a report of `words` (tid << 1 | write) served in `runs` (flat
         (hits, first_ns, last_ns) triples covering the words in order) by a CPU running
-        `mm`; yields the stale count of each chunk of about CHUNK_WORDS words, so the
-        caller can give its event loop a turn in between. Validates first: a bad report
-        changes nothing. Revocations made between chunks are stamped later than every
-        hit already reported, so chunking changes no verdict."""
+        `mm`; yields after every CHUNK_WORDS words or so (the stale count found since
+        the last yield), so the caller can give its event loop a turn in between.
+        Validates first: a bad report changes nothing. Revocations made between chunks
+        are stamped later than every hit already reported, so chunking changes no
+        verdict."""
         self.validate(words, runs)
         self.checked += len(words)
-        suspects = self._suspects(words, mm)
+        seen: set[int] = set()
+        suspects: set[int] = set()
+        for at in range(0, len(words), CHUNK_WORDS):  # which distinct words could be stale
+            fresh = set(words[at:at + CHUNK_WORDS]) - seen
+            seen |= fresh
+            suspects.update(w for w in fresh if self._suspect(w, mm))
+            yield 0
         if not suspects:
             return
         stale = pos = done = 0

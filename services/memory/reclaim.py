@@ -10,7 +10,8 @@ from collections import OrderedDict
 def watermarks(frames: int) -> tuple[int, int]:
     """(low, high) free-frame watermarks: reclaim starts below low and stops at high.
     Like the kernel's min/low/high, a small fraction of memory, with a floor that
-    leaves room for page tables (which never wait for reclaim)."""
+    leaves room for page tables (which never wait for reclaim). A machine needs at
+    least 2 * high frames (Policy's MIN_FRAMES) or reclaim would run at every fault."""
     low = max(16, frames // 32)
     return low, max(2 * low, frames // 16)
 
