@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import time
 from typing import AsyncIterator
 
+from services.common.clock import Clock, monotonic
 from services.common.errors import Aborted
 from services.common.stats import Samples
 
@@ -74,11 +74,13 @@ class LockValidator:
 
 
 class OpContext:
-    """The locks one operation holds, in acquisition order."""
+    """The locks one operation holds, in acquisition order; `clock` times the waits
+    and holds (the kernel's clock)."""
 
-    def __init__(self, validator: LockValidator, stats: LockStats):
+    def __init__(self, validator: LockValidator, stats: LockStats, clock: Clock = monotonic):
         self.validator = validator
         self.stats = stats
+        self.clock = clock
         self.held: list[SimLock] = []
 
     def locked(self, lock: "SimLock") -> "_Locked":
@@ -113,7 +115,7 @@ class SimLock:
         self.name = name
         self.key = key
         self._lock = asyncio.Lock()
-        self._since = 0.0
+        self._since = 0
 
     async def acquire(self, ctx: OpContext) -> None:
         ctx.validator.check(ctx.held, self)
@@ -121,15 +123,15 @@ class SimLock:
         stats.acquisitions += 1
         if self._lock.locked():
             stats.contended += 1
-        t0 = time.perf_counter()
+        t0 = ctx.clock()
         await self._lock.acquire()
-        self._since = time.perf_counter()
-        stats.wait_s.append(self._since - t0)
+        self._since = ctx.clock()
+        stats.wait_s.append((self._since - t0) / 1e9)
         ctx.held.append(self)
 
     def release(self, ctx: OpContext) -> None:
         ctx.held.remove(self)
-        ctx.stats.by_class[self.cls].hold_s.append(time.perf_counter() - self._since)
+        ctx.stats.by_class[self.cls].hold_s.append((ctx.clock() - self._since) / 1e9)
         self._lock.release()
 
 
@@ -173,7 +175,7 @@ class RwLock:
         ctx.validator.check(ctx.held, self)  # type: ignore[arg-type]
         stats = ctx.stats.by_class[self.cls]
         stats.acquisitions += 1
-        t0 = time.perf_counter()
+        t0 = ctx.clock()
         async with self._cond:
             busy = self._writer or (write and self._readers)
             if busy:
@@ -184,7 +186,7 @@ class RwLock:
                 self._writer = True
             else:
                 self._readers += 1
-        stats.wait_s.append(time.perf_counter() - t0)
+        stats.wait_s.append((ctx.clock() - t0) / 1e9)
         ctx.held.append(self)  # type: ignore[arg-type]
 
     async def _release(self, ctx: OpContext, write: bool) -> None:

@@ -1,66 +1,140 @@
-"""The pure parts of reclaim: which pages go first, where they go, when to start.
-
-Reclaim itself (unmap through the reverse map, one batched flush, then free) is
-in the kernel, because it takes locks and shoots down."""
+"""Reclaim, the one nonlocal operation (DESIGN.md §3): under memory pressure, unmap
+the oldest pages from every mm that maps them, through the frame's reverse map,
+batch them into one flush, and free them only after it (mm/rmap.c's batched unmap
+flushing; mm/vmscan.c's shrink_folio_list)."""
 from __future__ import annotations
 
-from collections import OrderedDict
+import collections
+
+from services.common.addresses import PTRS_PER_TABLE
+from services.memory.flush import Flusher
+from services.memory.locks import OpContext
+from services.memory.mm import Mm
+from services.memory.oracle import Batch
+from services.memory.pagetable import PageTable, pte_pfn, walk
+from services.memory.rules import Rule
+from services.memory.state import FlushOrder, KernelState
+from services.memory.tables import Tables
 
 
-def watermarks(frames: int) -> tuple[int, int]:
-    """(low, high) free-frame watermarks: reclaim starts below low and stops at high.
-    Like the kernel's min/low/high, a small fraction of memory, with a floor that
-    leaves room for page tables (which never wait for reclaim). A machine needs at
-    least 2 * high frames (Policy's MIN_FRAMES) or reclaim would run at every fault."""
-    low = max(16, frames // 32)
-    return low, max(2 * low, frames // 16)
+def reclaim_targets(policy_shared_flush: str, shared: bool, every_cpu: set[int],
+                    walked_masks: list[set[int]], union_masks: list[set[int]]) -> set[int]:
+    """Who gets reclaim's batched flush: the union of the affected mms' CPUs — or, when
+    a still-shared table changed, as the shared-flush policy says: every CPU that ever
+    ran anything (Linus 2002), the sharers' CPUs, or (wrong on purpose) only the CPUs of
+    the mm the reverse-map walk went through."""
+    if shared and policy_shared_flush == "all-cpus":
+        return set(every_cpu)
+    if shared and policy_shared_flush == "unsafe-mm-only":
+        return set().union(*walked_masks)
+    return set().union(*union_masks)
 
 
-class Lru:
-    """Resident data pages, oldest first. TLB hits never reach the memory service, so
-    there is no accessed bit to age by: this is FIFO, the clock with no second chance."""
+class Reclaimer:
+    def __init__(self, k: KernelState, tables: Tables, flusher: Flusher):
+        self.k, self.tables, self.flusher = k, tables, flusher
 
-    def __init__(self) -> None:
-        self._pages: OrderedDict[int, None] = OrderedDict()
-
-    def add(self, pfn: int) -> None:
-        self._pages[pfn] = None
-        self._pages.move_to_end(pfn)
-
-    def remove(self, pfn: int) -> None:
-        self._pages.pop(pfn, None)
-
-    def oldest(self, n: int) -> list[int]:
-        """Take up to n of the oldest pages off the list."""
-        out = []
-        while self._pages and len(out) < n:
-            out.append(self._pages.popitem(last=False)[0])
+    def mappings(self, pfn: int) -> list[tuple[Mm, PageTable]]:
+        """Every PTE table mapping `pfn`, through the reverse map: the page's address and
+        its fork family (anon_vma's role); a table shared by several mms appears once."""
+        k = self.k
+        vpn = k.frames.rmap_vpn[pfn]
+        out, seen = [], set()
+        for mm_id in sorted(k.families.get(k.frames.rmap_family[pfn], ())):
+            mm = k.mms[mm_id]
+            table = walk(mm.pgd, vpn)
+            if table is None or table.uid in seen:
+                continue
+            pte = table.entries[vpn % PTRS_PER_TABLE]
+            if pte > 0 and pte_pfn(pte) == pfn:
+                seen.add(table.uid)
+                out.append((mm, table))
         return out
 
-    def __len__(self) -> int:
-        return len(self._pages)
+    async def alloc_page(self, ctx: OpContext, cpu: int) -> int:
+        """A data frame; below the low watermark, reclaim first (direct reclaim)."""
+        k = self.k
+        if k.frames.free_count <= k.low_watermark:
+            async with k.reclaiming:
+                if k.frames.free_count <= k.low_watermark:
+                    await self.reclaim(ctx, cpu)
+        return k.frames.alloc()
 
+    async def reclaim(self, ctx: OpContext, initiator: int) -> None:
+        """Swap out the oldest pages until free frames reach the high watermark: unmap each
+        from every mm that maps it, batch them all into one flush (reclaim_targets), and
+        free them only after it. Each mm whose PTEs it cleared is marked
+        (set_tlb_ubc_flush_pending), so that a PTE change racing with the deferred flush
+        flushes first (flush_tlb_batched_pending). A page still mapped afterwards (a
+        sharer copied its table meanwhile) goes back on the LRU, as try_to_unmap failing
+        puts the folio back."""
+        k, tables = self.k, self.tables
+        victims = k.lru.oldest(k.high_watermark - k.frames.free_count)
+        ends = k.oracle.batch(())
+        pages = []
+        union: set[int] = set()      # mms whose tables changed, with every sharer
+        walked: set[int] = set()     # only the mms the rmap walk went through
+        shared = False
+        for pfn in victims:
+            for mm, table in self.mappings(pfn):
+                async with tables.sharers_locked(ctx, mm, [table]), \
+                        tables.pte_locked(ctx, mm, table):
+                    vpn = k.frames.rmap_vpn[pfn]
+                    slot = table.slot(vpn)
+                    pte = table.entries[slot]
+                    if pte <= 0 or pte_pfn(pte) != pfn:
+                        continue  # changed while we waited for the lock
+                    sharers = [m for m, _ in table.sharers or [(mm.id, 0)]]
+                    ends.mms.update(sharers)
+                    ends.clear(vpn, table.tids[slot])
+                    table.entries[slot] = -k.swap.store()
+                    table.tids[slot] = 0
+                    k.frames.mapcount[pfn] -= 1
+                    pages.append(pfn)
+                    walked.add(mm.id)
+                    union.update(sharers)
+                    shared |= table.share_count > 0
+                    for m in sharers:
+                        k.mms[m].tlb_batch_pending += 1
+        if pages:
+            await self._flush_and_free(initiator, pages, ends, union, walked, shared)
+        self._keep_mapped(victims)
 
-class SwapSpace:
-    """Swap is a counter and a marker: a slot per swapped-out PTE, with a reference
-    count (an unshared copy of a table duplicates its swap entries)."""
+    async def _flush_and_free(self, initiator: int, pages: list[int], ends: Batch,
+                              union: set[int], walked: set[int], shared: bool) -> None:
+        """try_to_unmap_flush, then free: one flush of every affected mm's entries."""
+        k = self.k
+        k.stats.swap_outs += len(pages)
+        k.stats.frames_pending_free += len(pages)
+        k.unflushed.update(pages)
+        mms = [k.mms[m] for m in sorted(union)]
+        cpus = reclaim_targets(k.policy.shared_flush, shared, set(k.cpu_mm),
+                               [k.mms[m].cpumask for m in walked], [mm.cpumask for mm in mms])
+        if k.rules.breaks(Rule.FLUSH_BEFORE_FREE):
+            k.oracle.flushed(ends, k.clock())
+        for mm in mms:  # lazy CPUs of each mm catch up at switch_mm by generation
+            mm.tlb_gen += 1
+        first = mms[0]
+        order = FlushOrder(next(k.shootdown_ids), first.id, 0, 0, first.tlb_gen,
+                           first.tlb_gen, False, initiator, all_mms=True, reason="reclaim")
+        local = [order] if initiator in cpus else []
+        targets = sorted(cpus - {initiator})
+        k.stats.shootdowns += 1
+        k.stats.reclaim_shootdowns += 1
+        k.stats.full_flushes += 1
+        if targets and k.rules.keeps(Rule.RECLAIM_FLUSH):
+            k.stats.ipis += len(targets)
+            k.stats.reclaim_ipis += len(targets)
+            result = await k.port(order, targets)
+            k.stats.fenced.update(result.fenced)
+        k.unflushed -= collections.Counter(pages)
+        k.oracle.flushed(ends, k.clock())
+        k.pending_local.setdefault(initiator, []).extend(local)
+        k.stats.reclaimed_pages += self.flusher.release(pages, [])
 
-    def __init__(self) -> None:
-        self._refs: dict[int, int] = {}
-        self._next = 1
-
-    def store(self) -> int:
-        slot, self._next = self._next, self._next + 1
-        self._refs[slot] = 1
-        return slot
-
-    def dup(self, slot: int) -> None:
-        self._refs[slot] += 1
-
-    def drop(self, slot: int) -> None:
-        self._refs[slot] -= 1
-        if not self._refs[slot]:
-            del self._refs[slot]
-
-    def __len__(self) -> int:
-        return len(self._refs)
+    def _keep_mapped(self, victims: list[int]) -> None:
+        """Victims still mapped after reclaim's unmap stay resident: back on the LRU."""
+        frames = self.k.frames
+        for pfn in victims:
+            if frames.mapcount[pfn] and not frames.is_free(pfn):
+                self.k.lru.add(pfn)

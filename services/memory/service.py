@@ -31,6 +31,9 @@ MAX_WALK_PAGES = 1 << 16  # per Walk: bounded work (CPUs read ahead 64 pages at 
 # idempotent by generation) until deadline + margin; frames wait for its completion.
 RETRY_BACKOFF_S = (0.05, 0.5)
 ANNOUNCE_S = 1.0  # the memory service re-announces itself: a restarted coordinator learns it
+# --unsafe free-before-flush: the IPI is slow, as if the interconnect were busy, so the
+# CPUs run on for a while with translations to frames already freed, as the bug lets them.
+UNSAFE_IPI_DELAY_S = 0.005
 # Why the RPC being served shoots down (a metrics label): the system call, or "cow" for a
 # fault. A context variable, because concurrent RPCs interleave on one event loop.
 FAULT_KINDS = ("anon", "cow", "prot", "segv")
@@ -124,6 +127,8 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         """One shootdown through the coordinator. It completes only when every target
         acked or was fenced; a coordinator that fails (restarts) gets the same request
         again, with the deadline fixed at the first try, until deadline + margin."""
+        if self.kernel.policy.unsafe == "free-before-flush":
+            await asyncio.sleep(UNSAFE_IPI_DELAY_S)
         deadline = self.kernel.policy.deadline_s
         flush = flush_to_proto(order)
         flush.deadline_unix_s = time.time() + deadline

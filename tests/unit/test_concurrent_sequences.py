@@ -164,7 +164,7 @@ def check_quiescent(k) -> None:
     assert k.frames.used == len(mapped) + len(tables), (k.frames.used, len(mapped), len(tables))
     assert dict(swapped) == k.swap._refs, "swap slots"
     assert set(k.lru._pages) == set(mapped), "the LRU is exactly the mapped pages"
-    assert not k.oracle.inflight and not k._unflushed
+    assert not k.oracle.inflight and not k.k.unflushed
     assert k.stats.frames_pending_free == 0
     for mm in k.mms.values():
         assert mm.tlb_flush_pending == 0

@@ -21,7 +21,7 @@ async def parent_with(m, pages, cpus=(0,), write=True):
 
 
 def pte_tables(m, mm_id):
-    return m.kernel._pte_tables(m.kernel.mms[mm_id], 0, 1 << 35)
+    return m.kernel.tables.pte_tables(m.kernel.mms[mm_id], 0, 1 << 35)
 
 
 async def test_share_fork_allocates_no_pte_table_and_counts_sharers_apart_from_refcount():

@@ -47,7 +47,7 @@ def check(m, model, content):
     # What every process would read is what the model says.
     for mm in live:
         for vpn, value in model[mm.id].items():
-            pte_table = k._pmd_of(mm, vpn)
+            pte_table = k.tables.pmd_of(mm, vpn)
             table = pte_table.entries[pte_table.slot(vpn)] if pte_table else None
             pte = table.entries[vpn % PTRS_PER_TABLE] if table else 0
             assert pte > 0, (mm.id, vpn)

@@ -1,0 +1,175 @@
+"""TLB misses and page faults (DESIGN.md §3): the hardware walker first, then the
+fault handler — allocate outside the lock, lock, re-check, install or back out; a
+write to a read-only page in a writable VMA copies it (wp_page_copy) or reuses it."""
+from __future__ import annotations
+
+from services.common.addresses import PTRS_PER_TABLE, USER_VPN_END
+from services.common.errors import OutOfRange
+from services.memory.flush import Flusher
+from services.memory.locks import OpContext
+from services.memory.mm import Mm, Vma
+from services.memory.oracle import Revokes
+from services.memory.pagetable import PageTable, make_pte, pte_pfn, walk
+from services.memory.reclaim import Reclaimer
+from services.memory.rules import Rule
+from services.memory.sharing import Sharing
+from services.memory.state import FlushOrder, KernelState, MissResult
+from services.memory.tables import Tables
+
+
+class Faults:
+    def __init__(self, k: KernelState, tables: Tables, flusher: Flusher, sharing: Sharing,
+                 reclaimer: Reclaimer):
+        self.k, self.tables, self.flusher = k, tables, flusher
+        self.sharing, self.reclaimer = sharing, reclaimer
+
+    async def handle_miss(self, cpu: int, mm: Mm, vpn: int, write: bool) -> MissResult:
+        if not 0 <= vpn < USER_VPN_END:
+            raise OutOfRange(f"vpn {vpn:#x} is past the 47-bit user address space")
+        pte = self.tables.hw_pte(mm, vpn)  # the hardware walker: no lock
+        if pte is not None and (not write or pte[1]):
+            return MissResult("walked", *pte)
+        k = self.k
+        t0 = k.clock()
+        result = await self._fault(cpu, mm, vpn, write)
+        k.stats.faults[result.outcome] += 1
+        k.stats.fault_latency_s.append((k.clock() - t0) / 1e9)
+        return result
+
+    async def _fault(self, cpu: int, mm: Mm, vpn: int, write: bool) -> MissResult:
+        k = self.k
+        ctx = k.ctx()
+        local: list[FlushOrder] = []
+        async with mm.mmap_lock.read(ctx):
+            k.alive(mm)
+            vma = mm.find_vma(vpn)
+            if vma is None:
+                return MissResult("segv")
+            if write and not vma.writable:
+                return MissResult("prot")
+            table = await self.tables.ensure(ctx, mm, vpn, 1)
+            if write and table.share_count:
+                # Writing through a shared table: copy the table first. Read faults keep
+                # sharing ("continue to share page tables over read-only page faults").
+                await self.sharing.unshare(ctx, cpu, mm, table, local)
+                table = walk(mm.pgd, vpn)
+            if write and table.wp and not table.share_count:
+                await self.sharing.unprotect(ctx, mm, table)
+            slot = table.slot(vpn)
+            result = None
+            if table.entries[slot] <= 0:
+                result = await self._populate(ctx, cpu, mm, vma, vpn, table)
+            if result is None:
+                pte = table.entries[slot]
+                if pte > 0 and write and not table.writable(pte):
+                    result = await self._cow(ctx, cpu, mm, vpn, table)
+                elif pte > 0:
+                    result = MissResult("walked", pte_pfn(pte), table.writable(pte),
+                                        table.tids[slot])
+                else:  # reclaimed again while we waited: the CPU accesses again
+                    result = MissResult("retry")
+        result.local_flushes = local + result.local_flushes + k.pending_local.pop(cpu, [])
+        return result
+
+    async def _populate(self, ctx: OpContext, cpu: int, mm: Mm, vma: Vma, vpn: int,
+                        table: PageTable) -> MissResult | None:
+        """A none or swapped PTE: zero-fill, or swap in. Installing needs no flush (not
+        present -> present), also in a shared table, where every sharer sees the page.
+        Returns None when another CPU got there first."""
+        k = self.k
+        slot = table.slot(vpn)
+        before = table.entries[slot]
+        fresh = await self.reclaimer.alloc_page(ctx, cpu)  # allocate outside the lock
+        async with self.tables.pte_locked(ctx, mm, table):
+            pmd = self.tables.pmd_of(mm, vpn)  # still this mm's table (not unshared)?
+            if table.entries[slot] == before and pmd.entries[pmd.slot(vpn)] is table:
+                if before < 0:
+                    k.swap.drop(-before)
+                    table.present -= 1
+                    k.stats.swap_ins += 1
+                return self.install(mm, table, vpn, fresh, vma.writable,
+                                    "anon" if before == 0 else "swapin")
+        k.frames.put(fresh)  # lost the race: back out
+        k.frames.free(fresh)
+        return None
+
+    def install(self, mm: Mm, table: PageTable, vpn: int, pfn: int, writable: bool,
+                outcome: str, replaces: int = 0) -> MissResult:
+        """Map `pfn` at `vpn`; `replaces`: the translation a COW copy takes the place of,
+        which must be dead already (the oracle's coherence check)."""
+        k = self.k
+        slot = table.slot(vpn)
+        if replaces:
+            k.oracle.superseded(replaces, k.clock())
+        table.entries[slot] = make_pte(pfn, writable)
+        table.tids[slot] = tid = table.new_tid()
+        table.present += 1
+        k.frames.mapcount[pfn] += 1
+        k.frames.rmap_vpn[pfn] = vpn
+        k.frames.rmap_family[pfn] = mm.family
+        k.lru.add(pfn)
+        return MissResult(outcome, pfn, table.writable(table.entries[slot]), tid)
+
+    async def _cow(self, ctx: OpContext, cpu: int, mm: Mm, vpn: int,
+                   table: PageTable) -> MissResult:
+        """A write to a read-only PTE in a writable VMA: reuse the page if it is ours
+        alone, else copy it (wp_page_copy): clear the old PTE and flush it, and only
+        then install the copy, so that no CPU is still served the old frame while
+        another is served the new one."""
+        k = self.k
+        slot = table.slot(vpn)
+        fresh = await self.reclaimer.alloc_page(ctx, cpu)  # may reclaim: even the page itself
+        zap = self.flusher.zap(mm, "cow", pages=1)
+        async with self.tables.pte_locked(ctx, mm, table):
+            pte = table.entries[slot]
+            if pte > 0 and table.writable(pte):  # another CPU broke the COW first
+                result = MissResult("walked", pte_pfn(pte), True, table.tids[slot])
+            elif pte <= 0 or table.wp:
+                # Reclaimed, or unshared, while we allocated: nothing to fill, the CPU
+                # accesses again (the fault returns and the access refaults).
+                result = MissResult("retry")
+            else:
+                old_pfn, old_tid = pte_pfn(pte), table.tids[slot]
+                if k.frames.mapcount[old_pfn] == 1 and k.frames.refcount[old_pfn] == 1:
+                    # wp_page_reuse: upgrading needs no flush; the old entry stays valid
+                    table.entries[slot] = make_pte(old_pfn, True)
+                    table.tids[slot] = tid = table.new_tid()
+                    k.oracle.transition(old_tid, tid, k.clock(), Revokes.NOTHING)
+                    result = MissResult("cow", old_pfn, True, tid)
+                else:
+                    if k.rules.breaks(Rule.COW_CLEAR_FIRST):  # the copy goes in first
+                        result = self.install(mm, table, vpn, fresh, True, "cow", old_tid)
+                    else:
+                        table.entries[slot] = 0  # ptep_clear_flush: clear ...
+                    table.present -= 1
+                    k.frames.mapcount[old_pfn] -= 1
+                    zap.gather.clear_pte(vpn, old_tid, old_pfn)
+                    await self.flusher.flush(mm, cpu, zap, Rule.COW_FLUSH)  # ... flush, then
+                    if k.rules.keeps(Rule.COW_CLEAR_FIRST):
+                        result = self.install(mm, table, vpn, fresh, True, "cow", old_tid)
+                    fresh = 0
+        if fresh:
+            k.frames.put(fresh)
+            k.frames.free(fresh)
+        self.flusher.release(zap.to_free, zap.tables)
+        result.local_flushes = zap.local
+        return result
+
+    async def populate_range(self, ctx: OpContext, cpu: int, mm: Mm, start: int, end: int,
+                             writable: bool) -> None:
+        """MAP_POPULATE: a zero-filled page in every none PTE, a table's worth at a time
+        (allocated outside the lock, installed under it, as a fault would)."""
+        k = self.k
+        vpn = start
+        while vpn < end:
+            stop = min(end, vpn - vpn % PTRS_PER_TABLE + PTRS_PER_TABLE)
+            table = await self.tables.ensure(ctx, mm, vpn, 1)
+            fresh = [await self.reclaimer.alloc_page(ctx, cpu) for _ in range(stop - vpn)]
+            async with self.tables.pte_locked(ctx, mm, table):
+                for v in range(vpn, stop):
+                    if table.entries[table.slot(v)] == 0:
+                        self.install(mm, table, v, fresh.pop(), writable, "anon")
+            for pfn in fresh:  # slots populated meanwhile: back out
+                k.frames.put(pfn)
+                k.frames.free(pfn)
+            vpn = stop

@@ -1,0 +1,185 @@
+"""The flush engine (mmu_gather's back half): from a gather to a shootdown to the
+frames' release — clear -> flush -> free (DESIGN.md §3-§4).
+
+A flush bumps the mm's tlb_gen, sends one shootdown to the mm's CPUs (the
+initiator flushes itself: its order comes back in `Zap.local`), waits until every
+target acked or was fenced, tells the oracle what ended, and only then hands the
+gathered frames to be freed.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+from typing import Iterable, Iterator
+
+from services.memory.gather import FlushSpec, Gather, capacity
+from services.memory.mm import Mm
+from services.memory.oracle import Revokes
+from services.memory.pagetable import PageTable
+from services.memory.rules import Rule
+from services.memory.state import FlushOrder, KernelState
+
+
+class Zap:
+    """The running state of one operation's flushing: its gather, what to free, the
+    initiator's own flushes, the count of shootdowns."""
+
+    def __init__(self, gather: Gather, reason: str):
+        self.gather = gather
+        self.reason = reason  # the operation, for the shootdowns' metrics label
+        self.to_free: list[int] = []
+        self.tables: list[PageTable] = []
+        self.local: list[FlushOrder] = []
+        self.shootdowns = 0
+        self.freed = 0  # pages freed by the batches flushed so far
+        # Rule.CLEAR_BEFORE_FLUSH broken: PTEs the hardware walker still sees, until
+        # after their flush (keys of KernelState.ghosts).
+        self.deferred: list[tuple[int, int]] = []
+
+
+def flush_targets(cpumask: Iterable[int], initiator: int, lazy: set[int],
+                  lazy_too: bool) -> tuple[list[int], int]:
+    """native_flush_tlb_multi's choice: the mm's CPUs but the initiator; lazy ones only
+    when page tables were freed or unshared (`lazy_too`). Returns (targets, lazy CPUs
+    left out)."""
+    targets, skipped = [], 0
+    for cpu in sorted(cpumask):
+        if cpu == initiator:
+            continue
+        if cpu in lazy and not lazy_too:
+            skipped += 1
+            continue
+        targets.append(cpu)
+    return targets, skipped
+
+
+class Flusher:
+    def __init__(self, k: KernelState):
+        self.k = k
+
+    def gather(self, mm: Mm, fullmm: bool = False, pages: int = 0) -> Gather:
+        """A gather of `mm`'s changes; a zap's holds the policy's batch (per-page mode:
+        one page), other users' (`pages`) all their changes."""
+        k = self.k
+        if not pages:
+            pages = 1 if k.policy.flush == "per-page" else capacity(k.policy.batch)
+        return Gather(pages, k.policy.ceiling, lambda: k.oracle.batch([mm.id]), k.clock, fullmm)
+
+    def zap(self, mm: Mm, reason: str, fullmm: bool = False, pages: int = 0) -> Zap:
+        return Zap(self.gather(mm, fullmm, pages), reason)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def gathering(mm: Mm) -> Iterator[None]:
+        """tlb_gather_mmu ... tlb_finish_mmu: the mm's count of gathers in flight
+        (mm->tlb_flush_pending), which mm_tlb_flush_nested reads."""
+        mm.tlb_flush_pending += 1
+        try:
+            yield
+        finally:
+            mm.tlb_flush_pending -= 1
+
+    def release(self, pages: list[int], tables: list[PageTable]) -> int:
+        """Drop the gathered references; free what reaches zero. Returns pages freed."""
+        k = self.k
+        frames, freed = k.frames, 0
+        k.stats.frames_freed_without_ack += sum(
+            1 for pfn in itertools.chain(pages, (t.pfn for t in tables)) if k.unflushed[pfn])
+        for pfn in pages:
+            if frames.put(pfn):
+                frames.free(pfn)
+                k.lru.remove(pfn)
+                freed += 1
+        for table in tables:
+            if frames.put(table.pfn):
+                frames.free(table.pfn)
+                k.stats.tables_freed += 1
+        k.stats.pages_freed += freed
+        k.stats.frames_pending_free -= len(pages) + len(tables)
+        return freed
+
+    async def flush(self, mm: Mm, initiator: int, zap: Zap, rule: Rule) -> None:
+        """tlb_flush_mmu: invalidate what the gather holds, then hand its pages to free.
+        `rule` names the flush (the mutation test skips it: as if it had been sent)."""
+        k = self.k
+        spec = zap.gather.flush_spec()
+        opened = zap.gather.opened
+        pages, tables, ends = zap.gather.take()
+        if spec is None:
+            return
+        k.stats.frames_pending_free += len(pages) + len(tables)
+        k.stats.flush_pages.append(len(ends.revoked) + len(ends.downgraded))
+        covered = [*pages, *(t.pfn for t in tables)]
+        k.unflushed.update(covered)
+        if k.rules.breaks(Rule.FLUSH_BEFORE_FREE):
+            # Deliberately wrong: the frames go back to the allocator while other CPUs
+            # may still hold translations to them. The oracle must catch the result.
+            self.release(pages, tables)
+            k.oracle.flushed(ends, k.clock())
+            pages, tables = [], []
+        if k.rules.keeps(rule):
+            await self.shoot(mm, initiator, spec, zap)
+        for key in zap.deferred:  # Rule.CLEAR_BEFORE_FLUSH broken: cleared late
+            k.ghosts.pop(key, None)
+        zap.deferred.clear()
+        k.unflushed -= collections.Counter(covered)  # every target acked or was fenced
+        now = k.clock()
+        k.stats.flush_waits.append((now - opened) / 1e9, len(pages) + len(tables))
+        k.oracle.flushed(ends, now)
+        zap.to_free.extend(pages)
+        zap.tables.extend(tables)
+
+    async def finish(self, mm: Mm, initiator: int, zap: Zap, rule: Rule) -> None:
+        """tlb_finish_mmu: the gather's last flush; if another gather of the mm ran
+        meanwhile (mm_tlb_flush_nested), the whole mm, lazy CPUs too, whatever this
+        one cleared: the other may have cleared PTEs this one found empty."""
+        if mm.tlb_flush_pending > 1 and self.k.rules.keeps(Rule.NESTED_FLUSH):
+            zap.gather.whole_mm()
+        await self.flush(mm, initiator, zap, rule)
+
+    async def batched_pending(self, mm: Mm, initiator: int, zap: Zap) -> None:
+        """flush_tlb_batched_pending (mm/rmap.c): under a PTE table lock, before changing
+        PTEs: if reclaim cleared PTEs of this mm and deferred their flush, a PTE this
+        call finds already gone may still be cached elsewhere; flush the mm now. Like
+        Linux, it is not told when reclaim's own flush completed: the first caller after
+        a reclaim pays one extra flush."""
+        pending = mm.tlb_batch_pending
+        if pending == mm.tlb_batch_flushed or self.k.rules.breaks(Rule.BATCHED_PENDING):
+            return
+        extra = self.zap(mm, "batched-pending")
+        extra.gather.whole_mm()  # flush_tlb_mm: freed_tables, so lazy CPUs too
+        await self.flush(mm, initiator, extra, Rule.BATCHED_PENDING)
+        zap.local.extend(extra.local)
+        zap.shootdowns += extra.shootdowns
+        # A reclaim that cleared more meanwhile keeps its mark (atomic_cmpxchg in Linux).
+        if mm.tlb_batch_pending == pending:
+            mm.tlb_batch_flushed = pending
+
+    async def shoot(self, mm: Mm, initiator: int, spec: FlushSpec, zap: Zap) -> None:
+        k = self.k
+        mm.tlb_gen += 1  # after changing the tables, before sending: x86 tlb_gen
+        order = FlushOrder(next(k.shootdown_ids), mm.id, spec.start_vpn, spec.pages,
+                           mm.tlb_gen, mm.tlb_gen, spec.freed_tables, initiator,
+                           reason=zap.reason)
+        if initiator in mm.cpumask and not k.is_lazy(initiator, mm):
+            zap.local.append(order)
+        lazy = {c for c in mm.cpumask if k.is_lazy(c, mm)}
+        targets, skipped = flush_targets(
+            mm.cpumask, initiator, lazy,
+            spec.freed_tables and k.rules.keeps(Rule.FREED_TABLES_LAZY))
+        k.stats.lazy_skipped += skipped
+        zap.shootdowns += 1
+        k.stats.shootdowns += 1
+        k.stats.full_flushes += spec.full
+        k.stats.range_pages += spec.pages  # 0 for a full flush (the cost model's input)
+        if not targets:
+            return
+        k.stats.ipis += len(targets)
+        result = await k.port(order, targets)
+        k.stats.fenced.update(result.fenced)
+
+    def returned(self, mm: Mm, start: int, end: int, revokes: Revokes) -> None:
+        """A call is about to return to its caller: what it removed (or write-protected)
+        in [start, end) must be gone from every CPU of the mm from now on (oracle.py)."""
+        self.k.oracle.returned(mm.id, start, end, self.k.clock(), revokes)
