@@ -92,11 +92,13 @@ class World:
             return
         if op.kind == "mmap":
             r = await wb.syscall(cpu, "mmap", op.pages * 2, True)
-            self.regions[mm].append((r.address, op.pages * 2))
+            if mm in self.regions:  # not exited by another CPU meanwhile
+                self.regions[mm].append((r.address, op.pages * 2))
             return
         if op.kind == "fork":
+            inherited = list(self.regions[mm])  # the VMAs the child is forked with
             r = await wb.syscall(cpu, "fork")
-            self.regions[r.child_mm] = list(self.regions[mm])
+            self.regions[r.child_mm] = inherited
             return
         if op.kind == "exit":
             await wb.syscall(cpu, "exit")
