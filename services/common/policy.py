@@ -36,6 +36,7 @@ DEFAULT_MQTT_QOS = 0
 MQTT_QOS = (0, 1)
 MAX_TLB_ENTRIES = 1 << 20
 MAX_FRAMES = 1 << 28  # 1 TiB of simulated memory
+MAX_UINT32 = (1 << 32) - 1  # ceiling and batch travel as uint32 (common.proto Policy)
 
 
 def _name(table: dict[str, int], value: int, what: str) -> str:
@@ -74,10 +75,10 @@ class Policy:
         if not 0 <= self.frames <= MAX_FRAMES:
             raise InvalidArgument(f"frames {self.frames}: must be between 1 and {MAX_FRAMES} "
                                   "(0 = the service's default)")
-        if self.batch < 1:
-            raise InvalidArgument(f"batch {self.batch}: must be at least 1 page")
-        if self.ceiling < 0:
-            raise InvalidArgument(f"ceiling {self.ceiling}: must not be negative")
+        if not 1 <= self.batch <= MAX_UINT32:
+            raise InvalidArgument(f"batch {self.batch}: must be 1..{MAX_UINT32} pages")
+        if not 0 <= self.ceiling <= MAX_UINT32:
+            raise InvalidArgument(f"ceiling {self.ceiling}: must be 0..{MAX_UINT32} pages")
         if not 1 <= self.tlb_ways <= self.tlb_entries <= MAX_TLB_ENTRIES:
             raise InvalidArgument(
                 f"TLB of {self.tlb_entries} entries and {self.tlb_ways} ways: need "
