@@ -149,7 +149,7 @@ SCENARIO_DEFAULTS: dict[str, dict] = {
     "tlb-flush": {"pages": 16, "rounds": 2},
     "fault-scaling": {"pages": 512, "rounds": 1},
     "mprotect": {"pages": 256, "rounds": 2},
-    "mixed": {"rounds": 3},
+    "mixed": {"rounds": 2},
     "fork": {"resident": 4096, "rounds": 2},
     "shared-write": {"fork": "share", "pages": 16, "resident": 2048, "rounds": 2},
     "swapout": {"fork": "share", "frames": 2048, "resident": 1536, "pages": 512,
@@ -182,8 +182,8 @@ def config_from(args: argparse.Namespace, scenario: str) -> RunConfig:
     given = [name for name, v in zip(LENGTH_OPTIONS, (getattr(args, "rounds", None),
                                                       duration, ops)) if v is not None]
     if len(given) > 1:
-        raise InvalidArgument(f"{' and '.join(given)}: give only one of --rounds, "
-                              "--duration and --ops")
+        raise InvalidArgument(f"give only one of --rounds, --duration and --ops (got "
+                              f"{', '.join(given)})")
     for name in ("cpus", "pages", "rounds", "children", "resident"):
         if values[name] < 1:
             raise InvalidArgument(f"--{name} must be at least 1")
@@ -232,7 +232,8 @@ def coordinator_address(args: argparse.Namespace) -> str:
     try:
         return load_state(args.state).coordinator
     except LauncherError as e:  # its message says how to start one; --cluster is the other way
-        raise Unavailable(f"{e}, or pass --cluster ADDR") from None
+        hint = " or pass --cluster ADDR" if "start one with" in str(e) else ""
+        raise Unavailable(f"{e}{hint}") from None
 
 
 def add_commands(sub) -> None:

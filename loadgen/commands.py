@@ -132,9 +132,11 @@ def _target(args: argparse.Namespace) -> tuple[str, argparse.Namespace]:
                           "nor a trace file")
 
 
-def _compare(args: argparse.Namespace) -> int:
+def plan_compare(args: argparse.Namespace):
+    """Everything `load compare` checks before it runs: the target, the outputs, every
+    side of every sweep point as a RunConfig. Returns (scenario, sides, sweep values)."""
     from loadgen import compare as cmp
-    from loadgen.cli import check_outputs, config_from, coordinator_address
+    from loadgen.cli import check_outputs, config_from
 
     if not 1 <= args.repeat <= 1000:
         raise InvalidArgument("--repeat must be 1..1000")
@@ -158,6 +160,14 @@ def _compare(args: argparse.Namespace) -> int:
             sides(f"{key}={v}")  # reject a bad value before anything runs
     else:
         sides()
+    return scenario, sides, values
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from loadgen import compare as cmp
+    from loadgen.cli import coordinator_address
+
+    scenario, sides, values = plan_compare(args)
     address = coordinator_address(args)
     runs = 2 * args.repeat * max(1, len(values))
 
