@@ -46,8 +46,8 @@ def add_commands(sub) -> None:
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    from services.launcher import (LauncherError, LocalCluster, load_state, state_path,
-                                   write_state)
+    from services.launcher import (LauncherError, LocalCluster, UsageError, load_state,
+                                   state_path, write_state)
     if args.hold is not None and not 0 < args.hold <= 3600:
         raise InvalidArgument("--for must be in (0, 3600] seconds")
     needs_cpu = args.kind in (*CPU_KINDS, "kill-cpu")
@@ -55,6 +55,8 @@ def _chaos(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"chaos {args.kind} needs --cpu N")
     try:
         info = load_state(args.state)
+    except UsageError as e:
+        raise InvalidArgument(str(e)) from None
     except LauncherError as e:
         raise Unavailable(str(e)) from None
     local = LocalCluster.adopt(info)

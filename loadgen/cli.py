@@ -228,9 +228,11 @@ def coordinator_address(args: argparse.Namespace) -> str:
     """--cluster wins; otherwise the state file `tlbsim up` wrote."""
     if args.cluster:
         return args.cluster
-    from services.launcher import LauncherError, load_state
+    from services.launcher import LauncherError, UsageError, load_state
     try:
         return load_state(args.state).coordinator
+    except UsageError as e:  # a folder, an unreadable or broken file
+        raise InvalidArgument(str(e)) from None
     except LauncherError as e:  # its message says how to start one; --cluster is the other way
         hint = " or pass --cluster ADDR" if "start one with" in str(e) else ""
         raise Unavailable(f"{e}{hint}") from None

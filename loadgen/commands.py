@@ -222,7 +222,7 @@ def _record(args: argparse.Namespace) -> int:
     limit = parse_size(args.accesses_limit)
     check_writable_file(args.output, "-o")
     try:
-        with output.byte_progress("lackey log") as progress:
+        with output.byte_progress("lackey log", shown=args.accesses) as progress:
             header = record(args.output, argv, accesses=args.accesses, quiet=args.quiet,
                             limit=limit, progress=progress)
     except Stopped as e:

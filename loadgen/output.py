@@ -216,10 +216,10 @@ def verdict(report: dict) -> int:
 
 
 @contextlib.contextmanager
-def byte_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+def byte_progress(label: str, shown: bool = True) -> Iterator[Callable[[int, int], None]]:
     """A line on a terminal's stderr with how much of a log was read and the pages it
-    held; silent when stderr is not a terminal."""
-    if not err_console.is_terminal:
+    held; silent when stderr is not a terminal (or not `shown`)."""
+    if not shown or not err_console.is_terminal:
         yield lambda read, pages: None
         return
     with err_console.status(f"{label}: starting") as status:

@@ -212,7 +212,8 @@ def exit_code_of(exc: BaseException) -> int:
         details = exc.details() if callable(getattr(exc, "details", None)) else ""
         return exitcodes.for_status(getattr(code, "name", ""), details or "")
     if isinstance(exc, LauncherError):
-        return exitcodes.NO_CLUSTER
+        from services.launcher import UsageError
+        return exitcodes.USAGE if isinstance(exc, UsageError) else exitcodes.NO_CLUSTER
     return exitcodes.INTERNAL
 
 

@@ -48,6 +48,14 @@ class LauncherError(Exception):
     """A launcher failure with a message meant for the user."""
 
 
+class UsageError(LauncherError):
+    """A bad option of `up`/`down`, or a state file that is not one (exit 2)."""
+
+
+class AlreadyRunning(UsageError):
+    """`tlbsim up` with a state file whose cluster still runs."""
+
+
 class _Terminated(BaseException):
     """Raised in the main thread when `tlbsim up` receives SIGTERM."""
 
@@ -468,9 +476,9 @@ def load_state(path: str | None) -> ClusterInfo:
     except FileNotFoundError:
         raise LauncherError(f"no cluster state at {file}; start one with `tlbsim up --detach`") from None
     except OSError as exc:  # a folder, unreadable, ...
-        raise LauncherError(f"cannot read the cluster state {file}: {exc.strerror}") from None
+        raise UsageError(f"cannot read the cluster state {file}: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise LauncherError(f"unreadable cluster state {file}: {exc!r}") from None
+        raise UsageError(f"unreadable cluster state {file}: {exc!r}") from None
 
 
 def write_state(file: Path, info: ClusterInfo) -> None:
@@ -557,10 +565,6 @@ def _refuse_if_running(file: Path) -> None:
                              f"`{down_command(file)}`, or give another --state")
 
 
-class AlreadyRunning(LauncherError):
-    """`tlbsim up` with a state file whose cluster still runs (a usage error)."""
-
-
 def down_command(file: Path) -> str:
     """How to stop the cluster of this state file."""
     return "tlbsim down" if file == state_path(None) else f"tlbsim down --state {file}"
@@ -594,10 +598,6 @@ def _check_paths(file: Path, log_dir: Path | None) -> None:
         raise UsageError(e.message) from None
 
 
-class UsageError(LauncherError):
-    """A bad option of `up`/`down` (exit 2)."""
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     from services.common import exitcodes
     if not 1 <= args.cpus <= MAX_CPUS:
@@ -615,8 +615,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except LauncherError as exc:
         cluster.stop()
         print(f"tlbsim up: {exc}", file=sys.stderr)
-        return exitcodes.USAGE if isinstance(exc, (UsageError, AlreadyRunning)) \
-            else exitcodes.NO_CLUSTER
+        return exitcodes.USAGE if isinstance(exc, UsageError) else exitcodes.NO_CLUSTER
     except (KeyboardInterrupt, _Terminated):
         return exitcodes.INTERRUPTED  # start() has already stopped what it started
     write_state(file, info)
@@ -642,7 +641,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         info = load_state(args.state)
     except LauncherError as exc:
         print(f"tlbsim down: {exc}", file=sys.stderr)
-        return exitcodes.NO_CLUSTER
+        return exitcodes.USAGE if isinstance(exc, UsageError) else exitcodes.NO_CLUSTER
     stopped = stop_pids(info.pids)
     state_path(args.state).unlink(missing_ok=True)
     print(f"stopped {stopped} of {len(info.pids)} processes")

@@ -126,3 +126,14 @@ def test_bad_output_paths_are_refused_before_any_work(argv, what, path, words, t
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "ran").exists()  # trace record never started the command
     assert not (tmp_path / "state.json").exists()  # up started nothing
+
+
+@pytest.mark.parametrize("argv", [["load", "run", "munmap"], ["down"], ["chaos", "heal"],
+                                  ["load", "soak", "--duration", "5s"]])
+def test_a_state_file_that_is_a_folder_or_broken_is_a_usage_error(argv, tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for state in (tmp_path, broken):
+        assert main([*argv, "--state", str(state)]) == exitcodes.USAGE
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "cluster state" in err, err

@@ -30,7 +30,7 @@ BIN = Path(sys.executable).parent  # .venv/bin: where `make setup` installs tlbs
 
 # Blocks not run for real (they are still parsed and checked), by a line they hold.
 NOT_RUN = {
-    "tlbsim load compare munmap --a flush=per-page --b flush=gather --cpus 4 --repeat 3":
+    "tlbsim load compare munmap --a flush=per-page --b flush=gather --cpus 4 --rounds 5":
         "60 runs of per-page munmaps and fault-scaling (minutes); "
         "tests/loadgen/test_compare.py runs compare and sweep",
     "tlbsim load run munmap --cost-model invlpgb":
