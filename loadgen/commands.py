@@ -69,6 +69,7 @@ def add_load_commands(load_sub) -> None:
 
 
 def add_trace_command(sub) -> None:
+    from loadgen.trace.record import DEFAULT_LIMIT
     t = sub.add_parser("trace", help="record traces of real programs",
                        description="Record traces of real programs for `tlbsim load replay`.")
     t_sub = t.add_subparsers(dest="trace_command", required=True, metavar="COMMAND")
@@ -87,10 +88,11 @@ def add_trace_command(sub) -> None:
     rec.add_argument("--accesses", action="store_true",
                      help="also capture page-level accesses with valgrind --tool=lackey")
     rec.add_argument("--quiet", action="store_true", help="discard the command's output")
-    rec.add_argument("--accesses-limit", default="2G", metavar="SIZE",
+    rec.add_argument("--accesses-limit", default=DEFAULT_LIMIT, metavar="SIZE",
                      help="with --accesses: stop the command once valgrind's lackey log (read "
                           "as it is written, never stored) passes SIZE, and write what was read "
-                          "as a trace marked truncated (exit 5) (default 2G; K, M, G)")
+                          "as a trace marked truncated (exit 5) "
+                          f"(default {DEFAULT_LIMIT}; K, M, G)")
     rec.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     rec.set_defaults(func=_record)
 

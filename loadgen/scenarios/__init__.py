@@ -29,4 +29,5 @@ def check(cfg: RunConfig) -> None:
     if cfg.scenario in CHECKS:
         CHECKS[cfg.scenario](cfg)
 
-__all__ = ["SCENARIOS", "DOCS", "CHECKS", "check", "Driver", "Measurements", "Progress", "RunConfig", "Scenario"]
+__all__ = ["SCENARIOS", "DOCS", "CHECKS", "check", "Driver", "Measurements", "Progress",
+           "RunConfig", "Scenario"]

@@ -18,7 +18,7 @@ import collections
 import re
 from typing import Iterable
 
-from loadgen.trace.fmt import TraceError
+from loadgen.trace.fmt import Pages, TraceError
 from loadgen.trace.strace import HANDLED, MEMORY_UNSIMULATED
 
 PAGE_SHIFT = 12
@@ -61,7 +61,7 @@ class LackeyParser:
         self.other = 0  # system calls that are neither memory management nor task life
         self._tid: int | None = None
         self._pending: dict[int, tuple[str, list[int], int]] = {}
-        self._pages: list[list[int]] = []
+        self._pages = Pages()
         self._vtid_to_tid: dict[int, int] = {}
         self._unclaimed_threads: list[int] = []
         self._n = 0  # lines read so far
@@ -141,17 +141,14 @@ class LackeyParser:
             self._page(page, kind != "L")
 
     def _page(self, page: int, write: bool) -> None:
-        if self._pages and self._pages[-1][0] == page:
-            self._pages[-1][1] |= write
-        else:
-            self._pages.append([page, int(write)])
-            if len(self._pages) >= MAX_PAGES_PER_EVENT:
-                self._flush_pages()
+        self._pages.add(page, write)
+        if len(self._pages) >= MAX_PAGES_PER_EVENT:
+            self._flush_pages()
 
     def _flush_pages(self) -> None:
         if self._pages:
             self.events.append({"op": "access", "tid": self._tid, "pages": self._pages})
-            self._pages = []
+            self._pages = Pages()
 
     def _task(self, pid: int, vtid: int) -> int:
         if vtid not in self._vtid_to_tid:
