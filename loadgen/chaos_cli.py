@@ -8,7 +8,9 @@ import asyncio
 
 from loadgen.faults import Injector
 from services.common.chaos import KINDS, FaultPlan
-from services.common.errors import InvalidArgument
+from services.common import exitcodes
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.paths import check_writable_dir, check_writable_file
 
 CPU_KINDS = ("delay-acks", "drop-flushes", "partition")
 
@@ -44,8 +46,8 @@ def add_commands(sub) -> None:
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    from services.launcher import (LauncherError, LocalCluster, load_state, state_path,
-                                   write_state)
+    from services.launcher import (LauncherError, LocalCluster, UsageError, load_state,
+                                   state_path, write_state)
     if args.hold is not None and not 0 < args.hold <= 3600:
         raise InvalidArgument("--for must be in (0, 3600] seconds")
     needs_cpu = args.kind in (*CPU_KINDS, "kill-cpu")
@@ -53,8 +55,10 @@ def _chaos(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"chaos {args.kind} needs --cpu N")
     try:
         info = load_state(args.state)
-    except LauncherError as e:
+    except UsageError as e:
         raise InvalidArgument(str(e)) from None
+    except LauncherError as e:
+        raise Unavailable(str(e)) from None
     local = LocalCluster.adopt(info)
     faults = Injector(local)
     plan = {"delay-acks": lambda: FaultPlan(ack_delay_s=args.delay),
@@ -156,6 +160,8 @@ def _soak(args: argparse.Namespace) -> int:
         raise InvalidArgument("--deadline must be in [0.1, 60] seconds")
     if not 1 <= args.pages <= 1 << 16:
         raise InvalidArgument("--pages must be in [1, 65536]")
+    check_writable_file(args.json, "--json", stdout_ok=True)
+    check_writable_dir(args.log_dir, "--log-dir")
     cfg = SoakConfig(duration_s=parse_duration(args.duration), cpus=args.cpus,
                      chaos=args.chaos, chaos_every_s=parse_duration(args.chaos_every),
                      seed=args.seed, segment_s=parse_duration(args.segment),
@@ -163,7 +169,9 @@ def _soak(args: argparse.Namespace) -> int:
     report = run_soak(cfg, args.state, args.log_dir)
     print_soak(report)
     output.write_json(report, args.json)
-    return 0 if report["ok"] else 1
+    if not report["ok"]:
+        return exitcodes.UNSAFE
+    return exitcodes.INTERRUPTED if report.get("interrupted") else exitcodes.OK
 
 
 def print_soak(report: dict) -> None:

@@ -9,16 +9,25 @@ from loadgen import output
 from loadgen.cluster import Cluster
 from loadgen.runner import run
 from loadgen.scenarios import DOCS, SCENARIOS, RunConfig
-from services.common import costmodel
+from loadgen.scenarios import check as check_scenario
+from loadgen.scenarios.flush_ceiling import DEFAULT_WORKING_SET
+from services.common import costmodel, exitcodes
 from services.common import policy as pol
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.paths import check_writable_file
+
+MAX_CPU_ID = 1023
 
 
 def add_policy_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy (chosen per run; the cluster is reset, not restarted)")
     d = pol.Policy()
     g.add_argument("--lock", choices=list(pol.LOCKS), default=d.lock,
-                   help="page-table locking: one lock per mm, or a lock per PTE table "
+                   help="page-table locking: mm takes the mm's one page_table_lock for every "
+                        "table change; split takes each PTE table's own lock; "
+                        "lock-all-sharers changes a shared table holding every sharer mm's "
+                        "page_table_lock in mm-id order; lock-all-sharers-unordered takes "
+                        "them in the wrong order, which the lock validator refuses "
                         f"(default {d.lock})")
     g.add_argument("--flush", choices=list(pol.FLUSHES), default=d.flush,
                    help=f"one shootdown per page, or mmu_gather batching (default {d.flush})")
@@ -41,16 +50,17 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
                    help=f"TLB associativity (default {d.tlb_ways})")
     g.add_argument("--unsafe", choices=list(pol.UNSAFE), default="none",
                    help="deliberately wrong orders, to show the oracle firing")
-    g.add_argument("--fork", choices=list(pol.FORKS), default=d.fork,
+    g.add_argument("--fork", choices=list(pol.FORKS), default=None,
                    help="fork copies every PTE, or shares the PTE tables copy-on-write "
-                        f"(default {d.fork})")
+                        f"(default {d.fork}; shared-write and swapout: share)")
     g.add_argument("--shared-flush", choices=list(pol.SHARED_FLUSHES), default=d.shared_flush,
                    help="who is flushed when a still-shared table changes (reclaim): every CPU "
                         "(Linus 2002), the union of the sharers' CPUs, or only the changing "
                         f"mm's (wrong on purpose) (default {d.shared_flush})")
-    g.add_argument("--frames", type=int, default=d.frames,
+    g.add_argument("--frames", type=int, default=None,
                    help="physical frames of the machine; reclaim starts below 1/32 free "
-                        "(default 0: the memory service's own, effectively unlimited)")
+                        "(default 0: the memory service's own, effectively unlimited; "
+                        f"swapout: {SCENARIO_DEFAULTS['swapout']['frames']})")
     g.add_argument("--deadline", type=float, default=d.deadline_s,
                    help="seconds a CPU has to acknowledge a shootdown before it is fenced")
     g.add_argument("--cost-model", default=d.cost_model.name, metavar="x86|invlpgb|PATH",
@@ -61,78 +71,148 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
                         f"(default {d.cost_model.name})")
 
 
-def policy_from(args: argparse.Namespace) -> pol.Policy:
+def policy_from(args: argparse.Namespace, scenario: str | None = None) -> pol.Policy:
+    values = resolved(args, scenario)
     return pol.Policy(lock=args.lock, flush=args.flush, ceiling=args.ceiling, batch=args.batch,
                       lazy_tlb=args.lazy_tlb == "on", transport=args.transport,
                       tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways, unsafe=args.unsafe,
-                      deadline_s=args.deadline, mqtt_qos=args.mqtt_qos, fork=args.fork,
-                      shared_flush=args.shared_flush, frames=args.frames,
+                      deadline_s=args.deadline, mqtt_qos=args.mqtt_qos, fork=values["fork"],
+                      shared_flush=args.shared_flush, frames=values["frames"],
                       cost_model=costmodel.load(args.cost_model))
 
 
-def add_workload_options(p: argparse.ArgumentParser, cpus: int = 4, pages: int = 512,
-                         rounds: int = 5) -> None:
-    g = p.add_argument_group("workload")
-    g.add_argument("--cpus", type=int, default=cpus, help=f"CPUs to use (default {cpus})")
-    g.add_argument("--pages", type=int, default=pages,
-                   help=f"pages per mapping (default {pages})")
-    g.add_argument("--rounds", type=int, default=rounds,
-                   help=f"repetitions (default {rounds})")
-    g.add_argument("--seed", type=int, default=0, help="seed for randomised choices")
-    g.add_argument("--readers", choices=["on", "off"], default="on",
-                   help="munmap: the other threads keep reading during the munmap (default "
-                        "on; off is LATR's quiet variant)")
-    g.add_argument("--children", type=int, default=2,
-                   help="fork, shared-write, swapout: processes forked (default 2)")
-    g.add_argument("--resident", type=int, default=None,
-                   help="fork, shared-write, swapout: pages the parent has resident before "
-                        "forking (default 4096); flush-ceiling: the working set every CPU "
-                        "keeps in its TLB (default 512)")
-    add_length_options(g)
+def resolved(args: argparse.Namespace, scenario: str | None) -> dict:
+    """The values of the options whose default depends on the scenario: given on the
+    command line, else the scenario's own default, else the common one."""
+    own = SCENARIO_DEFAULTS.get(scenario or "", {})
+    return {key: value if (value := getattr(args, key, None)) is not None
+            else own.get(key, common) for key, common in COMMON_DEFAULTS.items()}
 
 
-def add_length_options(g) -> None:
+def defaults_text(scenario: str) -> str:
+    """`pages 64, rounds 3`: what a scenario runs with when no option is given."""
+    values = {**COMMON_DEFAULTS, **SCENARIO_DEFAULTS.get(scenario, {})}
+    shown = ("cpus", "pages", "rounds", "resident", "children", "fork", "frames")
+    uses = SCENARIO_USES.get(scenario, shown)
+    return ", ".join(f"{k} {values[k]}" for k in shown if k in uses)
+
+
+def add_workload_options(p: argparse.ArgumentParser, replay: bool = False) -> None:
+    """The workload's options; `replay` (`load replay`) leaves out those a trace ignores."""
+    g = p.add_argument_group("workload" if replay else
+                             "workload (defaults per scenario: `tlbsim load run --help`)")
+    g.add_argument("--cpus", type=int, help=f"CPUs to use (default {COMMON_DEFAULTS['cpus']})")
+    if not replay:
+        g.add_argument("--pages", type=int,
+                       help="pages per mapping (default: per scenario)")
+    g.add_argument("--rounds", type=int,
+                   help="times the trace is replayed (default 1)" if replay
+                   else "repetitions (default: per scenario; replay 1)")
+    if not replay:
+        g.add_argument("--seed", type=int, default=0, help="seed for randomised choices")
+        g.add_argument("--readers", choices=["on", "off"], default="on",
+                       help="munmap, mprotect: the other threads keep reading during the "
+                            "munmap (default on; off is LATR's quiet variant)")
+        g.add_argument("--children", type=int,
+                       help=f"fork, shared-write, swapout: processes forked, at most "
+                            f"{MAX_CHILDREN} (default: per scenario)")
+        g.add_argument("--resident", type=int,
+                       help="fork, shared-write, swapout: pages the parent has resident "
+                            "before forking; flush-ceiling: the working set every CPU keeps "
+                            "in its TLB (default: per scenario)")
+    add_length_options(g, replay)
+
+
+def add_length_options(g, replay: bool = False) -> None:
     """--duration / --ops instead of --rounds, and the scenario-specific knobs (issue 5)."""
     g.add_argument("--duration", type=float, metavar="SECONDS",
                    help="run rounds until this many seconds have passed (instead of --rounds)")
     g.add_argument("--ops", type=int, metavar="N",
                    help="run rounds until this many accesses + system calls (instead of --rounds)")
-    g.add_argument("--mix", metavar="WEIGHTS",
-                   help="mixed: operation weights, e.g. mmap=4,munmap=3,madvise=1,mprotect=1,"
-                        "read=6,write=3")
-    g.add_argument("--trace", metavar="FILE", help="replay: the trace file (tlbsim trace record)")
+    if not replay:
+        g.add_argument("--mix", metavar="WEIGHTS",
+                       help="mixed: operation weights, e.g. mmap=4,munmap=3,madvise=1,"
+                            "mprotect=1,read=6,write=3")
+        g.add_argument("--trace", metavar="FILE",
+                       help="replay: the trace file (tlbsim trace record)")
     g.add_argument("--speed", type=float, default=0.0,
                    help="replay: 1 = the recorded pace, 2 = twice as fast, 0 = as fast as the "
-                        "cluster goes (default 0)")
+                        f"cluster goes (default 0; else {MIN_SPEED:g}..{MAX_SPEED:g})")
+
+
+# Defaults shared by every scenario, and each scenario's own (small enough that a run
+# with no option takes seconds, big enough that its headline metric means something).
+COMMON_DEFAULTS = {"cpus": 4, "pages": 64, "rounds": 3, "children": 2, "resident": 4096,
+                   "fork": pol.Policy.fork, "frames": pol.Policy.frames}
+SCENARIO_DEFAULTS: dict[str, dict] = {
+    "munmap": {"pages": 512},
+    "tlb-flush": {"pages": 16, "rounds": 2},
+    "fault-scaling": {"pages": 512, "rounds": 1},
+    "mprotect": {"pages": 256, "rounds": 2},
+    "mixed": {"rounds": 2},
+    "fork": {"resident": 4096, "rounds": 2},
+    "shared-write": {"fork": "share", "pages": 16, "resident": 2048, "rounds": 2},
+    "swapout": {"fork": "share", "frames": 2048, "resident": 1536, "pages": 512,
+                "children": 1, "rounds": 2},
+    "flush-ceiling": {"pages": 16, "resident": DEFAULT_WORKING_SET},
+    "replay": {"rounds": 1},
+}
+# The options each scenario reads (the others are accepted and ignored).
+SCENARIO_USES = {
+    "munmap": ("cpus", "pages", "rounds"), "tlb-flush": ("cpus", "pages", "rounds"),
+    "fault-scaling": ("cpus", "pages", "rounds"), "mprotect": ("cpus", "pages", "rounds"),
+    "mixed": ("cpus", "pages", "rounds"), "fork": ("cpus", "rounds", "resident", "children",
+                                                   "fork"),
+    "shared-write": ("cpus", "pages", "rounds", "resident", "children", "fork"),
+    "swapout": ("cpus", "pages", "rounds", "resident", "children", "fork", "frames"),
+    "flush-ceiling": ("cpus", "pages", "rounds", "resident"), "replay": ("cpus", "rounds"),
+}
+MAX_PAGES = 1 << 20     # an Access of every page of a mapping: MAX_ACCESSES per request
+MAX_ROUNDS = 1_000_000
+MAX_CHILDREN = 1000     # each child is a fork (and, in `fork`, an exit) per round
+MIN_SPEED, MAX_SPEED = 0.01, 10_000.0
+LENGTH_OPTIONS = ("--rounds", "--duration", "--ops")
 
 
 def config_from(args: argparse.Namespace, scenario: str) -> RunConfig:
-    if args.resident is None:
-        from loadgen.scenarios.flush_ceiling import DEFAULT_WORKING_SET
-        args = argparse.Namespace(**{**vars(args), "resident": DEFAULT_WORKING_SET
-                                     if scenario == "flush-ceiling" else RunConfig.resident})
-    for name in ("cpus", "pages", "rounds", "children", "resident"):
-        if getattr(args, name) < 1:
-            raise InvalidArgument(f"--{name} must be at least 1")
-    if args.pages > 1 << 24:
-        raise InvalidArgument(f"--pages {args.pages}: at most {1 << 24} per mapping")
+    """A checked RunConfig: every bound and combination is refused here, before the
+    cluster is touched (InvalidArgument: exit 2)."""
+    values = resolved(args, scenario)
     duration, ops = getattr(args, "duration", None), getattr(args, "ops", None)
+    given = [name for name, v in zip(LENGTH_OPTIONS, (getattr(args, "rounds", None),
+                                                      duration, ops)) if v is not None]
+    if len(given) > 1:
+        raise InvalidArgument(f"give only one of --rounds, --duration and --ops (got "
+                              f"{', '.join(given)})")
+    for name in ("cpus", "pages", "rounds", "children", "resident"):
+        if values[name] < 1:
+            raise InvalidArgument(f"--{name} must be at least 1")
+    for name, most in (("pages", MAX_PAGES), ("resident", MAX_PAGES),
+                       ("rounds", MAX_ROUNDS), ("children", MAX_CHILDREN),
+                       ("cpus", MAX_CPU_ID + 1)):
+        if values[name] > most:
+            raise InvalidArgument(f"--{name} {values[name]}: at most {most}")
     if duration is not None and not 0 < duration <= 86400:
         raise InvalidArgument("--duration must be in (0, 86400] seconds")
-    if ops is not None and ops < 1:
-        raise InvalidArgument("--ops must be at least 1")
-    if getattr(args, "speed", 0.0) < 0:
-        raise InvalidArgument("--speed must not be negative")
+    if ops is not None and not 1 <= ops <= 10 ** 9:
+        raise InvalidArgument("--ops must be between 1 and 1000000000")
+    speed = getattr(args, "speed", 0.0)
+    if speed != 0 and not MIN_SPEED <= speed <= MAX_SPEED:
+        raise InvalidArgument(f"--speed {speed:g}: 0 (as fast as the cluster goes) or "
+                              f"{MIN_SPEED:g}..{MAX_SPEED:g} times the recorded pace")
     if scenario == "replay" and not getattr(args, "trace", None):
         raise InvalidArgument("the replay scenario needs --trace FILE")
     if scenario == "mixed":
         from loadgen.scenarios.mixed import parse_mix
         parse_mix(getattr(args, "mix", None))
-    return RunConfig(scenario, policy_from(args), cpus=args.cpus, pages=args.pages,
-                     rounds=args.rounds, seed=args.seed, readers=args.readers == "on",
-                     duration=duration, ops=ops, mix=getattr(args, "mix", None),
-                     trace=getattr(args, "trace", None), speed=getattr(args, "speed", 0.0),
-                     children=args.children, resident=args.resident)
+    cfg = RunConfig(scenario, policy_from(args, scenario), cpus=values["cpus"],
+                    pages=values["pages"], rounds=values["rounds"],
+                    seed=getattr(args, "seed", 0), readers=getattr(args, "readers", "on") == "on",
+                    duration=duration, ops=ops, mix=getattr(args, "mix", None),
+                    trace=getattr(args, "trace", None), speed=speed,
+                    children=values["children"], resident=values["resident"])
+    check_scenario(cfg)
+    return cfg
 
 
 def add_cluster_options(p: argparse.ArgumentParser) -> None:
@@ -148,11 +228,14 @@ def coordinator_address(args: argparse.Namespace) -> str:
     """--cluster wins; otherwise the state file `tlbsim up` wrote."""
     if args.cluster:
         return args.cluster
-    from services.launcher import LauncherError, load_state
+    from services.launcher import LauncherError, UsageError, load_state
     try:
         return load_state(args.state).coordinator
-    except LauncherError as e:
-        raise FailedPrecondition(f"{e} (start one with `tlbsim up`, or pass --cluster)") from None
+    except UsageError as e:  # a folder, an unreadable or broken file
+        raise InvalidArgument(str(e)) from None
+    except LauncherError as e:  # its message says how to start one; --cluster is the other way
+        hint = " or pass --cluster ADDR" if "start one with" in str(e) else ""
+        raise Unavailable(f"{e}{hint}") from None
 
 
 def add_commands(sub) -> None:
@@ -164,9 +247,13 @@ def add_commands(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run one scenario against a running cluster, print a table, and write "
                     "the JSON report with --json. Exits 1 when the safety oracle counted a "
-                    "stale access or the final audit found a stale TLB entry.\n\n"
-                    "scenarios (loadgen/scenarios/ says what each reproduces):\n"
-                    + "\n".join(f"  {name:14} {doc}" for name, doc in DOCS.items()))
+                    "stale access or the final audit found a stale TLB entry (the README's "
+                    "\"Exit codes\" lists the others).\n\n"
+                    "scenarios (loadgen/scenarios/ says what each reproduces) and what each "
+                    "runs with when no option is given:\n"
+                    + "\n".join(f"  {name:14} {doc.split(' — ', 1)[-1]}\n"
+                                f"  {'':14} ({defaults_text(name)})"
+                                for name, doc in DOCS.items()))
     p.add_argument("scenario", choices=list(SCENARIOS))
     add_cluster_options(p)
     p.add_argument("--json", metavar="PATH", help="write the JSON report here ('-' = stdout)")
@@ -183,11 +270,14 @@ def add_commands(sub) -> None:
     d = sub.add_parser(
         "demo", help="start a local cluster, compare policies side by side, stop it",
         description="Start memory, coordinator and CPUs as local processes on loopback, run "
-                    "a short built-in comparison (per-page vs gathered shootdowns; mm vs "
-                    "split page-table locks), print the tables, and stop every process.")
+                    "four short built-in comparisons — per-page vs gathered munmap "
+                    "shootdowns, mm vs split page-table locks, fork copying vs sharing page "
+                    "tables, reclaim flushing every CPU vs the sharers' CPUs (needs --cpus 4 "
+                    "or more) — print the tables, and stop every process.")
     d.add_argument("--cpus", type=int, default=4, help="CPUs (default 4)")
     d.add_argument("--rounds", type=int, default=3, help="rounds per configuration (default 3)")
-    d.add_argument("--json", metavar="PATH", help="write all reports as one JSON document")
+    d.add_argument("--json", metavar="PATH",
+                   help="write all reports as one JSON document ('-' = stdout)")
     d.set_defaults(func=_demo)
 
     b = sub.add_parser(
@@ -214,22 +304,33 @@ def add_commands(sub) -> None:
     b.set_defaults(func=_bench)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output path of a run, before the run (a bad one would lose its results)."""
+    check_writable_file(getattr(args, "json", None), "--json", stdout_ok=True)
+    for option in ("plot", "csv"):
+        check_writable_file(getattr(args, option, None), f"--{option}")
+
+
 def _run(args: argparse.Namespace) -> int:
     cfg = config_from(args, args.scenario)
+    check_outputs(args)
     address = coordinator_address(args)
 
-    async def main() -> int:
+    async def main() -> dict:
         async with Cluster(address) as cluster:
             with output.progress(cfg.progress_total(), f"{cfg.scenario}") as advance:
-                report = await run(cluster, cfg, advance)
-        output.print_report(report)
-        output.write_json(report, args.json)
-        if args.plot:
-            from loadgen.plot import plot_report
-            plot_report(report, args.plot)
-        return output.verdict(report)
+                return await run(cluster, cfg, advance)
 
-    return asyncio.run(main())
+    report = asyncio.run(main())
+    output.print_report(report)
+    output.write_json(report, args.json)
+    if args.plot:
+        from loadgen.plot import plot_report
+        output.write_plot(plot_report, report, args.plot)
+    code = output.verdict(report)
+    if code == exitcodes.OK and report.get("interrupted"):
+        return exitcodes.INTERRUPTED
+    return code
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -237,6 +338,7 @@ def _bench(args: argparse.Namespace) -> int:
     if not 1 <= args.rounds <= 100_000 or not 1 <= args.munmap_rounds <= 1000:
         raise InvalidArgument("bench --rounds must be 1..100000 and --munmap-rounds 1..1000")
     costmodel.load(args.cost_model)  # a bad model is an error before anything starts
+    check_writable_file(args.json, "--json", stdout_ok=True)
     return main(args.cluster, args.rounds, args.munmap_rounds, args.json, args.cost_model,
                 args.quick)
 
@@ -247,4 +349,5 @@ def _demo(args: argparse.Namespace) -> int:
         raise InvalidArgument("demo --cpus must be between 2 and 16")
     if not 1 <= args.rounds <= 100:
         raise InvalidArgument("demo --rounds must be between 1 and 100")
+    check_writable_file(args.json, "--json", stdout_ok=True)
     return demo(args.cpus, args.rounds, args.json)

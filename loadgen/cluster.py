@@ -8,7 +8,7 @@ import dataclasses
 import grpc
 
 from services.common.chaos import epoch_metadata
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, Unavailable
 from services.common.policy import Policy
 from services.common.server import channel
 from tlbsim.v1 import (coordinator_pb2, coordinator_pb2_grpc, cpu_pb2, cpu_pb2_grpc, memory_pb2,
@@ -60,7 +60,7 @@ class Cluster:
                 listing = await self.coordinator.ListCpus(
                     coordinator_pb2.ListCpusRequest(), timeout=5, wait_for_ready=True)
             except grpc.aio.AioRpcError as e:
-                raise FailedPrecondition(
+                raise Unavailable(
                     f"cannot reach the coordinator at {self.coordinator_address}: "
                     f"{e.code().name}") from None
             ready = [c for c in listing.cpus if not c.fenced]

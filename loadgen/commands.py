@@ -9,6 +9,7 @@ import os
 from loadgen import output
 from loadgen.cluster import Cluster
 from loadgen.scenarios import DOCS, SCENARIOS
+from services.common import exitcodes
 from services.common.errors import InvalidArgument
 
 
@@ -30,7 +31,8 @@ def add_load_commands(load_sub) -> None:
                     "  tlbsim load compare fault-scaling --a lock=mm --b lock=split --repeat 3\n"
                     "  tlbsim load compare munmap --a flush=per-page --b flush=gather "
                     "--sweep pages=1,8,64,512\n\nscenarios:\n"
-                    + "\n".join(f"  {name:14} {doc}" for name, doc in DOCS.items()))
+                    + "\n".join(f"  {name:14} {doc.split(' — ', 1)[-1]}"
+                                for name, doc in DOCS.items()))
     c.add_argument("scenario", metavar="SCENARIO|TRACE",
                    help=f"one of {', '.join(SCENARIOS)}, or a trace file to replay")
     c.add_argument("--a", default="", metavar="KEY=VALUE,...",
@@ -61,12 +63,13 @@ def add_load_commands(load_sub) -> None:
     add_cluster_options(r)
     r.add_argument("--json", metavar="PATH", help="write the JSON report here ('-' = stdout)")
     r.add_argument("--plot", metavar="PATH.png", help="write latency CDFs and bars (PNG)")
-    add_workload_options(r, rounds=1)
+    add_workload_options(r, replay=True)
     add_policy_options(r)
     r.set_defaults(func=_replay)
 
 
 def add_trace_command(sub) -> None:
+    from loadgen.trace.record import DEFAULT_LIMIT
     t = sub.add_parser("trace", help="record traces of real programs",
                        description="Record traces of real programs for `tlbsim load replay`.")
     t_sub = t.add_subparsers(dest="trace_command", required=True, metavar="COMMAND")
@@ -78,11 +81,18 @@ def add_trace_command(sub) -> None:
                     "also runs under valgrind's lackey tool, and the trace holds that run's "
                     "calls and its page-level data accesses (consecutive accesses to the same "
                     "page collapsed), plus what strace saw natively.",
-        usage="tlbsim trace record -o FILE [--accesses] -- CMD [ARGS...]")
+        usage="tlbsim trace record -o FILE [--accesses] -- CMD [ARGS...]",
+        epilog="Exits 5 when the traced command fails (a non-zero exit, a signal) or was cut "
+               "at --accesses-limit; the trace is written all the same.")
     rec.add_argument("-o", "--output", required=True, metavar="FILE", help="the trace file")
     rec.add_argument("--accesses", action="store_true",
                      help="also capture page-level accesses with valgrind --tool=lackey")
     rec.add_argument("--quiet", action="store_true", help="discard the command's output")
+    rec.add_argument("--accesses-limit", default=DEFAULT_LIMIT, metavar="SIZE",
+                     help="with --accesses: stop the command once valgrind's lackey log (read "
+                          "as it is written, never stored) passes SIZE, and write what was read "
+                          "as a trace marked truncated (exit 5) "
+                          f"(default {DEFAULT_LIMIT}; K, M, G)")
     rec.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     rec.set_defaults(func=_record)
 
@@ -124,12 +134,15 @@ def _target(args: argparse.Namespace) -> tuple[str, argparse.Namespace]:
                           "nor a trace file")
 
 
-def _compare(args: argparse.Namespace) -> int:
+def plan_compare(args: argparse.Namespace):
+    """Everything `load compare` checks before it runs: the target, the outputs, every
+    side of every sweep point as a RunConfig. Returns (scenario, sides, sweep values)."""
     from loadgen import compare as cmp
-    from loadgen.cli import config_from, coordinator_address
+    from loadgen.cli import check_outputs, config_from
 
     if not 1 <= args.repeat <= 1000:
         raise InvalidArgument("--repeat must be 1..1000")
+    check_outputs(args)
     scenario, base = _target(args)
     parser = args.parser
 
@@ -149,6 +162,14 @@ def _compare(args: argparse.Namespace) -> int:
             sides(f"{key}={v}")  # reject a bad value before anything runs
     else:
         sides()
+    return scenario, sides, values
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from loadgen import compare as cmp
+    from loadgen.cli import coordinator_address
+
+    scenario, sides, values = plan_compare(args)
     address = coordinator_address(args)
     runs = 2 * args.repeat * max(1, len(values))
 
@@ -176,14 +197,15 @@ def _compare(args: argparse.Namespace) -> int:
         output.print_compare(result)
     output.write_json(result, args.json)
     if args.csv:
-        cmp.write_csv(result, args.csv)
+        with output.written(args.csv, "--csv"):
+            cmp.write_csv(result, args.csv)
     if args.plot:
         from loadgen.plot import plot_compare
-        plot_compare(result, args.plot)
+        output.write_plot(plot_compare, result, args.plot)
     if result["unsafe"]:
         output.err_console.print("oracle: a run saw stale accesses or audit violations")
-        return 1
-    return 0
+        return exitcodes.UNSAFE
+    return exitcodes.INTERRUPTED if result.get("interrupted") else exitcodes.OK
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -196,14 +218,35 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from loadgen.trace.record import record
+    from loadgen.trace.record import Stopped, parse_size, record
+    from services.common.paths import check_writable_file
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    header = record(args.output, argv, accesses=args.accesses, quiet=args.quiet)
+    limit = parse_size(args.accesses_limit)
+    check_writable_file(args.output, "-o")
+    try:
+        with output.byte_progress("lackey log", shown=args.accesses) as progress:
+            header = record(args.output, argv, accesses=args.accesses, quiet=args.quiet,
+                            limit=limit, progress=progress)
+    except Stopped as e:
+        output.err_console.print(f"trace record: stopped by signal {e.signum}; "
+                                 "temporary files removed, no trace written")
+        return 128 + e.signum
     size = os.path.getsize(args.output)
     calls = ", ".join(f"{k} {v}" for k, v in header["syscalls"].items())
     output.err_console.print(
         f"{args.output}: {header['events']} events ({header['source']}), {size:,} bytes; "
         f"exit status {header['exit_status']}; calls: {calls}"
         + (f"; access pages: {header['access_pages']:,}" if header["access_pages"] else "")
-        + (f"; not simulated: {header['unknown_syscalls']}" if header["unknown_syscalls"] else ""))
-    return 0
+        + (f"; not simulated: {header['unknown_syscalls']}" if header["unknown_syscalls"] else ""),
+        markup=False)
+    status = header["exit_status"]
+    if header.get("truncated"):
+        output.err_console.print(f"trace record: {header['truncated']}; the trace holds "
+                                 "what was read before", markup=False)
+        return exitcodes.TRACED_FAILED
+    if status != 0:
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        output.err_console.print(f"trace record: the traced command {how} (the trace is "
+                                 "written)", markup=False)
+        return exitcodes.TRACED_FAILED
+    return exitcodes.OK

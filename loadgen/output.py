@@ -12,6 +12,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from loadgen.runner import failed
+from services.common import exitcodes
+from services.common.errors import InvalidArgument
 
 console = Console()
 err_console = Console(stderr=True)
@@ -183,9 +185,25 @@ def write_json(doc: dict, path: str | None) -> None:
     text = json.dumps(doc, indent=2, sort_keys=True)
     if path == "-":
         sys.stdout.write(text + "\n")
-    else:
+        return
+    with written(path, "--json"):
         with open(path, "w") as f:
             f.write(text + "\n")
+
+
+def write_plot(plot: Callable[[dict, str], None], doc: dict, path: str) -> None:
+    with written(path, "--plot"):
+        plot(doc, path)
+
+
+@contextlib.contextmanager
+def written(path: str, option: str) -> Iterator[None]:
+    """A write that failed after the run (the disk filled up, the folder went away) is a
+    one-line error; the path itself was checked before the run."""
+    try:
+        yield
+    except OSError as e:
+        raise InvalidArgument(f"{option} {path}: {e.strerror or e}") from None
 
 
 def verdict(report: dict) -> int:
@@ -193,8 +211,21 @@ def verdict(report: dict) -> int:
         r = report["results"]
         err_console.print(f"oracle: {r['stale_accesses']} stale accesses, "
                           f"{r['audit_violations']} audit violations — the run is unsafe")
-        return 1
-    return 0
+        return exitcodes.UNSAFE
+    return exitcodes.OK
+
+
+@contextlib.contextmanager
+def byte_progress(label: str, shown: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A line on a terminal's stderr with how much of a log was read and the pages it
+    held; silent when stderr is not a terminal (or not `shown`)."""
+    if not shown or not err_console.is_terminal:
+        yield lambda read, pages: None
+        return
+    with err_console.status(f"{label}: starting") as status:
+        def show(read: int, pages: int) -> None:
+            status.update(f"{label}: {read / 2 ** 20:,.0f} MiB read, {pages:,} page accesses")
+        yield show
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import sys
 
 import grpc
 
+from services.common import exitcodes
 from services.common.errors import SimError
 
 
@@ -52,6 +53,11 @@ def _add_serve(sub) -> None:
 def _serve(args) -> int:
     from services.common.server import serve
 
+    metrics_port = int(args.metrics_port)
+    if not -1 <= metrics_port <= 65535:
+        args.parser.error(f"--metrics-port {metrics_port}: a port 1..65535, 0 for a free one, "
+                          "or -1 for none")
+
     if args.service == "cpu":
         from services.cpu.service import CpuNode
         if args.id is None or not 0 <= int(args.id) < 1024:
@@ -74,14 +80,13 @@ def _serve(args) -> int:
         from services.coordinator.service import CoordinatorNode
         node = CoordinatorNode(mqtt_url=args.mqtt_url)
         ready = {"service": "coordinator"}
-    metrics_port = int(args.metrics_port)
     try:
         asyncio.run(serve(node, args.listen, None if metrics_port < 0 else metrics_port, ready,
                           args.advertise or None))
-    except OSError as e:
-        print(f"tlbsim serve {args.service}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    except OSError as e:  # the address or the metrics port is taken or not ours
+        print(f"tlbsim serve {args.service}: {e.strerror or e}", file=sys.stderr)
+        return exitcodes.USAGE
+    return exitcodes.OK
 
 
 # Security options, for every command (README "Security").
@@ -90,35 +95,74 @@ SECURITY_FLAGS = {"token": "TOKEN", "token_file": "TOKEN_FILE", "tls_cert": "TLS
                   "mqtt_username": "MQTT_USERNAME", "mqtt_password_file": "MQTT_PASSWORD_FILE"}
 
 
-def _add_security(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group(
+class Parser(argparse.ArgumentParser):
+    """Every tlbsim parser (subparsers inherit the class): options are never matched by
+    prefix, so `up --mqtt` is `--mqtt`, not an ambiguous `--mqtt-username`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def _add_globals(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
+    """--log-level and the security flags. On a subcommand (`inherited`) they are hidden
+    and default to nothing, so a flag after the subcommand overrides the top-level one
+    and an absent one leaves it alone."""
+    def env(name: str, default=None):
+        return argparse.SUPPRESS if inherited else _env(name, default)
+
+    def hide(text: str) -> str:
+        return argparse.SUPPRESS if inherited else text
+
+    parser.add_argument("--log-level", default=env("LOG_LEVEL", "WARNING"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help=hide("log level of messages on stderr [TLBSIM_LOG_LEVEL]"))
+    g = parser if inherited else parser.add_argument_group(
         "security", "the admin token, TLS and MQTT credentials (README \"Security\")")
-    g.add_argument("--token", default=_env("TOKEN"), metavar="TOKEN",
-                   help="the shared token admin calls (Reset, Chaos) need; required when a "
-                        "service listens beyond loopback. On the command line `ps` shows it: "
-                        "prefer the variable or --token-file [TLBSIM_TOKEN]")
-    g.add_argument("--token-file", default=_env("TOKEN_FILE"), metavar="FILE",
-                   help="a file holding the token [TLBSIM_TOKEN_FILE]")
-    g.add_argument("--tls-cert", default=_env("TLS_CERT"), metavar="PEM",
-                   help="this node's certificate: servers serve TLS, clients present it "
-                        "[TLBSIM_TLS_CERT]")
-    g.add_argument("--tls-key", default=_env("TLS_KEY"), metavar="PEM",
-                   help="its private key [TLBSIM_TLS_KEY]")
-    g.add_argument("--tls-ca", default=_env("TLS_CA"), metavar="PEM",
-                   help="the CA clients verify servers with (turns TLS on for clients) "
-                        "[TLBSIM_TLS_CA]")
+    g.add_argument("--token", default=env("TOKEN"), metavar="TOKEN",
+                   help=hide("the shared token admin calls (Reset, Chaos) need; required "
+                             "when a service listens beyond loopback. On the command line "
+                             "`ps` shows it: prefer the variable or --token-file "
+                             "[TLBSIM_TOKEN]"))
+    g.add_argument("--token-file", default=env("TOKEN_FILE"), metavar="FILE",
+                   help=hide("a file holding the token [TLBSIM_TOKEN_FILE]"))
+    g.add_argument("--tls-cert", default=env("TLS_CERT"), metavar="PEM",
+                   help=hide("this node's certificate: servers serve TLS, clients present "
+                             "it [TLBSIM_TLS_CERT]"))
+    g.add_argument("--tls-key", default=env("TLS_KEY"), metavar="PEM",
+                   help=hide("its private key [TLBSIM_TLS_KEY]"))
+    g.add_argument("--tls-ca", default=env("TLS_CA"), metavar="PEM",
+                   help=hide("the CA clients verify servers with (turns TLS on for "
+                             "clients) [TLBSIM_TLS_CA]"))
     g.add_argument("--tls-client-auth", action="store_true",
-                   default=_env("TLS_CLIENT_AUTH", "") in ("1", "true", "yes"),
-                   help="servers require client certificates signed by --tls-ca (mutual "
-                        "TLS) [TLBSIM_TLS_CLIENT_AUTH=1]")
-    g.add_argument("--tls-server-name", default=_env("TLS_SERVER_NAME"), metavar="NAME",
-                   help="the name server certificates carry, when not the address "
-                        "[TLBSIM_TLS_SERVER_NAME]")
-    g.add_argument("--mqtt-username", default=_env("MQTT_USERNAME"), metavar="USER",
-                   help="MQTT broker user [TLBSIM_MQTT_USERNAME]")
-    g.add_argument("--mqtt-password-file", default=_env("MQTT_PASSWORD_FILE"), metavar="FILE",
-                   help="a file holding the MQTT password [TLBSIM_MQTT_PASSWORD_FILE, or "
-                        "TLBSIM_MQTT_PASSWORD itself]")
+                   default=argparse.SUPPRESS if inherited
+                   else _env("TLS_CLIENT_AUTH", "") in ("1", "true", "yes"),
+                   help=hide("servers require client certificates signed by --tls-ca "
+                             "(mutual TLS) [TLBSIM_TLS_CLIENT_AUTH=1]"))
+    g.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME"), metavar="NAME",
+                   help=hide("the name server certificates carry, when not the address "
+                             "[TLBSIM_TLS_SERVER_NAME]"))
+    g.add_argument("--mqtt-username", default=env("MQTT_USERNAME"), metavar="USER",
+                   help=hide("MQTT broker user [TLBSIM_MQTT_USERNAME]"))
+    g.add_argument("--mqtt-password-file", default=env("MQTT_PASSWORD_FILE"), metavar="FILE",
+                   help=hide("a file holding the MQTT password [TLBSIM_MQTT_PASSWORD_FILE, "
+                             "or TLBSIM_MQTT_PASSWORD itself]"))
+
+
+GLOBALS_EPILOG = ("--log-level and the security options of `tlbsim --help` (--token, "
+                  "--tls-*, --mqtt-username, --mqtt-password-file) may also follow the "
+                  "command.")
+
+
+def _share_globals(parser: argparse.ArgumentParser) -> None:
+    """Accept the global flags after every subcommand, at every depth."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _add_globals(sub, inherited=True)
+                sub.epilog = f"{sub.epilog}\n\n{GLOBALS_EPILOG}" if sub.epilog \
+                    else GLOBALS_EPILOG
+                _share_globals(sub)
 
 
 def _export_security(args) -> None:
@@ -135,22 +179,43 @@ def build_parser() -> argparse.ArgumentParser:
     from loadgen import cli as load_cli
     from services import launcher
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tlbsim",
         description="Simulate how a multi-CPU machine keeps TLBs coherent with its page "
                     "tables: CPU services with TLBs, a memory service with page tables and "
                     "per-table locks, a shootdown coordinator, and a load generator.")
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "WARNING"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="log level of messages on stderr [TLBSIM_LOG_LEVEL]")
-    _add_security(parser)
+    _add_globals(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     launcher.add_commands(sub)
     load_cli.add_commands(sub)
     from loadgen import chaos_cli
     chaos_cli.add_commands(sub)
+    _share_globals(parser)
     return parser
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The one exit code (services/common/exitcodes.py) of what stopped a command."""
+    from loadgen.scenarios.base import CpuLeft
+    from services.common.errors import (InvalidArgument, NotFound, OutOfRange,
+                                        Unavailable)
+    from services.launcher import LauncherError
+
+    if isinstance(exc, SimError):
+        if isinstance(exc, (Unavailable, CpuLeft)) or exitcodes.machine_lost(exc.message):
+            return exitcodes.NO_CLUSTER
+        if isinstance(exc, (InvalidArgument, NotFound, OutOfRange)):
+            return exitcodes.USAGE
+        return exitcodes.REFUSED
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        details = exc.details() if callable(getattr(exc, "details", None)) else ""
+        return exitcodes.for_status(getattr(code, "name", ""), details or "")
+    if isinstance(exc, LauncherError):
+        from services.launcher import UsageError
+        return exitcodes.USAGE if isinstance(exc, UsageError) else exitcodes.NO_CLUSTER
+    return exitcodes.INTERNAL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,13 +226,22 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return exitcodes.INTERRUPTED
     except SimError as e:
         print(f"tlbsim: {e.message}", file=sys.stderr)
-        return 2
+        return exit_code_of(e)
     except grpc.RpcError as e:  # a call the cluster refused: say why in one line
         code = e.code() if callable(getattr(e, "code", None)) else None
         details = e.details() if callable(getattr(e, "details", None)) else str(e)
         print(f"tlbsim: {getattr(code, 'name', 'RPC failed')}: {details}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        return exit_code_of(e)
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
+        from services.launcher import LauncherError
+        if isinstance(e, LauncherError):
+            print(f"tlbsim: {e}", file=sys.stderr)
+            return exit_code_of(e)
+        logging.getLogger("tlbsim").debug("internal error", exc_info=True)
+        print(f"tlbsim: internal error (a bug; --log-level DEBUG shows the traceback): "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        return exitcodes.INTERNAL

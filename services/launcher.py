@@ -48,6 +48,14 @@ class LauncherError(Exception):
     """A launcher failure with a message meant for the user."""
 
 
+class UsageError(LauncherError):
+    """A bad option of `up`/`down`, or a state file that is not one (exit 2)."""
+
+
+class AlreadyRunning(UsageError):
+    """`tlbsim up` with a state file whose cluster still runs."""
+
+
 class _Terminated(BaseException):
     """Raised in the main thread when `tlbsim up` receives SIGTERM."""
 
@@ -467,8 +475,10 @@ def load_state(path: str | None) -> ClusterInfo:
         return ClusterInfo.from_json(file.read_text())
     except FileNotFoundError:
         raise LauncherError(f"no cluster state at {file}; start one with `tlbsim up --detach`") from None
+    except OSError as exc:  # a folder, unreadable, ...
+        raise UsageError(f"cannot read the cluster state {file}: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise LauncherError(f"unreadable cluster state {file}: {exc!r}") from None
+        raise UsageError(f"unreadable cluster state {file}: {exc!r}") from None
 
 
 def write_state(file: Path, info: ClusterInfo) -> None:
@@ -532,8 +542,8 @@ def _print_cluster(info: ClusterInfo) -> None:
     rows = [(name, address, str(info.metrics.get(name, "")), str(info.pids.get(name, "")))
             for name, address in info.addresses().items()]
     if not sys.stdout.isatty():
-        for name, address, _, _ in rows:
-            print(f"{name} {address}", flush=True)
+        for name, address, metrics, _ in rows:
+            print(f"{name} {address} metrics {metrics}", flush=True)
         return
     table = Table("service", "address", "metrics port", "pid")
     for row in rows:
@@ -551,7 +561,13 @@ def _refuse_if_running(file: Path) -> None:
     except LauncherError:
         return  # no state, or a broken one: nothing we could stop anyway
     if any(_is_our_service(pid) for pid in info.pids.values()):
-        raise LauncherError(f"a cluster is already running (state {file}); stop it with `tlbsim down`")
+        raise AlreadyRunning(f"a cluster is already running (state {file}); stop it with "
+                             f"`{down_command(file)}`, or give another --state")
+
+
+def down_command(file: Path) -> str:
+    """How to stop the cluster of this state file."""
+    return "tlbsim down" if file == state_path(None) else f"tlbsim down --state {file}"
 
 
 def _supervise(cluster: LocalCluster) -> int:
@@ -570,14 +586,28 @@ def _supervise(cluster: LocalCluster) -> int:
     return 1
 
 
+def _check_paths(file: Path, log_dir: Path | None) -> None:
+    """The state file and the log folder can be written: checked before anything starts."""
+    from services.common.errors import InvalidArgument
+    from services.common.paths import check_writable_dir, check_writable_file
+    try:
+        check_writable_dir(file.parent, "--state")
+        check_writable_file(file, "--state")
+        check_writable_dir(log_dir, "--log-dir")
+    except InvalidArgument as e:
+        raise UsageError(e.message) from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    from services.common import exitcodes
     if not 1 <= args.cpus <= MAX_CPUS:
         print(f"tlbsim up: --cpus must be between 1 and {MAX_CPUS}, got {args.cpus}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     file = state_path(args.state)
     cluster = LocalCluster(detach=args.detach)
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        _check_paths(file, args.log_dir)
         _refuse_if_running(file)
         info = cluster.start(args.cpus, args.log_dir, mqtt=args.mqtt)
         if args.prometheus:
@@ -585,9 +615,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except LauncherError as exc:
         cluster.stop()
         print(f"tlbsim up: {exc}", file=sys.stderr)
-        return 1
+        return exitcodes.USAGE if isinstance(exc, UsageError) else exitcodes.NO_CLUSTER
     except (KeyboardInterrupt, _Terminated):
-        return 1  # start() has already stopped what it started
+        return exitcodes.INTERRUPTED  # start() has already stopped what it started
     write_state(file, info)
     _print_cluster(info)
     if info.mqtt:
@@ -596,25 +626,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"prometheus {info.prometheus}", flush=True)
     print(f"logs: {info.log_dir}  state: {file}", file=sys.stderr)
     if args.detach:
-        print("detached; stop it with `tlbsim down`", file=sys.stderr)
-        return 0
+        print(f"detached; stop it with `{down_command(file)}`", file=sys.stderr)
+        return exitcodes.OK
     print("running; Ctrl-C stops it", file=sys.stderr)
     try:
-        return _supervise(cluster)
+        return exitcodes.NO_CLUSTER if _supervise(cluster) else exitcodes.OK
     finally:
         file.unlink(missing_ok=True)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    from services.common import exitcodes
     try:
         info = load_state(args.state)
     except LauncherError as exc:
         print(f"tlbsim down: {exc}", file=sys.stderr)
-        return 1
+        return exitcodes.USAGE if isinstance(exc, UsageError) else exitcodes.NO_CLUSTER
     stopped = stop_pids(info.pids)
     state_path(args.state).unlink(missing_ok=True)
     print(f"stopped {stopped} of {len(info.pids)} processes")
-    return 0
+    return exitcodes.OK
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -71,7 +71,7 @@ def test_up_rejects_bad_cpu_count(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_down_without_state_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = parse("down", "--state", str(tmp_path / "missing.json"))
-    assert args.func(args) == 1
+    assert args.func(args) == 4  # no cluster (README "Exit codes")
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     with pytest.raises(LauncherError, match="no cluster state"):
         load_state(str(tmp_path / "missing.json"))
@@ -99,7 +99,10 @@ def test_up_detach_then_down(tmp_path: Path) -> None:
     try:
         assert len(pids) == 3 and not any(is_gone(pid) for pid in pids)
         assert all(health(address) == "SERVING" for address in info.addresses().values())
-        assert f"coordinator {info.coordinator}" in up.stdout
+        # Every service with its metrics port, and the way to stop this very cluster.
+        for name, address in info.addresses().items():
+            assert f"{name} {address} metrics {info.metrics[name]}" in up.stdout
+        assert f"stop it with `tlbsim down --state {state}`" in up.stderr
 
         down = tlbsim("down", "--state", str(state))
         assert down.returncode == 0, down.stderr

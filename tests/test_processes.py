@@ -131,14 +131,14 @@ def test_load_run_cli_reports_and_fails_on_the_oracle(tmp_path: Path) -> None:
         assert "oracle:" in bad.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--pages", "0"], "--pages must be at least 1"),
-    (["--tlb-entries", "100", "--tlb-ways", "12"], "not a multiple of 12 ways"),
-    (["--cluster", "127.0.0.1:1"], "cannot reach the coordinator"),
-    (["--state", "/nonexistent/state.json"], "no cluster state"),
+@pytest.mark.parametrize("args,message,code", [
+    (["--pages", "0"], "--pages must be at least 1", 2),                    # usage
+    (["--tlb-entries", "100", "--tlb-ways", "12"], "not a multiple of 12 ways", 2),
+    (["--cluster", "127.0.0.1:1"], "cannot reach the coordinator", 4),     # no cluster
+    (["--state", "/nonexistent/state.json"], "no cluster state", 4),
 ])
-def test_load_run_errors_are_one_line(args: list[str], message: str) -> None:
+def test_load_run_errors_are_one_line(args: list[str], message: str, code: int) -> None:
     done = tlbsim("load", "run", "munmap", *args, timeout=60)
-    assert done.returncode == 2
+    assert done.returncode == code
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr

@@ -19,5 +19,15 @@ _MODULES = {"munmap": munmap, "tlb-flush": tlb_flush, "fault-scaling": fault_sca
 SCENARIOS: dict[str, Scenario] = {name: module.run for name, module in _MODULES.items()}
 DOCS = {name: (module.__doc__ or "").strip().splitlines()[0]
         for name, module in _MODULES.items()}
+# A scenario's `check(cfg)` refuses (InvalidArgument) a configuration it cannot run,
+# before the cluster is touched.
+CHECKS: dict[str, Callable[[RunConfig], None]] = {
+    name: module.check for name, module in _MODULES.items() if hasattr(module, "check")}
 
-__all__ = ["SCENARIOS", "DOCS", "Driver", "Measurements", "Progress", "RunConfig", "Scenario"]
+
+def check(cfg: RunConfig) -> None:
+    if cfg.scenario in CHECKS:
+        CHECKS[cfg.scenario](cfg)
+
+__all__ = ["SCENARIOS", "DOCS", "CHECKS", "check", "Driver", "Measurements", "Progress",
+           "RunConfig", "Scenario"]

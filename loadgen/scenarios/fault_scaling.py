@@ -18,17 +18,21 @@ import time
 
 from loadgen.scenarios.base import Cpu, Driver, Progress, RunConfig, pages_at
 from services.common.addresses import PAGE_SIZE, PTE_TABLE_PAGES
-from services.common.errors import FailedPrecondition
+from services.common.errors import InvalidArgument
 from tlbsim.v1 import common_pb2
 
 
 CHURN_BATCH = 32  # pages a churner writes in one request, then madvises one by one
 
 
+def check(cfg: RunConfig) -> None:
+    if cfg.cpus < 2:
+        raise InvalidArgument("fault-scaling needs --cpus 2 or more: half unmap, the rest fault")
+
+
 async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
+    check(cfg)
     cpus = d.cluster.cpus[:cfg.cpus]
-    if len(cpus) < 2:
-        raise FailedPrecondition("fault-scaling needs at least 2 CPUs: one unmaps, the rest fault")
     nchurn = max(1, len(cpus) // 2)
     churners, faulters = cpus[:nchurn], cpus[nchurn:]
     await d.new_process(cpus)

@@ -15,17 +15,21 @@ import random
 
 from loadgen.scenarios import sharing
 from loadgen.scenarios.base import Driver, Progress, RunConfig, pages_at
-from services.common.errors import FailedPrecondition
+from services.common.errors import InvalidArgument
 from tlbsim.v1 import common_pb2, memory_pb2
 
 
-async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
+def check(cfg: RunConfig) -> None:
     if not cfg.policy.frames:
-        raise FailedPrecondition("swapout needs memory pressure: give --frames, e.g. "
-                                 "--frames 2048 with --resident 1536 --pages 512")
+        raise InvalidArgument("swapout needs memory pressure: give --frames, e.g. "
+                              "--frames 2048 with --resident 1536 --pages 512")
+    if cfg.cpus < 3:
+        raise InvalidArgument("swapout needs --cpus 3 or more: sharers, pressure, bystander")
+
+
+async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
+    check(cfg)
     cpus = d.cluster.cpus[:cfg.cpus]
-    if len(cpus) < 3:
-        raise FailedPrecondition("swapout needs at least 3 CPUs: sharers, pressure, bystander")
     half = max(2, len(cpus) // 2)
     sharers_cpus, others = cpus[:half], cpus[half:]
     rnd = random.Random(cfg.seed)

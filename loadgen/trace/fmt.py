@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from array import array
 from typing import Iterable, Iterator
 
 from services.common.errors import InvalidArgument
@@ -33,6 +34,35 @@ class TraceError(InvalidArgument):
     """A malformed trace or strace/valgrind log; the message names the line."""
 
 
+class Pages:
+    """The pages of an access event as a recorder holds them: 8 bytes each (page << 1 |
+    written) instead of a Python list per page, so millions of them fit in memory. Reads
+    and compares as the file's `[[page, 1 if written else 0], ...]`."""
+    __slots__ = ("_packed",)
+
+    def __init__(self) -> None:
+        self._packed = array("Q")
+
+    def add(self, page: int, written: bool) -> None:
+        """Another access; one to the same page as the last is collapsed into it."""
+        if self._packed and self._packed[-1] >> 1 == page:
+            self._packed[-1] |= written
+        else:
+            self._packed.append(page << 1 | written)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return ([v >> 1, v & 1] for v in self._packed)
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, Pages)) else NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Pages({list(self)!r})"
+
+
 def write_trace(path: str, header: dict, events: Iterable[dict]) -> dict:
     """Write header + events; fills header["events"] / ["access_pages"]. Returns header."""
     events = list(events)
@@ -42,7 +72,7 @@ def write_trace(path: str, header: dict, events: Iterable[dict]) -> dict:
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as f:
         f.write(json.dumps(header, sort_keys=True) + "\n")
         for e in events:
-            f.write(json.dumps(e, separators=(",", ":")) + "\n")
+            f.write(json.dumps(e, separators=(",", ":"), default=list) + "\n")  # Pages
     return header
 
 

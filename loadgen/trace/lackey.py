@@ -5,23 +5,36 @@ order, in one address space. Consecutive accesses to the same page are collapsed
 (written if any of them wrote). Lackey does not say which thread made an access: each
 access is given to the thread of the latest system call (valgrind runs one thread at a
 time and switches mostly at system calls). Instruction fetches (`I`) are not counted.
-Strict: any other line is an error naming its number."""
+A call whose result valgrind writes on the next line (fork and clone:
+`SYSCALL[..] sys_fork ( )   fork: process 1 created child 2` then
+` --> [pre-success] Success(0x2)`) takes its result from that line. The log must be the
+traced process's alone (`trace record` runs valgrind with --child-silent-after-fork=yes:
+a forked child's accesses have no pid to tell them apart).
+Strict: any other line is an error naming its number. Lines can be fed in pieces (a
+log read while valgrind writes it); `finish()` ends the log."""
 from __future__ import annotations
 
 import collections
 import re
 from typing import Iterable
 
-from loadgen.trace.fmt import TraceError
+from loadgen.trace.fmt import Pages, TraceError
 from loadgen.trace.strace import HANDLED, MEMORY_UNSIMULATED
 
 PAGE_SHIFT = 12
 MAX_PAGES_PER_EVENT = 1024
 _SYSCALL = re.compile(r"^SYSCALL\[(\d+),(\d+)\]\((\d+)\) (.*)$")
 _ACCESS = re.compile(r"^(?:I  | ([LSM]) )([0-9a-f]+),(\d+)$")
-_CALL = re.compile(r"^(?:sys_)?(\w+) ?\( ?(.*?) ?\)(.*)$")
+# `sys_NAME ( ARGS ) ...`; a variant in brackets (`sys_fcntl[ARG3=='arg']`) is dropped.
+_CALL = re.compile(r"^(?:sys_)?(\w+)(?:\[[^\]]*\])? ?\( ?(.*?) ?\)(.*)$")
+# Arguments valgrind prints in hex without a 0x (syswrap-linux.c: "sys_clone ( %lx, ...").
+HEX_WITHOUT_PREFIX = {("clone", 0)}
 _DONE = re.compile(r"(?:\[[\w-]+\] )?--> (?:\[[\w-]+\] )?(Success|Failure)\(0x([0-9a-f]+)\)")
 _VG_MESSAGE = re.compile(r"==(\d+)==")
+_CONTINUATION = re.compile(r"^\s*-->")
+# The fast path of `feed` (nearly every line of a log is one of these two).
+_INSTRUCTION_LINE = re.compile(r"I  [0-9a-f]+,\d+\n?")
+_DATA_LINE = re.compile(r" ([LSM]) ([0-9a-f]+),(\d+)\n?")
 PROT_WRITE, MAP_FIXED = 0x2, 0x10
 CLONE_VM, CLONE_VFORK, CLONE_THREAD = 0x100, 0x4000, 0x10000
 MADV = {0: "MADV_NORMAL", 1: "MADV_RANDOM", 2: "MADV_SEQUENTIAL", 3: "MADV_WILLNEED",
@@ -48,12 +61,25 @@ class LackeyParser:
         self.other = 0  # system calls that are neither memory management nor task life
         self._tid: int | None = None
         self._pending: dict[int, tuple[str, list[int], int]] = {}
-        self._pages: list[list[int]] = []
+        self._pages = Pages()
         self._vtid_to_tid: dict[int, int] = {}
         self._unclaimed_threads: list[int] = []
+        self._n = 0  # lines read so far
+        # A call whose result is on the next line: (tid, name, args, its line number).
+        self._awaiting: tuple[int, str, list[int], int] | None = None
 
     def feed(self, lines: Iterable[str]) -> "LackeyParser":
-        for n, raw in enumerate(lines, start=1):
+        instruction, data = _INSTRUCTION_LINE.fullmatch, _DATA_LINE.fullmatch
+        for raw in lines:
+            self._n += 1
+            if self._awaiting is None:
+                if instruction(raw):
+                    self.instructions += 1
+                    continue
+                if (a := data(raw)) and self._tid is not None:
+                    self._access(*a.groups())
+                    continue
+            n = self._n
             line = raw.rstrip("\n")
             m = _VG_MESSAGE.search(line)
             if m:  # a valgrind message, possibly glued to the end of a SYSCALL line
@@ -62,10 +88,36 @@ class LackeyParser:
                     self._tid = int(m.group(1))
             if line.strip():
                 self._line(line, n)
+        return self
+
+    def finish(self) -> "LackeyParser":
+        """The log ended: the last accesses become an event; a call still waiting for
+        its result is an error."""
+        if self._awaiting is not None:
+            _, name, _, n = self._awaiting
+            raise TraceError(f"line {n}: {name} without a result (the log ends)")
         self._flush_pages()
         return self
 
+    def drop_unfinished(self) -> None:
+        """The log was cut: a call still waiting for its result is dropped."""
+        self._awaiting = None
+
+    @property
+    def access_pages(self) -> int:
+        return sum(len(e["pages"]) for e in self.events if e["op"] == "access") \
+            + len(self._pages)
+
     def _line(self, line: str, n: int) -> None:
+        if self._awaiting is not None:
+            tid, name, args, first = self._awaiting
+            self._awaiting = None
+            done = _DONE.search(line) if _CONTINUATION.match(line) else None
+            if done is None:
+                raise TraceError(f"line {first}: {name} without a result (line {n} is not "
+                                 "its ` --> ` result)")
+            self._emit(tid, name, args, done, first)
+            return
         if a := _ACCESS.match(line):
             kind, address, size = a.groups()
             if kind is None:
@@ -73,10 +125,7 @@ class LackeyParser:
                 return
             if self._tid is None:
                 raise TraceError(f"line {n}: a memory access before valgrind named the process")
-            first = int(address, 16) >> PAGE_SHIFT
-            last = (int(address, 16) + max(1, int(size)) - 1) >> PAGE_SHIFT
-            for page in range(first, last + 1):
-                self._page(page, kind != "L")
+            self._access(kind, address, size)
             return
         if s := _SYSCALL.match(line):
             self._syscall(int(s.group(1)), int(s.group(2)), s.group(4), n)
@@ -85,18 +134,21 @@ class LackeyParser:
             return
         raise TraceError(f"line {n}: not a valgrind/lackey line: {line[:80]!r}")
 
+    def _access(self, kind: str, address: str, size: str) -> None:
+        first = int(address, 16) >> PAGE_SHIFT
+        last = (int(address, 16) + max(1, int(size)) - 1) >> PAGE_SHIFT
+        for page in range(first, last + 1):
+            self._page(page, kind != "L")
+
     def _page(self, page: int, write: bool) -> None:
-        if self._pages and self._pages[-1][0] == page:
-            self._pages[-1][1] |= write
-        else:
-            self._pages.append([page, int(write)])
-            if len(self._pages) >= MAX_PAGES_PER_EVENT:
-                self._flush_pages()
+        self._pages.add(page, write)
+        if len(self._pages) >= MAX_PAGES_PER_EVENT:
+            self._flush_pages()
 
     def _flush_pages(self) -> None:
         if self._pages:
             self.events.append({"op": "access", "tid": self._tid, "pages": self._pages})
-            self._pages = []
+            self._pages = Pages()
 
     def _task(self, pid: int, vtid: int) -> int:
         if vtid not in self._vtid_to_tid:
@@ -143,9 +195,9 @@ class LackeyParser:
             return
         self.syscalls[name] += 1
         args = []
-        for a in (argtext.split(", ") if argtext else []):
+        for i, a in enumerate(argtext.split(", ") if argtext else []):
             try:
-                args.append(int(a.split("(")[0], 0))
+                args.append(int(a.split("(")[0], 16 if (name, i) in HEX_WITHOUT_PREFIX else 0))
             except ValueError:
                 raise TraceError(f"line {n}: {name}: argument {a!r} is not a number") from None
         done = _DONE.search(after)
@@ -155,8 +207,8 @@ class LackeyParser:
             self._pending[vtid] = (name, args, n)
         elif name in ("execve", "execveat", "exit", "exit_group"):
             self._emit(tid, name, args, None, n)
-        else:
-            raise TraceError(f"line {n}: {name} without a result")
+        else:  # fork, clone: valgrind writes the result on the next line
+            self._awaiting = (tid, name, args, n)
 
     def _emit(self, tid: int, name: str, a: list[int], done, n: int) -> None:
         e: dict = {"tid": tid}
@@ -205,4 +257,4 @@ class LackeyParser:
 
 
 def parse_lackey(lines: Iterable[str]) -> LackeyParser:
-    return LackeyParser().feed(lines)
+    return LackeyParser().feed(lines).finish()

@@ -174,9 +174,13 @@ def parse(doc: dict, origin: str) -> CostModel:
         values[key] = float(value) / ghz if unit == "cycles" else float(value)
     values.setdefault("name", Path(origin).stem)
     try:
-        return CostModel(**values)
+        model = CostModel(**values)
     except InvalidArgument as e:  # say which file, not only which model
         raise fail(str(e).split(": ", 1)[-1]) from None
+    if not any(key.endswith("_ns") for key in values):  # an empty file would price all at 0
+        raise fail(f"prices nothing: give at least one cost ({', '.join(COSTS)}, each as "
+                   "KEY_ns or KEY_cycles); a cost left out is 0")
+    return model
 
 
 def load(spec: str) -> CostModel:

@@ -39,6 +39,7 @@ MAX_FRAMES = 1 << 28  # 1 TiB of simulated memory
 # Reclaim starts below 16 free frames, which it keeps for page tables (they never wait
 # for reclaim), and frees up to 32: a smaller machine would reclaim at every fault.
 MIN_FRAMES = 64
+MAX_UINT32 = (1 << 32) - 1  # ceiling and batch travel as uint32 (common.proto Policy)
 
 
 def _name(table: dict[str, int], value: int, what: str) -> str:
@@ -79,10 +80,10 @@ class Policy:
                 f"frames {self.frames}: must be between {MIN_FRAMES} and {MAX_FRAMES} (0 = the "
                 f"service's default); below {MIN_FRAMES}, reclaim's watermarks and the page "
                 "tables leave no memory to run in")
-        if self.batch < 1:
-            raise InvalidArgument(f"batch {self.batch}: must be at least 1 page")
-        if self.ceiling < 0:
-            raise InvalidArgument(f"ceiling {self.ceiling}: must not be negative")
+        if not 1 <= self.batch <= MAX_UINT32:
+            raise InvalidArgument(f"batch {self.batch}: must be 1..{MAX_UINT32} pages")
+        if not 0 <= self.ceiling <= MAX_UINT32:
+            raise InvalidArgument(f"ceiling {self.ceiling}: must be 0..{MAX_UINT32} pages")
         if not 1 <= self.tlb_ways <= self.tlb_entries <= MAX_TLB_ENTRIES:
             raise InvalidArgument(
                 f"TLB of {self.tlb_entries} entries and {self.tlb_ways} ways: need "

@@ -290,8 +290,12 @@ async def serve(node: Node, listen: str, metrics_port: int | None, ready: dict,
     running = await start_server(node, listen, advertise)
     info = dict(ready, event="ready", address=running.address)
     if metrics_port is not None:
-        metrics_server, _ = start_http_server(metrics_port, addr=bind_host(listen),
-                                              registry=node.registry)
+        try:
+            metrics_server, _ = start_http_server(metrics_port, addr=bind_host(listen),
+                                                  registry=node.registry)
+        except OSError as e:  # a busy port: stop the gRPC server inside its loop, then say so
+            await running.stop()
+            raise OSError(e.errno, f"metrics port {metrics_port}: {e.strerror}") from None
         info["metrics_port"] = metrics_server.server_port
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

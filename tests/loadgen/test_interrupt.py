@@ -35,7 +35,7 @@ async def test_ctrl_c_prints_and_writes_what_ran(tmp_path):
             await asyncio.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, stderr.decode()
+    assert proc.returncode == 130, stderr.decode()  # interrupted (README "Exit codes")
     assert "interrupted" in stderr.decode() and "stale accesses" in stdout.decode()
     report = json.loads(out.read_text())
     assert report["interrupted"] is True

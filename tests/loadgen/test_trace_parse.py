@@ -154,3 +154,50 @@ def test_trace_reader_rejects_a_file_that_is_not_gzip(tmp_path):
     with gzip.open(path, "wt") as f:
         f.write("\n".join(_trace_lines([])) + "\n")
     assert read_trace(str(path))[1] == []
+
+
+# What valgrind 3.19 writes for programs that fork (gcc, tar, sh -c): the result on the
+# next line; clone's flags in hex without 0x; a call name with a variant in brackets.
+LACKEY_FORKS = """\
+==50== Lackey, an example Valgrind tool
+SYSCALL[50,1](12) sys_brk ( 0x0 ) --> [pre-success] Success(0x4035000) 
+ S 1fff000a58,8
+SYSCALL[50,1](58) sys_fork ( )   fork: process 50 created child 51
+ --> [pre-success] Success(0x33) 
+SYSCALL[50,1](72) sys_fcntl[ARG3=='arg'] ( 3, 2, 1 )[sync] --> Success(0x0) 
+SYSCALL[50,1](56) sys_clone ( 1200011, 0x0, 0x0, 0x4afb490, 0x0 )   clone(fork): process 50 created child 52
+ --> [pre-success] Success(0x34) 
+SYSCALL[50,1](56) sys_clone ( 3d0f00, 0x5b00000, 0x5b00990, 0x5b00990, 0x5b006c0 ) --> [pre-success] Success(0x35) 
+SYSCALL[53,2](60) sys_exit( 0 ) --> [pre-success] Success(0x0) 
+SYSCALL[50,1](231) exit_group( 0 ) --> [pre-success] Success(0x0) 
+"""
+
+
+def test_lackey_parser_reads_forks_whose_result_is_on_the_next_line():
+    p = parse_lackey(LACKEY_FORKS.splitlines())
+    clones = [e for e in p.events if e["op"] == "clone"]
+    assert [(e["call"], e["ret"]) for e in clones] == [("fork", 0x33), ("clone", 0x34),
+                                                       ("clone", 0x35)]
+    # 0x1200011 (SIGCHLD|CLONE_CHILD_*): a fork; 0x3d0f00 (CLONE_VM|CLONE_THREAD|...): a
+    # thread, whose valgrind thread 2 (pid 53 here) is the clone's child.
+    assert clones[1]["flags"] == "0x1200011"
+    assert clones[2]["flags"] == "CLONE_VM|CLONE_THREAD|0x3d0f00"
+    assert [e["tid"] for e in p.events if e["op"] == "exit"] == [0x35, 50]
+    assert p.other == 1 and dict(p.syscalls)["fork"] == 1
+
+
+def test_lackey_parser_fed_in_pieces_reads_what_it_reads_whole():
+    lines = (LACKEY + LACKEY_FORKS.split("\n", 1)[1]).splitlines()
+    whole = parse_lackey(lines)
+    for cut in range(len(lines) + 1):
+        from loadgen.trace.lackey import LackeyParser
+        pieces = LackeyParser().feed(lines[:cut]).feed(lines[cut:]).finish()
+        assert pieces.events == whole.events, cut
+
+
+def test_lackey_parser_wants_the_result_line_of_a_fork():
+    with pytest.raises(TraceError, match=r"line 2: fork without a result \(line 3"):
+        parse_lackey(["==1== x", "SYSCALL[1,1](58) sys_fork ( )   fork: created child 2",
+                      "SYSCALL[1,1](12) sys_brk ( 0x0 ) --> [pre-success] Success(0x1)"])
+    with pytest.raises(TraceError, match="line 2: fork without a result .the log ends"):
+        parse_lackey(["==1== x", "SYSCALL[1,1](58) sys_fork ( )   fork: created child 2"])

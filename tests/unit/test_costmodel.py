@@ -39,6 +39,8 @@ def test_a_file_is_a_model_and_cycles_use_its_clock(tmp_path):
     ("walk_levels = 9", "walk_levels 9 must be 1..6"),
     ("invlpg_ns = nan", "invlpg_ns must be a non-negative number, not nan"),
     ("invlpg_ns = [", "not valid TOML"),
+    ("", "prices nothing: give at least one cost"),
+    ('name = "empty"\nclock_ghz = 3.0', "prices nothing"),
 ])
 def test_a_bad_file_is_a_one_line_error(tmp_path, text, message):
     f = tmp_path / "bad.toml"

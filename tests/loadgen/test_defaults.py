@@ -1,0 +1,50 @@
+"""Every scenario with only its defaults (issue 19): `tlbsim load run SCENARIO` exits 0,
+is safe, and its headline number is not trivial — the defaults measure something."""
+import asyncio
+import json
+import os
+
+import pytest
+
+from loadgen.cli import SCENARIO_DEFAULTS
+from loadgen.scenarios import SCENARIOS
+from services.cli import main
+from tests.harness import InProcessCluster
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "traces")
+
+# What each scenario's defaults must show (results of the JSON report).
+HEADLINE = {
+    "munmap": lambda r: r["shootdowns"] == r["rounds"] == 3 and r["ipis"] >= 3 * 3,
+    "tlb-flush": lambda r: r["madvise_per_s"] > 0 and r["shootdowns"] == 4 * 16 * 2,
+    "fault-scaling": lambda r: r["faulting_faults_per_s"] > 0 and r["shootdowns"] > 0,
+    "mprotect": lambda r: r["syscalls"]["mprotect"] > 0 and r["shootdowns"] > 0
+    and r["full_flushes"] == 0,  # 16-page chunks: ranged flushes
+    "mixed": lambda r: r["ops"] > 0 and r["shootdowns"] > 0,
+    "fork": lambda r: r["pte_tables_allocated"] > 0 and r["fork_latency_ms"]["p50"] > 0,
+    "shared-write": lambda r: r["unshares"] > 0,
+    "swapout": lambda r: r["reclaimed_pages"] > 0 and r["reclaim_ipis"] > 0,
+    "flush-ceiling": lambda r: r["shootdowns"] - r["full_flushes"] > 0,  # some ranged
+    "replay": lambda r: sum(r["replay"]["replayed"].values()) > 0 and r["faults"] > 0,
+}
+
+
+def test_every_scenario_has_a_headline_and_its_own_defaults():
+    assert set(HEADLINE) == set(SCENARIOS) == set(SCENARIO_DEFAULTS)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+async def test_defaults_run_safely_and_measure_something(scenario, tmp_path):
+    out = tmp_path / "r.json"
+    async with InProcessCluster(cpus=4) as c:
+        argv = ["load", "run", scenario, "--cluster", c.coordinator.address, "--json", str(out)]
+        if scenario == "replay":  # a trace is the one thing it cannot default
+            argv = ["load", "replay", os.path.join(FIXTURES, "ls-accesses.tlbt.gz"),
+                    "--cluster", c.coordinator.address, "--json", str(out)]
+        code = await asyncio.to_thread(main, argv)  # the command itself, beside the cluster
+    report = json.loads(out.read_text())
+    r = report["results"]
+    assert code == 0, (r["stale_accesses"], r["audit_violations"], report["violations"])
+    assert r["stale_accesses"] == 0 and r["audit_violations"] == 0
+    assert HEADLINE[scenario](r), r
+    assert report["config"]["rounds"] == SCENARIO_DEFAULTS[scenario].get("rounds", 3)
