@@ -149,8 +149,9 @@ def parse(doc: dict, origin: str) -> CostModel:
         if key in _TOP_KEYS:
             if key == "description":
                 continue
-            want = {"name": str, "clock_ghz": (int, float), "broadcast": bool,
-                    "walk_levels": int}[key]
+            types: dict[str, type | tuple[type, ...]] = {
+                "name": str, "clock_ghz": (int, float), "broadcast": bool, "walk_levels": int}
+            want = types[key]
             if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
                 raise fail(f"{key} has the wrong type ({type(value).__name__})")
             values[key] = float(value) if key == "clock_ghz" else value

@@ -113,7 +113,7 @@ def sync_channel(address: str, security: Security | None = None) -> grpc.Channel
 def _channel_settings(security: Security) -> tuple[grpc.ChannelCredentials | None, list]:
     """Credentials (None: plaintext) and options, the same for both kinds of channel."""
     creds = security.channel_credentials()
-    options = list(CHANNEL_OPTIONS)
+    options: list[tuple[str, str | int]] = list(CHANNEL_OPTIONS)
     if creds is not None and security.server_name:
         options.append(("grpc.ssl_target_name_override", security.server_name))
     return creds, options

@@ -191,7 +191,7 @@ class CpuCore:
                 if walked_at == tlb.flushes_applied and pte is not None and \
                         (not write or pte[1]):
                     stats.misses += 1
-                    self._fill(mm, vpn, Entry(*pte), write)
+                    self._fill(mm, vpn, Entry(*pte), bool(write))
                     continue
             segv = await self._miss(mm, vpn, bool(write), miss, stats)
             if segv and stop_on_segv:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import hashlib
 
-from services.memory.pagetable import PageTable
+from services.memory.pagetable import PageTable, PteTable
 
 
 def _table(h, table: PageTable) -> None:
-    h.update(repr((table.level, table.base_vpn, table.pfn, table.share_count, table.wp,
-                   table.present, table.seq, table.sharers)).encode())
-    if table.level == 1:
-        h.update(repr((table.entries, table.tids)).encode())
+    h.update(repr((table.level, table.base_vpn, table.pfn, table.present)).encode())
+    if isinstance(table, PteTable):
+        h.update(repr((table.share_count, table.wp, table.seq, table.sharers, table.entries,
+                       table.tids)).encode())
         return
     for slot, child in enumerate(table.entries):
         if child is not None:

@@ -9,7 +9,7 @@ from services.memory.flush import Flusher
 from services.memory.locks import OpContext
 from services.memory.mm import Mm, Vma
 from services.memory.oracle import Revokes
-from services.memory.pagetable import PageTable, make_pte, pte_pfn, walk
+from services.memory.pagetable import PteTable, make_pte, pte_pfn
 from services.memory.reclaim import Reclaimer
 from services.memory.rules import Rule
 from services.memory.sharing import Sharing
@@ -47,12 +47,12 @@ class Faults:
                 return MissResult("segv")
             if write and not vma.writable:
                 return MissResult("prot")
-            table = await self.tables.ensure(ctx, mm, vpn, 1)
+            table = await self.tables.ensure_pte(ctx, mm, vpn)
             if write and table.share_count:
                 # Writing through a shared table: copy the table first. Read faults keep
                 # sharing ("continue to share page tables over read-only page faults").
                 await self.sharing.unshare(ctx, cpu, mm, table, local)
-                table = walk(mm.pgd, vpn)
+                table = await self.tables.ensure_pte(ctx, mm, vpn)  # the private copy
             if write and table.wp and not table.share_count:
                 await self.sharing.unprotect(ctx, mm, table)
             slot = table.slot(vpn)
@@ -72,7 +72,7 @@ class Faults:
         return result
 
     async def _populate(self, ctx: OpContext, cpu: int, mm: Mm, vma: Vma, vpn: int,
-                        table: PageTable) -> MissResult | None:
+                        table: PteTable) -> MissResult | None:
         """A none or swapped PTE: zero-fill, or swap in. Installing needs no flush (not
         present -> present), also in a shared table, where every sharer sees the page.
         Returns None when another CPU got there first."""
@@ -93,7 +93,7 @@ class Faults:
         k.frames.free(fresh)
         return None
 
-    def install(self, mm: Mm, table: PageTable, vpn: int, pfn: int, writable: bool,
+    def install(self, mm: Mm, table: PteTable, vpn: int, pfn: int, writable: bool,
                 outcome: str, replaces: int = 0) -> MissResult:
         """Map `pfn` at `vpn`; `replaces`: the translation a COW copy takes the place of,
         which must be dead already (the oracle's coherence check)."""
@@ -111,7 +111,7 @@ class Faults:
         return MissResult(outcome, pfn, table.writable(table.entries[slot]), tid)
 
     async def _cow(self, ctx: OpContext, cpu: int, mm: Mm, vpn: int,
-                   table: PageTable) -> MissResult:
+                   table: PteTable) -> MissResult:
         """A write to a read-only PTE in a writable VMA: reuse the page if it is ours
         alone, else copy it (wp_page_copy): clear the old PTE and flush it, and only
         then install the copy, so that no CPU is still served the old frame while
@@ -163,7 +163,7 @@ class Faults:
         vpn = start
         while vpn < end:
             stop = min(end, vpn - vpn % PTRS_PER_TABLE + PTRS_PER_TABLE)
-            table = await self.tables.ensure(ctx, mm, vpn, 1)
+            table = await self.tables.ensure_pte(ctx, mm, vpn)
             fresh = [await self.reclaimer.alloc_page(ctx, cpu) for _ in range(stop - vpn)]
             async with self.tables.pte_locked(ctx, mm, table):
                 for v in range(vpn, stop):

@@ -8,18 +8,10 @@ becomes a full flush (x86 `tlb_single_page_flush_ceiling`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from typing import Callable
 
-from services.memory.pagetable import PageTable
-
-
-class Batch(Protocol):
-    """What the oracle tracks of a gather's changes until their flush completes
-    (services/memory/oracle.py Batch)."""
-    def clear(self, vpn: int, tid: int) -> None: ...
-    def downgrade(self, vpn: int, old: int, new: int) -> None: ...
-    def protect_table(self, uid: int, upto_seq: int) -> None: ...
-    def leave_table(self, uid: int) -> None: ...
+from services.memory.oracle import Batch
+from services.memory.pagetable import PageTable, PteTable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +87,13 @@ class Gather:
         self.cleared = True
         self.ends.downgrade(vpn, old_tid, new_tid)
 
-    def protect_table(self, table: PageTable) -> None:
+    def protect_table(self, table: PteTable) -> None:
         """A whole table lost write permission (fork sharing it): one entry per table."""
         self._adjust(table.base_vpn, table.span)
         self.cleared = True
         self.ends.protect_table(table.uid, table.seq)
 
-    def unshare_table(self, table: PageTable) -> None:
+    def unshare_table(self, table: PteTable) -> None:
         """This mm stopped mapping a shared table (unshare, or drop). Its CPUs may cache
         the table's translations and walk through it: flush them, lazy ones too, as for
         freed tables (Linux passes `freed_tables || unshared_tables`)."""

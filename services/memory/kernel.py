@@ -111,7 +111,7 @@ class Kernel:
         """A new mm; a forked child joins its parent's family (the pages' reverse map)."""
         k = self.k
         mm_id = next(k.mm_ids)
-        mm = k.mms[mm_id] = Mm(mm_id, self.tables.alloc(4, 0))
+        mm = k.mms[mm_id] = Mm(mm_id, self.tables.alloc_pgd())
         mm.family = mm_id if family is None else family
         k.families.setdefault(mm.family, set()).add(mm_id)
         return mm_id

@@ -32,7 +32,7 @@ class Lru:
 
     def oldest(self, n: int) -> list[int]:
         """Take up to n of the oldest pages off the list."""
-        out = []
+        out: list[int] = []
         while self._pages and len(out) < n:
             out.append(self._pages.popitem(last=False)[0])
         return out

@@ -5,7 +5,7 @@ import bisect
 import dataclasses
 
 from services.memory.locks import LockClass, RwLock, SimLock
-from services.memory.pagetable import PageTable
+from services.memory.pagetable import Directory
 
 MMAP_BASE_VPN = 0x10000          # first mmap address: 256 MiB
 HUGE_ALIGN_PAGES = 512           # mappings of 2 MiB or more start on a 2 MiB boundary
@@ -19,7 +19,7 @@ class Vma:
 
 
 class Mm:
-    def __init__(self, mm_id: int, pgd: PageTable):
+    def __init__(self, mm_id: int, pgd: Directory):
         self.id = mm_id
         self.pgd = pgd
         self.vmas: list[Vma] = []

@@ -20,6 +20,7 @@ from typing import Iterator
 
 from services.common.addresses import PTRS_PER_TABLE, table_index
 from services.common.errors import ResourceExhausted
+from services.memory.locks import SimLock
 
 # A tid is (table uid << TID_SEQ_BITS) | the table's change counter: 63 bits in all
 # (a signed or unsigned 64-bit field carries it). 2^24 tables and 2^39 changes per
@@ -29,24 +30,50 @@ TID_UID_BITS = 24
 MAX_TABLE_UID = (1 << TID_UID_BITS) - 1
 
 
-class PageTable:
-    __slots__ = ("pfn", "level", "base_vpn", "entries", "tids", "ptl", "share_count", "present",
-                 "uid", "seq", "wp", "sharers", "rmap_lock")
+class Table:
+    """What every table frame has: where it sits and what it maps."""
+    __slots__ = ("pfn", "level", "base_vpn", "present", "uid")
 
-    def __init__(self, pfn: int, level: int, base_vpn: int, ptl=None, uid: int = 0):
+    def __init__(self, pfn: int, level: int, base_vpn: int, uid: int):
         self.pfn = pfn
         self.level = level            # 1 = PTE table ... 4 = PGD
         self.base_vpn = base_vpn      # first vpn this table maps
-        self.entries: list = [0 if level == 1 else None] * PTRS_PER_TABLE
-        self.tids: list[int] | None = [0] * PTRS_PER_TABLE if level == 1 else None
-        self.ptl = ptl                # the split page-table lock (PTE tables only)
-        self.share_count = 0          # extra sharers; 0 = exclusive (kept apart from refcount)
         self.present = 0              # populated slots (present or swapped): emptiness is O(1)
         self.uid = uid                # unique for the table's lifetime (pfns are reused)
+
+    @property
+    def span(self) -> int:
+        """Pages mapped by this table."""
+        return PTRS_PER_TABLE ** self.level
+
+    def slot(self, vpn: int) -> int:
+        return table_index(vpn, self.level)
+
+
+class Directory(Table):
+    """A pgd, pud or pmd: each entry is the table one level down, or None."""
+    __slots__ = ("entries",)
+
+    def __init__(self, pfn: int, level: int, base_vpn: int, uid: int):
+        super().__init__(pfn, level, base_vpn, uid)
+        self.entries: list[PageTable | None] = [None] * PTRS_PER_TABLE
+
+
+class PteTable(Table):
+    """A PTE table: its entries, their translation ids, and in its descriptor the split
+    lock and the sharing state."""
+    __slots__ = ("entries", "tids", "ptl", "share_count", "seq", "wp", "sharers", "rmap_lock")
+
+    def __init__(self, pfn: int, base_vpn: int, uid: int, ptl: SimLock, rmap_lock: SimLock):
+        super().__init__(pfn, 1, base_vpn, uid)
+        self.entries: list[int] = [0] * PTRS_PER_TABLE
+        self.tids: list[int] = [0] * PTRS_PER_TABLE
+        self.ptl = ptl                # the split page-table lock
+        self.share_count = 0          # extra sharers; 0 = exclusive (kept apart from refcount)
         self.seq = 0                  # changes so far: the low bits of the next tid
         self.wp = False               # write-protected as a whole (the pmd entry's RW bit)
         self.sharers: list[tuple[int, int]] | None = None  # (mm id, vpn) while shared
-        self.rmap_lock = None         # guards `sharers` and `share_count`
+        self.rmap_lock = rmap_lock    # guards `sharers` and `share_count`
 
     def new_tid(self) -> int:
         if self.seq >= (1 << TID_SEQ_BITS) - 1:
@@ -59,13 +86,8 @@ class PageTable:
         """Hardware ANDs the RW bits of every level: a write-protected table wins."""
         return pte > 0 and bool(pte & 1) and not self.wp
 
-    @property
-    def span(self) -> int:
-        """Pages mapped by this table."""
-        return PTRS_PER_TABLE ** self.level
 
-    def slot(self, vpn: int) -> int:
-        return table_index(vpn, self.level)
+PageTable = Directory | PteTable
 
 
 def tid_table(tid: int) -> int:
@@ -89,7 +111,7 @@ def make_pte(pfn: int, writable: bool) -> int:
     return pfn << 1 | int(writable)
 
 
-def present_ptes(table: PageTable, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+def present_ptes(table: PteTable, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(vpn, slot, pte) of each present PTE of a PTE table inside [start, end)."""
     base = table.base_vpn
     for vpn in range(max(start, base), min(end, base + PTRS_PER_TABLE)):
@@ -98,7 +120,7 @@ def present_ptes(table: PageTable, start: int, end: int) -> Iterator[tuple[int, 
             yield vpn, vpn - base, pte
 
 
-def swapped_ptes(table: PageTable, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+def swapped_ptes(table: PteTable, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(vpn, slot, swap slot) of each swap entry of a PTE table inside [start, end)."""
     base = table.base_vpn
     for vpn in range(max(start, base), min(end, base + PTRS_PER_TABLE)):
@@ -107,11 +129,9 @@ def swapped_ptes(table: PageTable, start: int, end: int) -> Iterator[tuple[int, 
             yield vpn, vpn - base, -pte
 
 
-def walk(pgd: PageTable, vpn: int) -> PageTable | None:
+def walk(pgd: Directory, vpn: int) -> PteTable | None:
     """The PTE table that maps `vpn`, or None; lockless, like a hardware walker."""
-    table = pgd
-    while table.level > 1:
+    table: PageTable | None = pgd
+    while isinstance(table, Directory):
         table = table.entries[table.slot(vpn)]
-        if table is None:
-            return None
     return table

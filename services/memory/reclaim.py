@@ -11,7 +11,7 @@ from services.memory.flush import Flusher
 from services.memory.locks import OpContext
 from services.memory.mm import Mm
 from services.memory.oracle import Batch
-from services.memory.pagetable import PageTable, pte_pfn, walk
+from services.memory.pagetable import PteTable, pte_pfn, walk
 from services.memory.rules import Rule
 from services.memory.state import FlushOrder, KernelState
 from services.memory.tables import Tables
@@ -34,7 +34,7 @@ class Reclaimer:
     def __init__(self, k: KernelState, tables: Tables, flusher: Flusher):
         self.k, self.tables, self.flusher = k, tables, flusher
 
-    def mappings(self, pfn: int) -> list[tuple[Mm, PageTable]]:
+    def mappings(self, pfn: int) -> list[tuple[Mm, PteTable]]:
         """Every PTE table mapping `pfn`, through the reverse map: the page's address and
         its fork family (anon_vma's role); a table shared by several mms appears once."""
         k = self.k

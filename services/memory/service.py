@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import time
 from array import array
@@ -15,7 +17,7 @@ from services.common.policy import Policy
 from services.common.server import channel, completes, rpc
 from services.common.stats import COUNT_BUCKETS, Samples, p50_p99
 from services.memory.digest import kernel_digest
-from services.memory.kernel import FlushOrder, Kernel, ShootdownResult
+from services.memory.kernel import DEFAULT_FRAMES, FlushOrder, Kernel, ShootdownResult
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, memory_pb2 as pb,
                        memory_pb2_grpc)
 
@@ -31,9 +33,10 @@ MAX_WALK_PAGES = 1 << 16  # per Walk: bounded work (CPUs read ahead 64 pages at 
 # idempotent by generation) until deadline + margin; frames wait for its completion.
 RETRY_BACKOFF_S = (0.05, 0.5)
 ANNOUNCE_S = 1.0  # the memory service re-announces itself: a restarted coordinator learns it
-# --unsafe free-before-flush: the IPI is slow, as if the interconnect were busy, so the
-# CPUs run on for a while with translations to frames already freed, as the bug lets them.
-UNSAFE_IPI_DELAY_S = 0.005
+# --unsafe free-before-flush: the IPI is slow, as if the interconnect were busy: it leaves
+# only once every target ran (reported accesses) again — with translations to frames
+# already freed, as the bug lets them — or after this long, if one runs nothing.
+UNSAFE_IPI_DELAY_MAX_S = 1.0
 # Why the RPC being served shoots down (a metrics label): the system call, or "cow" for a
 # fault. A context variable, because concurrent RPCs interleave on one event loop.
 FAULT_KINDS = ("anon", "cow", "prot", "segv")
@@ -88,10 +91,12 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
                 ["flush"], COUNT_BUCKETS),
         }
         self._announce: asyncio.Task | None = None
+        # Reports of accesses per CPU (--unsafe free-before-flush waits on them).
+        self._reports: collections.Counter = collections.Counter()
+        self._reported = asyncio.Condition()
 
     def _new_kernel(self, policy: Policy) -> Kernel:
-        kwargs = {"frames": self.frames} if self.frames else {}
-        return Kernel(policy, self._shootdown, **kwargs)
+        return Kernel(policy, self._shootdown, self.frames or DEFAULT_FRAMES)
 
     # --- lifecycle ---------------------------------------------------------------------
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -107,7 +112,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         it may start after us, or restart (with nothing), so keep telling it."""
         while True:
             try:
-                await self._coordinator.RegisterMemory(
+                await self._coordinator_stub().RegisterMemory(
                     coordinator_pb2.RegisterMemoryRequest(
                         address=address, epoch=self.epoch,
                         policy=self.kernel.policy.to_proto()),
@@ -116,6 +121,10 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             except grpc.aio.AioRpcError as e:
                 log.warning("cannot register with the coordinator: %s", e.code().name)
                 await asyncio.sleep(0.5)
+
+    def _coordinator_stub(self) -> coordinator_pb2_grpc.CoordinatorServiceStub:
+        assert self._coordinator is not None, "start() first"
+        return self._coordinator
 
     async def stop(self) -> None:
         if self._announce is not None:
@@ -128,7 +137,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         acked or was fenced; a coordinator that fails (restarts) gets the same request
         again, with the deadline fixed at the first try, until deadline + margin."""
         if self.kernel.policy.unsafe == "free-before-flush":
-            await asyncio.sleep(UNSAFE_IPI_DELAY_S)
+            await self._until_ran(targets)
         deadline = self.kernel.policy.deadline_s
         flush = flush_to_proto(order)
         flush.deadline_unix_s = time.time() + deadline
@@ -139,7 +148,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         backoff = RETRY_BACKOFF_S[0]
         while True:
             try:
-                reply = await self._coordinator.Shootdown(
+                reply = await self._coordinator_stub().Shootdown(
                     request, timeout=max(0.01, give_up - loop.time()), wait_for_ready=True)
                 break
             except grpc.aio.AioRpcError as e:
@@ -233,6 +242,17 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         return pb.MemSyscallResponse(result=result,
                                      local_flushes=[flush_to_proto(f) for f in r.local_flushes])
 
+    async def _until_ran(self, cpus: list[int]) -> None:
+        """Until each of `cpus` reported accesses again (or UNSAFE_IPI_DELAY_MAX_S)."""
+        seen = {c: self._reports[c] for c in cpus}
+
+        def ran() -> bool:
+            return all(self._reports[c] > n for c, n in seen.items())
+
+        async with self._reported:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._reported.wait_for(ran), UNSAFE_IPI_DELAY_MAX_S)
+
     @rpc
     async def ReportAccesses(self, request, context):
         self._check_epoch(context)
@@ -247,6 +267,9 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         for part in self.kernel.judge_accesses(words, runs, request.mm):
             stale += part
             await asyncio.sleep(0)
+        self._reports[request.cpu] += 1
+        async with self._reported:
+            self._reported.notify_all()
         return pb.ReportAccessesResponse(stale=stale)
 
     @rpc

@@ -9,7 +9,7 @@ from services.memory.gather import Gather
 from services.memory.locks import OpContext
 from services.memory.mm import Mm, Vma
 from services.memory.oracle import Revokes
-from services.memory.pagetable import (PageTable, make_pte, present_ptes, pte_pfn, pte_writable,
+from services.memory.pagetable import (Directory, PteTable, make_pte, present_ptes, pte_pfn, pte_writable,
                                        swapped_ptes)
 from services.memory.rules import Rule
 from services.memory.state import FlushOrder, KernelState
@@ -22,7 +22,7 @@ class Sharing:
 
     # --- fork ---------------------------------------------------------------------------------
     async def share_tables(self, ctx: OpContext, parent: Mm, child: Mm,
-                           tables: list[PageTable], gather: Gather) -> None:
+                           tables: list[PteTable], gather: Gather) -> None:
         """fork `share`: point the child's pmd entries at the parent's PTE tables and
         write-protect each table as a whole — O(tables), not O(pages). Every sharer list
         is locked once, in key order, for the whole fork."""
@@ -32,15 +32,15 @@ class Sharing:
                     async with self.tables.pte_locked(ctx, parent, table):
                         table.wp = True
                         gather.protect_table(table)
-                pmd = await self.tables.ensure(ctx, child, table.base_vpn, 2)  # upper levels
+                pmd = await self.tables.ensure_pmd(ctx, child, table.base_vpn)  # upper levels
                 self._share_into(parent, child, pmd, table)
 
-    async def copy_table(self, ctx: OpContext, parent: Mm, child: Mm, src: PageTable,
+    async def copy_table(self, ctx: OpContext, parent: Mm, child: Mm, src: PteTable,
                          vma: Vma, gather: Gather) -> None:
         """fork `copy`: every present PTE of `vma` in `src`, read-only on both sides."""
         k = self.k
         # The child runs nowhere yet: its tables need no lock of the parent's.
-        dst = await self.tables.ensure(ctx, child, max(vma.start, src.base_vpn), 1)
+        dst = await self.tables.ensure_pte(ctx, child, max(vma.start, src.base_vpn))
         async with self.tables.pte_locked(ctx, parent, src):
             for vpn, slot, pte in present_ptes(src, vma.start, vma.end):
                 pfn = pte_pfn(pte)
@@ -58,7 +58,7 @@ class Sharing:
                 dst.present += 1
                 k.swap.dup(swap_slot)
 
-    def _share_into(self, parent: Mm, child: Mm, pmd: PageTable, table: PageTable) -> None:
+    def _share_into(self, parent: Mm, child: Mm, pmd: Directory, table: PteTable) -> None:
         """Point the child's pmd entry at `table`: one more sharer, not one more reference."""
         if table.sharers is None:
             table.sharers = [(parent.id, table.base_vpn)]
@@ -69,7 +69,7 @@ class Sharing:
         table.sharers.append((child.id, table.base_vpn))
 
     # --- leaving a shared table ------------------------------------------------------------
-    def _leave(self, mm: Mm, table: PageTable) -> None:
+    def _leave(self, mm: Mm, table: PteTable) -> None:
         """This mm no longer maps `table`: one sharer fewer (the table is not freed)."""
         assert table.sharers is not None
         table.sharers.remove((mm.id, table.base_vpn))
@@ -78,14 +78,14 @@ class Sharing:
             table.sharers = None
             self.k.stats.shared_tables -= 1
 
-    async def unshare(self, ctx: OpContext, cpu: int, mm: Mm, table: PageTable,
+    async def unshare(self, ctx: OpContext, cpu: int, mm: Mm, table: PteTable,
                       local: list[FlushOrder]) -> None:
         """Copy-on-write of a page table (Phillips 2002): give this mm a private copy,
         raising the count of every page it maps, then let go of the shared one, and
         flush this mm's CPUs before the sharer list is unlocked. The shared table's
         entries are untouched, so other sharers need no flush."""
         k, tables = self.k, self.tables
-        fresh = tables.alloc(1, table.base_vpn)
+        fresh = tables.alloc_pte(table.base_vpn)
         zap = self.flusher.zap(mm, "unshare")
         async with tables.sharers_locked(ctx, mm, [table]), ctx.locked_once(mm.page_table_lock):
             pmd = tables.pmd_of(mm, table.base_vpn)
@@ -117,7 +117,7 @@ class Sharing:
             if table.share_count:
                 await self.unshare(ctx, cpu, mm, table, local)
 
-    def drop(self, mm: Mm, table: PageTable, gather: Gather) -> None:
+    def drop(self, mm: Mm, table: PteTable, gather: Gather) -> None:
         """munmap or exit covering a shared table whole: unhook it from this mm and
         decrement its count (no PTE is cleared, nothing is freed); the caller holds the
         sharer lock and flushes this mm's CPUs before releasing it."""
@@ -128,7 +128,7 @@ class Sharing:
         self.k.stats.tables_dropped += 1
         gather.unshare_table(table)
 
-    async def unprotect(self, ctx: OpContext, mm: Mm, table: PageTable) -> None:
+    async def unprotect(self, ctx: OpContext, mm: Mm, table: PteTable) -> None:
         """An exclusive table still write-protected as a whole (it was shared): move the
         protection down to each PTE, then lift the table's. Effective permissions do not
         change, so no flush; the old read-only entries stay valid."""
@@ -144,7 +144,7 @@ class Sharing:
             table.wp = False
 
 
-def tables_of_vmas(tables: list[PageTable], vmas: list[Vma]) -> list[tuple[PageTable, Vma]]:
+def tables_of_vmas(tables: list[PteTable], vmas: list[Vma]) -> list[tuple[PteTable, Vma]]:
     """(table, vma) for every VMA overlapping every table: what fork `copy` walks."""
     return [(t, v) for t in tables for v in vmas
             if v.start < t.base_vpn + PTRS_PER_TABLE and t.base_vpn < v.end]

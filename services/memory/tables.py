@@ -11,7 +11,8 @@ from services.common.policy import SPLIT_LOCKS
 from services.memory.gather import Gather
 from services.memory.locks import LockClass, OpContext, SimLock
 from services.memory.mm import Mm
-from services.memory.pagetable import MAX_TABLE_UID, PageTable, pte_pfn, walk
+from services.memory.pagetable import (MAX_TABLE_UID, Directory, PageTable, PteTable, pte_pfn,
+                                       walk)
 from services.memory.state import KernelState
 
 Pte = tuple[int, bool, int]  # (pfn, writable, tid) of a present PTE
@@ -28,11 +29,20 @@ class Tables:
             raise ResourceExhausted(f"{MAX_TABLE_UID} page tables allocated in this run: "
                                     "translation ids would repeat; start a new run")
         pfn = self.k.frames.alloc()  # tables never wait for reclaim: the watermarks leave room
-        table = PageTable(pfn, level, base_vpn, uid=uid)
-        if level == 1:
-            table.ptl = SimLock(LockClass.PTL, f"ptl:{uid}", key=uid)
-            table.rmap_lock = SimLock(LockClass.RMAP, f"rmap:{uid}", key=uid)
         self.k.stats.tables_allocated[level] += 1
+        if level > 1:
+            return Directory(pfn, level, base_vpn, uid)
+        return PteTable(pfn, base_vpn, uid, SimLock(LockClass.PTL, f"ptl:{uid}", key=uid),
+                        SimLock(LockClass.RMAP, f"rmap:{uid}", key=uid))
+
+    def alloc_pte(self, base_vpn: int) -> PteTable:
+        table = self.alloc(1, base_vpn)
+        assert isinstance(table, PteTable)
+        return table
+
+    def alloc_pgd(self) -> Directory:
+        table = self.alloc(4, 0)
+        assert isinstance(table, Directory)
         return table
 
     def discard(self, table: PageTable) -> None:
@@ -41,44 +51,53 @@ class Tables:
         self.k.frames.free(table.pfn)
         self.k.stats.tables_allocated[table.level] -= 1
 
-    async def ensure(self, ctx: OpContext, mm: Mm, vpn: int, level: int) -> PageTable:
+    async def ensure_pte(self, ctx: OpContext, mm: Mm, vpn: int) -> PteTable:
+        """The PTE table covering `vpn`, populating the levels above it."""
+        table = await self._ensure(ctx, mm, vpn, 1)
+        assert isinstance(table, PteTable)
+        return table
+
+    async def ensure_pmd(self, ctx: OpContext, mm: Mm, vpn: int) -> Directory:
+        """The pmd covering `vpn`, populating the levels above it."""
+        table = await self._ensure(ctx, mm, vpn, 2)
+        assert isinstance(table, Directory)
+        return table
+
+    async def _ensure(self, ctx: OpContext, mm: Mm, vpn: int, level: int) -> PageTable:
         """The table at `level` covering `vpn`, populating the levels above it under
         page_table_lock: allocate outside the lock, re-check, install or back out."""
-        table = mm.pgd
-        while table.level > level:
+        table: PageTable = mm.pgd
+        while isinstance(table, Directory) and table.level > level:
             slot = table.slot(vpn)
             child = table.entries[slot]
             if child is None:
                 span = PTRS_PER_TABLE ** (table.level - 1)
-                fresh: PageTable | None = self.alloc(table.level - 1, vpn - vpn % span)
+                fresh = self.alloc(table.level - 1, vpn - vpn % span)
                 async with ctx.locked_once(mm.page_table_lock):
                     child = table.entries[slot]
                     if child is None:  # nobody populated it while we allocated
                         table.entries[slot] = child = fresh
                         table.present += 1
-                        fresh = None
-                if fresh is not None:
+                if child is not fresh:
                     self.discard(fresh)
             table = child
         return table
 
     # --- finding ----------------------------------------------------------------------------
     @staticmethod
-    def pte_tables(mm: Mm, start: int, end: int) -> list[PageTable]:
+    def pte_tables(mm: Mm, start: int, end: int) -> list[PteTable]:
         """Existing PTE tables overlapping [start, end), in address order (a tree walk:
         only populated branches are visited)."""
-        out: list[PageTable] = []
+        out: list[PteTable] = []
 
-        def visit(table: PageTable) -> None:
+        def visit(table: Directory) -> None:
             span = PTRS_PER_TABLE ** (table.level - 1)
             first = max(start, table.base_vpn) // span % PTRS_PER_TABLE
             last = (min(end, table.base_vpn + table.span) - 1) // span % PTRS_PER_TABLE
             for child in table.entries[first:last + 1]:
-                if child is None:
-                    continue
-                if child.level == 1:
+                if isinstance(child, PteTable):
                     out.append(child)
-                else:
+                elif child is not None:
                     visit(child)
 
         if start < end:
@@ -86,11 +105,12 @@ class Tables:
         return out
 
     @staticmethod
-    def pmd_of(mm: Mm, vpn: int) -> PageTable:
+    def pmd_of(mm: Mm, vpn: int) -> Directory:
         """The pmd table covering `vpn` (it exists: callers hold a PTE table under it)."""
-        table = mm.pgd
-        while table.level > 2:
+        table: PageTable | None = mm.pgd
+        while isinstance(table, Directory) and table.level > 2:
             table = table.entries[table.slot(vpn)]
+        assert isinstance(table, Directory), f"no pmd covers vpn {vpn:#x}"
         return table
 
     def has_freeable(self, mm: Mm, start: int, end: int) -> bool:
@@ -101,16 +121,16 @@ class Tables:
     def unlink_free(mm: Mm, start: int, end: int, gather: Gather) -> None:
         """free_pgtables: unhook tables no VMA needs any more; they go through the gather.
         A shared table is never freed here: a sharer drops it instead (sharing.drop)."""
-        def prune(table: PageTable) -> None:
+        def prune(table: Directory) -> None:
             span = PTRS_PER_TABLE ** (table.level - 1)
             first = max(start, table.base_vpn) // span
             last = (min(end, table.base_vpn + table.span) - 1) // span
             for i in range(first, last + 1):
                 slot = i % PTRS_PER_TABLE
                 child = table.entries[slot]
-                if child is None or child.share_count:
+                if child is None or (isinstance(child, PteTable) and child.share_count):
                     continue
-                if child.level > 1:
+                if isinstance(child, Directory):
                     prune(child)
                 if child.present == 0 and not mm.overlaps(child.base_vpn,
                                                           child.base_vpn + child.span):
@@ -120,7 +140,7 @@ class Tables:
         prune(mm.pgd)
 
     # --- locks --------------------------------------------------------------------------------
-    def pte_locks(self, mm: Mm, table: PageTable) -> list[SimLock]:
+    def pte_locks(self, mm: Mm, table: PteTable) -> list[SimLock]:
         """What guards a PTE table's entries: the mode's whole point. In mm mode the
         mm's page_table_lock, plus the table's own lock, because a shared table's other
         sharers do not take this mm's lock."""
@@ -129,7 +149,7 @@ class Tables:
         return [mm.page_table_lock, table.ptl]
 
     @contextlib.asynccontextmanager
-    async def pte_locked(self, ctx: OpContext, mm: Mm, table: PageTable) -> AsyncIterator[None]:
+    async def pte_locked(self, ctx: OpContext, mm: Mm, table: PteTable) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             for lock in self.pte_locks(mm, table):
                 await stack.enter_async_context(ctx.locked_once(lock))
@@ -137,7 +157,7 @@ class Tables:
 
     @contextlib.asynccontextmanager
     async def sharers_locked(self, ctx: OpContext, mm: Mm,
-                             tables: list[PageTable]) -> AsyncIterator[None]:
+                             tables: list[PteTable]) -> AsyncIterator[None]:
         """Hold what guards the sharer lists of `tables`: their rmap locks (the 2002
         pmd-rmap), in key order — or, in the lock-all-sharers modes, the
         page_table_lock of every sharer mm: in mm-id order, or (unordered) this mm

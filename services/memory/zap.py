@@ -16,7 +16,7 @@ from services.memory.flush import Flusher, Zap
 from services.memory.gather import Gather
 from services.memory.locks import OpContext
 from services.memory.mm import Mm
-from services.memory.pagetable import PageTable, make_pte, present_ptes, pte_pfn, pte_writable, \
+from services.memory.pagetable import PteTable, make_pte, present_ptes, pte_pfn, pte_writable, \
     swapped_ptes
 from services.memory.rules import Rule
 from services.memory.sharing import Sharing
@@ -73,7 +73,7 @@ class Zapper:
                             zap.gather.free_table(mm.pgd, 0)
                 await flusher.finish(mm, cpu, zap, Rule.ZAP_FLUSH)
 
-    def _clear_pte(self, table: PageTable, vpn: int, slot: int, pte: int, zap: Zap) -> None:
+    def _clear_pte(self, table: PteTable, vpn: int, slot: int, pte: int, zap: Zap) -> None:
         """ptep_get_and_clear into the gather (the page is freed after its flush)."""
         k = self.k
         if k.rules.breaks(Rule.CLEAR_BEFORE_FLUSH):  # walkers see it until the flush
@@ -98,7 +98,7 @@ class Zapper:
                 await flusher.finish(mm, cpu, zap, Rule.MPROTECT_FLUSH)
 
 
-def _write_protect(table: PageTable, start: int, end: int, gather: Gather) -> None:
+def _write_protect(table: PteTable, start: int, end: int, gather: Gather) -> None:
     for vpn, slot, pte in present_ptes(table, start, end):
         if pte_writable(pte):
             table.entries[slot] = make_pte(pte_pfn(pte), False)

@@ -24,7 +24,6 @@ import os
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from services.common.addresses import PTRS_PER_TABLE
 from services.common.errors import SimError
 from services.memory.pagetable import PageTable
 from tests.unit.workbench import PAGE, Workbench
