@@ -61,6 +61,9 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
                    help="physical frames of the machine; reclaim starts below 1/32 free "
                         "(default 0: the memory service's own, effectively unlimited; "
                         f"swapout: {SCENARIO_DEFAULTS['swapout']['frames']})")
+    g.add_argument("--reclaim-batch", type=int, default=d.reclaim_batch,
+                   help="pages reclaim unmaps per batched flush, as Linux's SWAP_CLUSTER_MAX "
+                        f"(default {d.reclaim_batch}); 0 puts everything it frees into one flush")
     g.add_argument("--deadline", type=float, default=d.deadline_s,
                    help="seconds a CPU has to acknowledge a shootdown before it is fenced")
     g.add_argument("--cost-model", default=d.cost_model.name, metavar="x86|invlpgb|PATH",
@@ -78,7 +81,7 @@ def policy_from(args: argparse.Namespace, scenario: str | None = None) -> pol.Po
                       tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways, unsafe=args.unsafe,
                       deadline_s=args.deadline, mqtt_qos=args.mqtt_qos, fork=values["fork"],
                       shared_flush=args.shared_flush, frames=values["frames"],
-                      cost_model=costmodel.load(args.cost_model))
+                      reclaim_batch=args.reclaim_batch, cost_model=costmodel.load(args.cost_model))
 
 
 def resolved(args: argparse.Namespace, scenario: str | None) -> dict:

@@ -40,6 +40,7 @@ MAX_FRAMES = 1 << 28  # 1 TiB of simulated memory
 # for reclaim), and frees up to 32: a smaller machine would reclaim at every fault.
 MIN_FRAMES = 64
 MAX_UINT32 = (1 << 32) - 1  # ceiling and batch travel as uint32 (common.proto Policy)
+DEFAULT_RECLAIM_BATCH = 32  # SWAP_CLUSTER_MAX (include/linux/swap.h)
 
 
 def _name(table: dict[str, int], value: int, what: str) -> str:
@@ -65,6 +66,9 @@ class Policy:
     fork: str = "copy"
     shared_flush: str = "all-cpus"
     frames: int = 0  # 0: the memory service's default
+    # Pages reclaim unmaps per flush (shrink_folio_list: SWAP_CLUSTER_MAX); 0: everything it
+    # frees between the watermarks in one flush (tlbsim before it followed Linux).
+    reclaim_batch: int = DEFAULT_RECLAIM_BATCH
     # What each event costs on hardware (modelled time, services/common/costmodel.py).
     cost_model: CostModel = dataclasses.field(default_factory=lambda: preset(DEFAULT_PRESET))
 
@@ -84,6 +88,9 @@ class Policy:
             raise InvalidArgument(f"batch {self.batch}: must be 1..{MAX_UINT32} pages")
         if not 0 <= self.ceiling <= MAX_UINT32:
             raise InvalidArgument(f"ceiling {self.ceiling}: must be 0..{MAX_UINT32} pages")
+        if not 0 <= self.reclaim_batch <= MAX_UINT32:
+            raise InvalidArgument(f"reclaim batch {self.reclaim_batch}: must be 0..{MAX_UINT32} "
+                                  "pages (0: one flush for everything reclaimed)")
         if not 1 <= self.tlb_ways <= self.tlb_entries <= MAX_TLB_ENTRIES:
             raise InvalidArgument(
                 f"TLB of {self.tlb_entries} entries and {self.tlb_ways} ways: need "
@@ -103,7 +110,8 @@ class Policy:
                          tlb_ways=self.tlb_ways, unsafe=UNSAFE[self.unsafe],
                          deadline_s=self.deadline_s, mqtt_qos=self.mqtt_qos,
                          fork=FORKS[self.fork], shared_flush=SHARED_FLUSHES[self.shared_flush],
-                         frames=self.frames, cost_model=self.cost_model.to_proto())
+                         frames=self.frames, cost_model=self.cost_model.to_proto(),
+                         reclaim_batch=self.reclaim_batch)
 
     @classmethod
     def from_proto(cls, p: pb.Policy) -> "Policy":
@@ -114,7 +122,9 @@ class Policy:
                    unsafe=_name(UNSAFE, p.unsafe, "unsafe"), deadline_s=p.deadline_s,
                    mqtt_qos=p.mqtt_qos, fork=_name(FORKS, p.fork, "fork"),
                    shared_flush=_name(SHARED_FLUSHES, p.shared_flush, "shared-flush"),
-                   frames=p.frames, cost_model=CostModel.from_proto(p.cost_model))
+                   frames=p.frames, cost_model=CostModel.from_proto(p.cost_model),
+                   reclaim_batch=p.reclaim_batch if p.HasField("reclaim_batch")
+                   else DEFAULT_RECLAIM_BATCH)
 
     def as_dict(self) -> dict:
         """Flat values (build-info labels, the report's config): the model by its name."""

@@ -61,15 +61,26 @@ class Reclaimer:
         return k.frames.alloc()
 
     async def reclaim(self, ctx: OpContext, initiator: int) -> None:
-        """Swap out the oldest pages until free frames reach the high watermark: unmap each
-        from every mm that maps it, batch them all into one flush (reclaim_targets), and
-        free them only after it. Each mm whose PTEs it cleared is marked
-        (set_tlb_ubc_flush_pending), so that a PTE change racing with the deferred flush
-        flushes first (flush_tlb_batched_pending). A page still mapped afterwards (a
+        """Swap out the oldest pages until free frames reach the high watermark, in
+        batches of the policy's reclaim_batch (shrink_folio_list works through at most
+        SWAP_CLUSTER_MAX = 32 isolated folios, with one try_to_unmap_flush each)."""
+        k = self.k
+        want = k.high_watermark - k.frames.free_count
+        while want > 0:
+            victims = k.lru.oldest(min(want, k.policy.reclaim_batch or want))
+            if not victims:
+                return
+            want -= len(victims)
+            await self._shrink(ctx, initiator, victims)
+
+    async def _shrink(self, ctx: OpContext, initiator: int, victims: list[int]) -> None:
+        """One batch: unmap each victim from every mm that maps it, flush them all at once
+        (reclaim_targets), and free them only after it. Each mm whose PTEs it cleared is
+        marked (set_tlb_ubc_flush_pending), so that a PTE change racing with the deferred
+        flush flushes first (flush_tlb_batched_pending). A page still mapped afterwards (a
         sharer copied its table meanwhile) goes back on the LRU, as try_to_unmap failing
         puts the folio back."""
         k, tables = self.k, self.tables
-        victims = k.lru.oldest(k.high_watermark - k.frames.free_count)
         ends = k.oracle.batch(())
         pages = []
         union: set[int] = set()      # mms whose tables changed, with every sharer
