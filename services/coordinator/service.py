@@ -411,9 +411,12 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         acks = []
         for link, ack in zip(live, replies):
             if ack is None:  # it must flush everything and re-register
+                was_fenced = f.is_fenced(link.cpu)
                 settle[link.cpu] = f.fence(link.cpu, DEADLINE)
                 log.warning("cpu %d fenced (fence %d): it missed the deadline of shootdown "
                             "%d", link.cpu, settle[link.cpu], flush.shootdown_id)
+                if not was_fenced:
+                    self._notify_fenced(link.cpu)
                 self.stats.deadline_misses += 1
                 fenced.append(link.cpu)
             else:
@@ -431,6 +434,14 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
             a.outcome == common_pb2.FLUSH_OUTCOME_ELIDED for a in acks), len(live) - len(acks),
             latency)
         return pb.ShootdownResponse(acks=acks, fenced=sorted(fenced), latency_s=latency)
+
+    def _notify_fenced(self, cpu: int) -> None:
+        """Tell a CPU on its flush stream that it is fenced, so it flushes and registers
+        now rather than at its next heartbeat (which tells it too, if this is lost)."""
+        link, m = self.links.get(cpu), self.fencing.members[cpu]
+        if link is not None and link.stream is not None:
+            link.stream.put_nowait(common_pb2.FlushRequest(fence_generation=m.generation,
+                                                           fence_reason=m.reason))
 
     async def _settled(self, cpu: int, generation: int) -> None:
         """Until the CPU fenced at `generation` cannot use what its TLB held then: it

@@ -58,22 +58,6 @@ class _Miss:
         self.local_flushes = r.local_flushes
 
 
-def tag_fenced(fn):
-    """A call refused because this CPU is fenced says so in a machine-readable reason
-    (the load generator waits for the CPU to flush and rejoin, then calls again)."""
-    @functools.wraps(fn)
-    async def wrapper(self, request, context):
-        try:
-            return await fn(self, request, context)
-        except FailedPrecondition as e:
-            if self.core.fenced and not e.reason:
-                e.reason = REASON_CPU_FENCED
-                if self.member.observe():  # its lease ran out inside this call
-                    self._lease_ran_out()
-            raise
-    return wrapper
-
-
 def reachable(fn):
     """A partitioned CPU (chaos) answers nothing: every RPC but Chaos is refused."""
     @functools.wraps(fn)
@@ -289,6 +273,11 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
 
         call = self.coordinator.Attach(outgoing())
         async for flush in call:
+            if flush.fence_generation:  # the coordinator fenced us: flush, register now
+                if not self.plan.partitioned:
+                    self._told_fenced(flush.fence_generation, flush.fence_reason)
+                    self._wake()
+                continue
             ack = self._delivered(flush)
             if ack is None:
                 continue  # lost (chaos)
@@ -383,21 +372,35 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             publish()
 
     # --- tasks ---------------------------------------------------------------------------
+    def _fenced_error(self, e: FailedPrecondition) -> None:
+        """Called where a fence refused work, before any await (the CPU may flush and
+        register again at the next one): the reason says it is fenced (the load
+        generator waits for it to rejoin, then calls again)."""
+        if self.core.fenced and not e.reason:
+            e.reason = REASON_CPU_FENCED
+            if self.member.observe():  # its lease ran out inside the core
+                self._lease_ran_out()
+
+    def _require_runnable(self) -> int:
+        try:
+            return self.core.require_runnable()
+        except FailedPrecondition as e:
+            self._fenced_error(e)
+            raise
+
     @reachable
     @rpc
-    @tag_fenced
     @completes
     async def SwitchMm(self, request, context):
         async with self._exec:
             if self.core.fenced:
-                self.core.require_runnable()
+                self._require_runnable()
             r = await self._to_memory(self.memory.SwitchMm,
                 memory_pb2.MemSwitchMmRequest(cpu=self.id, mm=request.mm))
             return pb.SwitchMmResponse(flushed=self.core.switch(request.mm, r.tlb_gen, r.lazy))
 
     @reachable
     @rpc
-    @tag_fenced
     @completes
     async def Access(self, request, context):
         n = len(request.addresses)
@@ -410,7 +413,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             for a in addresses:
                 vpn_of(a)  # raises, naming the first bad address
         async with self._exec:
-            mm = self.core.require_runnable()
+            mm = self._require_runnable()
             fault_latency: list[float] = []
             fence_epoch = self.member.fence_epoch
 
@@ -418,7 +421,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 """An Access in flight when the CPU is fenced stops before its next fill,
                 even if the CPU has flushed and registered again meanwhile."""
                 if self.member.fence_epoch != fence_epoch:
-                    self.core.require_runnable()  # still fenced: says why
+                    self._require_runnable()  # still fenced: says why
                     why = FENCE_REASONS.get(self.member.last_reason, self.member.last_reason)
                     raise FailedPrecondition(
                         f"cpu {self.id} was fenced during this access ({why}); it flushed "
@@ -447,6 +450,9 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             try:
                 s = await self.core.run_accesses(addresses, request.writes, miss, walk,
                                                  request.stop_on_segv, pause=_yield)
+            except FailedPrecondition as e:
+                self._fenced_error(e)  # fenced (or its lease ran out) inside the core
+                raise
             finally:
                 await self._report_hits()
             return pb.AccessResponse(accesses=s.accesses, hits=s.hits, misses=s.misses,
@@ -468,11 +474,10 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
 
     @reachable
     @rpc
-    @tag_fenced
     @completes
     async def Syscall(self, request, context):
         async with self._exec:
-            mm = self.core.require_runnable()
+            mm = self._require_runnable()
             r = await self._to_memory(self.memory.Syscall,
                 memory_pb2.MemSyscallRequest(cpu=self.id, mm=mm, call=request))
             for f in r.local_flushes:  # the initiator flushes itself
@@ -551,6 +556,9 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                        "it missed one), lease (no heartbeat answered in time)",
                        ["cpu", "reason"], [((cpu, r), dict(self.member.fences).get(r, 0))
                                            for r in ("deadline", "lease", "coordinator")])
+        yield labelled("counter", "tlbsim_cpu_heartbeats_failed",
+                       "Heartbeats not answered within the heartbeat timeout (or refused)",
+                       ["cpu"], [((cpu,), self.heartbeats_failed)])
         f = self.faults
         yield labelled("counter", "tlbsim_chaos_faults",
                        "Faults this CPU injected into itself (chaos), by kind", ["cpu", "kind"],

@@ -63,13 +63,15 @@ async def test_a_fenced_cpu_whose_heartbeat_is_lost_flushes_before_the_frames_ar
         node2 = c.cpus[2].node
         real = node2.coordinator.Heartbeat
         lost = []
+        c.coordinator.node._notify_fenced = lambda cpu: None  # its stream notice is lost too
 
         async def flaky(request, **kw):
-            if not lost and await fenced_at_coordinator(c, 2):
+            answer = await real(request, **kw)
+            if answer.fenced and not lost:  # the answer that would tell it is lost
                 lost.append(1)
                 raise grpc.aio.AioRpcError(lost_as, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                            "heartbeat lost")
-            return await real(request, **kw)
+            return answer
 
         node2.coordinator.Heartbeat = flaky
         res = await cl.cpus[1].stub.Syscall(common_pb2.SyscallRequest(
@@ -137,31 +139,35 @@ async def test_a_cpu_fenced_while_its_batched_walk_is_out_fills_nothing():
 
 
 async def test_a_lease_that_runs_out_inside_a_long_access_stops_it_and_the_cpu_rejoins():
-    """No heartbeat of cpu 0 is answered (an overloaded coordinator): its lease runs out
-    while a long Access is served from its TLB. The Access stops there (the lease is
-    checked before every run of hits), the CPU flushes by the lease's rule, and once
-    heartbeats are answered again it registers and runs."""
-    live = Liveness(heartbeat_s=0.05, heartbeat_timeout_s=0.1, lease_s=0.3,
-                    lease_margin_s=0.2)
-    async with InProcessCluster(cpus=1, liveness=live) as c:
+    """No heartbeat or registration of cpu 0 is answered (an overloaded coordinator) while
+    it runs an Access far longer than its 1.5 s lease (2^20 accesses cycling through 4,096
+    pages: walks and faults). The Access stops there (the lease is checked before every
+    run of hits and every fill), the CPU flushes by the lease's rule, and once the
+    coordinator answers again it registers and runs."""
+    async with InProcessCluster(cpus=1) as c:
         cl = c.client
         await cl.reset(Policy(), 1)
-        mm, address = await process_on(c, [0], 64)
-        addrs = [address + i * PAGE for i in range(64)]
+        mm, address = await process_on(c, [0], 8)
+        pages = 4096
+        base = (await cl.cpus[0].stub.Syscall(common_pb2.SyscallRequest(
+            mmap=common_pb2.MmapArgs(pages=pages, writable=True)))).address
+        addrs = [base + i * PAGE for i in range(pages)]
         node = c.cpus[0].node
-        real = node.coordinator.Heartbeat
         answered = asyncio.Event()
 
-        async def unanswered(request, **kw):
-            if not answered.is_set():
-                raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                           grpc.aio.Metadata(), grpc.aio.Metadata(), "late")
-            return await real(request, **kw)
+        def unanswered(real):
+            async def call(request, **kw):
+                if not answered.is_set():
+                    raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                               grpc.aio.Metadata(), grpc.aio.Metadata(), "late")
+                return await real(request, **kw)
+            return call
 
-        node.coordinator.Heartbeat = unanswered
-        with pytest.raises(grpc.aio.AioRpcError) as e:  # ~2^20 hits: longer than 0.3 s
-            await cl.cpus[0].stub.Access(cpu_pb2.AccessRequest(addresses=addrs * 16000),
-                                         timeout=60)
+        node.coordinator.Heartbeat = unanswered(node.coordinator.Heartbeat)
+        node.coordinator.Register = unanswered(node.coordinator.Register)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await cl.cpus[0].stub.Access(cpu_pb2.AccessRequest(addresses=addrs * 256),
+                                         timeout=120)
         assert reason_of(e.value) == REASON_CPU_FENCED and "lease ran out" in e.value.details()
         assert node.core.fenced and node.core.fence_reason == "lease" and len(node.core.tlb) == 0
         assert node.member.fences == {"lease": 1}
@@ -169,7 +175,7 @@ async def test_a_lease_that_runs_out_inside_a_long_access_stops_it_and_the_cpu_r
         assert stats.stale_accesses == 0
         answered.set()
         await rejoined(c, 0)
-        a = await cl.cpus[0].stub.Access(cpu_pb2.AccessRequest(addresses=addrs))
+        a = await cl.cpus[0].stub.Access(cpu_pb2.AccessRequest(addresses=addrs[:64]))
         assert a.accesses == 64 and a.misses >= 1  # from an empty TLB
 
 
@@ -179,3 +185,24 @@ async def test_an_unregistered_cpu_serves_nothing_and_says_why():
         node = CpuNode(5, c.memory.address, "127.0.0.1:1", metrics=False)  # never registers
         with pytest.raises(Exception, match="not registered with the coordinator"):
             node.core.require_runnable()
+
+
+async def test_a_fenced_cpu_hears_it_on_its_stream_before_its_next_heartbeat():
+    """Heartbeats every 30 s: the fence notice on the flush stream alone makes the CPU
+    flush and register, so the munmap that fenced it completes long before."""
+    live = Liveness(heartbeat_s=30, heartbeat_timeout_s=10, lease_s=60)
+    async with InProcessCluster(cpus=2, liveness=live) as c:
+        cl = c.client
+        await cl.reset(Policy(deadline_s=0.3), 2)
+        mm, address = await process_on(c, [0, 1], 8)
+        await cl.cpus[1].stub.Access(cpu_pb2.AccessRequest(
+            addresses=[address + i * PAGE for i in range(8)]))
+        await cl.cpus[1].stub.Chaos(cpu_pb2.ChaosRequest(drop_fraction=1.0))
+        res = await asyncio.wait_for(cl.cpus[0].stub.Syscall(common_pb2.SyscallRequest(
+            munmap=common_pb2.RangeArgs(address=address, pages=8))), 10)
+        assert res.pages_freed == 8
+        coord = await cl.coordinator.Stats(coordinator_pb2.CoordinatorStatsRequest())
+        assert coord.deadline_misses == 1 and coord.fences_flushed == 1  # not its lease
+        dump = await cl.cpus[1].stub.DumpTlb(cpu_pb2.DumpTlbRequest())
+        assert not [e for e in dump.entries if e.mm == mm]
+        assert c.cpus[1].node.heartbeats_failed == 0
