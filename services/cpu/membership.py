@@ -11,9 +11,11 @@ The states (the core's `fenced` flag is "serves nothing from its TLB"):
         │ heartbeat answered "ok"          → member, lease renewed from its send time
         │ heartbeat failed (timeout, down) → member: the next heartbeat; the lease decides
         │ heartbeat: "not registered"      → member until registered again (lease runs)
-        │ heartbeat: "fenced, generation g" ┐
-        │ lease ran out (lease_check)       ├→ fenced: the whole TLB flushed at once;
-        │ a flush came after its deadline   ┘   register again
+        │ "fenced, generation g" (a heartbeat's┐
+        │   answer, or a notice on the stream) │
+        │ lease ran out (lease_check, or the   ├→ fenced: the whole TLB flushed at once;
+        │   core inside an Access: observe)    │   register again
+        │ a flush came after its deadline      ┘
         ▼
     fenced(reason) ─ nothing served; flushed_through = g when the coordinator named g
         │ register answered "flush through g first" → flush, flushed_through = g, again

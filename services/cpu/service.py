@@ -27,7 +27,7 @@ from services.common.metrics import histogram, labelled, node_registry
 from services.common.policy import Policy
 from services.common.server import channel, completes, rpc
 from services.cpu.core import FENCE_REASONS, CpuCore
-from services.cpu.membership import FenceNotice, Membership
+from services.cpu.membership import UNREGISTERED, FenceNotice, Membership
 from services.cpu.tlb import ELIDED, FULL, RANGE
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, cpu_pb2 as pb,
                        cpu_pb2_grpc, memory_pb2, memory_pb2_grpc)
@@ -157,11 +157,11 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             if not self.epoch:  # a fresh process learns the run's memory epoch
                 self.epoch = r.epoch
             if not r.fenced:
-                was = self.core.fence_reason
+                was = self.core.fence_reason if self.core.fenced else ""
                 self.member.registered_ok(sent, r.lease_s)
                 self._arm_lease()
-                if self.member.flushed_through or self.member.fences:
-                    log.info("cpu %d registered (was fenced: %s)", self.id, was or "no")
+                if was and was != UNREGISTERED:
+                    log.info("cpu %d registered again after its fence (%s)", self.id, was)
                 return
             self._told_fenced(r.fence_generation, r.fence_reason)
 
@@ -256,10 +256,9 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             self._arm_lease()  # renewed meanwhile (fenced: armed at the next registration)
 
     def _lease_ran_out(self) -> None:
-        log.warning("cpu %d is fenced: %s (its lease of %.1f s): flushing the TLB and "
-                    "registering again", self.id, FENCE_REASONS.get(self.core.fence_reason,
-                                                                   self.core.fence_reason),
-                    self.liveness.lease_s)
+        log.warning("cpu %d is fenced by its lease: no heartbeat answered for %.1f s; "
+                    "flushing the TLB and registering again", self.id,
+                    self.member.lease_ns / 1e9)
         self._wake()
 
     async def _attach(self) -> None:
