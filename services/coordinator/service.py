@@ -151,8 +151,8 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
             log.info("cpu %d registering: fenced (%s); it flushes through fence %d first",
                      cpu, answer.reason, answer.generation)
         elif was_fenced:
-            log.warning("cpu %d flushed through fence %d: unfenced", cpu,
-                        request.flushed_through)
+            log.info("cpu %d flushed through fence %d: unfenced", cpu,
+                     request.flushed_through)
         arrival = self._arrivals.pop(cpu, None)
         if arrival is not None:
             arrival.set()
@@ -164,11 +164,11 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         old = self.links.get(cpu)
         if old is not None and old.address == address:
             return old
-        if old is not None:
-            await old.channel.close()
         ch = channel(address)
         link = self.links[cpu] = CpuLink(cpu, address, ch, cpu_pb2_grpc.CpuServiceStub(ch))
         log.info("cpu %d registered at %s", cpu, address)
+        if old is not None:  # after the new one is in place: deliveries switch to it
+            await old.channel.close()
         return link
 
     @rpc
