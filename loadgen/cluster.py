@@ -9,12 +9,14 @@ import grpc
 
 from services.common.chaos import epoch_metadata
 from services.common.errors import FailedPrecondition, Unavailable
+from services.common.liveness import Liveness
 from services.common.policy import Policy
 from services.common.server import channel
 from tlbsim.v1 import (coordinator_pb2, coordinator_pb2_grpc, cpu_pb2, cpu_pb2_grpc, memory_pb2,
                        memory_pb2_grpc)
 
 RPC_TIMEOUT_S = 60.0
+SHORT_WAIT_S = 10.0  # for CPUs that are not registered at all (yet)
 
 
 @dataclasses.dataclass
@@ -31,6 +33,9 @@ class Cluster:
         self.memory: memory_pb2_grpc.MemoryServiceStub | None = None
         self.cpus: list[Cpu] = []
         self.epoch = 0  # the memory epoch of the last reset: sent with calls to memory
+        # The coordinator's heartbeat and lease settings (from its listing): how long a
+        # fenced CPU may take to come back follows from them.
+        self.liveness = Liveness.for_cluster(1)
 
     def meta(self) -> tuple[tuple[str, str], ...]:
         """Metadata for calls to the memory service about this run's machine."""
@@ -51,14 +56,21 @@ class Cluster:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def discover(self, want_cpus: int, wait_s: float = 10.0) -> list[Cpu]:
-        """Wait until the memory service and `want_cpus` unfenced CPUs are registered."""
+    async def listing(self) -> coordinator_pb2.ListCpusResponse:
+        listing = await self.coordinator.ListCpus(coordinator_pb2.ListCpusRequest(), timeout=5,
+                                                  wait_for_ready=True)
+        if listing.HasField("liveness"):
+            self.liveness = Liveness(**{f.name: v for f, v in listing.liveness.ListFields()})
+        return listing
+
+    async def discover(self, want_cpus: int, wait_s: float | None = None) -> list[Cpu]:
+        """Wait until the memory service and `want_cpus` unfenced CPUs are registered (by
+        default as long as a fenced CPU may take to rejoin: Liveness.rejoin_s)."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + wait_s
+        started = loop.time()
         while True:
             try:
-                listing = await self.coordinator.ListCpus(
-                    coordinator_pb2.ListCpusRequest(), timeout=5, wait_for_ready=True)
+                listing = await self.listing()
             except grpc.aio.AioRpcError as e:
                 raise Unavailable(
                     f"cannot reach the coordinator at {self.coordinator_address}: "
@@ -66,7 +78,10 @@ class Cluster:
             ready = [c for c in listing.cpus if not c.fenced]
             if listing.memory_address and len(ready) >= want_cpus:
                 break
-            if loop.time() > give_up:
+            # Enough CPUs, some fenced: they come back. Too few: fail sooner.
+            wait = wait_s if wait_s is not None else self.liveness.rejoin_s \
+                if len(listing.cpus) >= want_cpus else SHORT_WAIT_S
+            if loop.time() > started + wait:
                 raise FailedPrecondition(
                     f"the cluster has {len(ready)} usable CPUs"
                     f"{'' if listing.memory_address else ' and no memory service'}; "

@@ -107,6 +107,7 @@ async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: f
         "audit_entries_checked": m.audited_entries,
         "fenced_cpus": sorted(set(coord.fenced_cpus) | m.lost_cpus),
         "deadline_misses": coord.deadline_misses,
+        "fenced_waits": m.fenced_waits,
         "faults": m.faults,
         "faults_per_s": round(m.faults / duration, 1) if duration else 0.0,
         "segv": m.segv,

@@ -28,8 +28,8 @@ from loadgen.cluster import Cluster
 from loadgen.faults import Injector
 from loadgen.runner import collect, on_sigint
 from loadgen.scenarios import mixed
-from loadgen.scenarios.base import CPU_LOST, Driver, Measurements, RunConfig, machine_lost
-from services.common.chaos import LEASE_MARGIN_S, LEASE_S, SOAK_KINDS, FaultPlan
+from loadgen.scenarios.base import Driver, Measurements, RunConfig
+from services.common.chaos import SOAK_KINDS, FaultPlan
 from services.common.errors import FailedPrecondition, SimError
 from services.common.policy import Policy
 from services.launcher import LocalCluster, mosquitto_binary
@@ -40,7 +40,7 @@ log = logging.getLogger("tlbsim.soak")
 REPORT_VERSION = 1
 CALL_DEADLINE_S = 30.0  # every load call's deadline in the soak
 HUNG_GRACE_S = 5.0      # a call still running this long after its deadline hung
-REJOIN_TIMEOUT_S = 30.0  # every CPU registered and unfenced again after a fault
+REJOIN_TIMEOUT_S = 30.0  # every CPU registered and unfenced again after a fault (at least)
 RECOVER_TIMEOUT_S = 60.0  # a segment that cannot start for this long: the cluster is lost
 MAX_ERRORS_KEPT = 20
 
@@ -94,7 +94,8 @@ class Tally:
     timed_out_calls: int = 0  # failed with DEADLINE_EXCEEDED at their deadline: not hung
     failed_calls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     deadline_misses: int = 0  # targets the coordinator fenced at a deadline
-    cpus_left: int = 0        # times a CPU left a segment (killed, fenced, unreachable)
+    cpus_left: int = 0        # times a CPU left a segment (killed, unreachable, not back)
+    fenced_waits: int = 0     # calls that found their CPU fenced and waited for it to rejoin
     fenced_seen: int = 0      # CPUs seen fenced or unregistered during a fault
     rejoined: int = 0         # ... and seen registered and unfenced again after it
     redeliveries: int = 0
@@ -127,27 +128,23 @@ class SoakDriver(Driver):
         super().__init__(cluster, m)
         self.tally = tally
 
-    async def _call(self, cpu, rpc):
-        if cpu.id in self.m.lost_cpus:
-            rpc.cancel()
-            return None
+    async def _attempt(self, method, request, timeout: float):
+        """Each attempt of a call (Driver._call makes them): failures by status, and a
+        call that outlived its deadline by HUNG_GRACE_S is hung."""
         t0 = time.monotonic()
         try:
-            return await rpc
+            return await super()._attempt(method, request, timeout)
         except grpc.aio.AioRpcError as e:
-            if machine_lost(e):
-                raise FailedPrecondition(e.details()) from None
             self.tally.failed_calls[e.code().name] += 1
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 self.tally.timed_out_calls += 1
-            if e.code() not in CPU_LOST:
-                raise
-            self.m.lost_cpus.add(cpu.id)
-            self.tally.cpus_left += 1
-            return None
+            raise
         finally:
-            if time.monotonic() - t0 > self.call_timeout_s + HUNG_GRACE_S:
+            if time.monotonic() - t0 > timeout + HUNG_GRACE_S:
                 self.tally.hung_calls += 1
+
+    def cpu_left(self, cpu) -> None:
+        self.tally.cpus_left += 1
 
 
 class Soak:
@@ -215,7 +212,7 @@ class Soak:
         give_up = time.monotonic() + RECOVER_TIMEOUT_S
         while True:
             try:
-                await self.cluster.discover(run.cpus, wait_s=REJOIN_TIMEOUT_S)
+                await self.cluster.discover(run.cpus, wait_s=self.rejoin_timeout())
                 return await self.cluster.reset(run.policy, run.cpus)
             except (SimError, grpc.aio.AioRpcError) as e:
                 if time.monotonic() > give_up:
@@ -243,6 +240,7 @@ class Soak:
         t.audit_violations += r["audit_violations"]
         t.audit_entries_checked += r["audit_entries_checked"]
         t.deadline_misses += r["deadline_misses"]
+        t.fenced_waits += m.fenced_waits
         t.frames_freed_without_ack += mem.frames_freed_without_ack
         t.shootdown_retries += mem.shootdown_retries
         t.redeliveries += coord.redeliveries
@@ -262,7 +260,8 @@ class Soak:
 
     async def inject(self, kind: str, cpu: int) -> None:
         """One fault: inject, hold, heal; then wait for every CPU to rejoin."""
-        hold = self.cfg.deadline_s + LEASE_S + LEASE_MARGIN_S  # fence, expire the lease
+        # Long enough to be fenced and for the lease to run out.
+        hold = self.cfg.deadline_s + self.cluster.liveness.settle_s
         seen: set[int] = set()
         watch = asyncio.create_task(self._watch(seen))
         log.warning("chaos: %s (cpu %d)", kind, cpu)
@@ -291,7 +290,7 @@ class Soak:
             else:
                 self.tally.violations.append(
                     f"after {kind} (cpu {cpu}) the CPUs were not all registered and "
-                    f"unfenced within {REJOIN_TIMEOUT_S:.0f} s")
+                    f"unfenced within {self.rejoin_timeout():.0f} s")
         except SimError as e:
             self.tally.error(f"chaos {kind}: {e.message}")
         finally:
@@ -315,9 +314,12 @@ class Soak:
                 seen.update(want - ok)
             await asyncio.sleep(0.1)
 
+    def rejoin_timeout(self) -> float:
+        return max(REJOIN_TIMEOUT_S, self.cluster.liveness.rejoin_s)
+
     async def _rejoined(self) -> bool:
         want = set(self.faults.cpus()[:self.cfg.cpus])
-        give_up = time.monotonic() + REJOIN_TIMEOUT_S
+        give_up = time.monotonic() + self.rejoin_timeout()
         while time.monotonic() < give_up:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 listing = await self._listing()
@@ -376,6 +378,7 @@ class Soak:
                 "hung_calls": t.hung_calls, "timed_out_calls": t.timed_out_calls,
                 "failed_calls": dict(sorted(t.failed_calls.items())),
                 "deadline_misses": t.deadline_misses, "cpus_left": t.cpus_left,
+                "fenced_waits": t.fenced_waits,
                 "fenced_seen": t.fenced_seen, "rejoined": t.rejoined,
                 "rejoin_s_max": round(rejoin[-1], 2) if rejoin else 0.0,
                 "redeliveries": t.redeliveries, "unknown_targets": t.unknown_targets,

@@ -47,7 +47,40 @@ def _add_serve(sub) -> None:
                    help="MQTT broker for the mqtt transport, mqtt://HOST:PORT[/TOPIC-ROOT] "
                         "(cpu, coordinator; the root names the cluster's topics) "
                         "[TLBSIM_MQTT_URL]")
+    add_liveness_options(p, "cpu, coordinator: ")
+    p.add_argument("--cluster-size", type=int, default=_env("CLUSTER_SIZE", 1), metavar="N",
+                   help="CPUs in the cluster; the liveness settings not given are derived "
+                        "from it (README \"Liveness at scale\"; `tlbsim up` sets it) "
+                        "[TLBSIM_CLUSTER_SIZE]")
     p.set_defaults(func=_serve, parser=p)
+
+
+def add_liveness_options(p, who: str = "") -> None:
+    """Heartbeats and the lease (services/common/liveness.py): derived from the cluster
+    size unless given."""
+    p.add_argument("--heartbeat-interval", type=float, metavar="S",
+                   default=_env("HEARTBEAT_INTERVAL"),
+                   help=f"{who}seconds between a CPU's heartbeats (default: the cluster size "
+                        "/ 32, at least 0.25) [TLBSIM_HEARTBEAT_INTERVAL]")
+    p.add_argument("--heartbeat-timeout", type=float, metavar="S",
+                   default=_env("HEARTBEAT_TIMEOUT"),
+                   help=f"{who}seconds a heartbeat is waited for (default: 2 intervals) "
+                        "[TLBSIM_HEARTBEAT_TIMEOUT]")
+    p.add_argument("--lease", type=float, metavar="S", default=_env("LEASE"),
+                   help=f"{who}seconds a CPU may run on after its last answered heartbeat "
+                        "was sent, before it flushes its TLB and stops (default: 3 heartbeat "
+                        "timeouts) [TLBSIM_LEASE]")
+
+
+def liveness_from(args, cpus: int):
+    """The Liveness the options ask for (InvalidArgument if they contradict)."""
+    from services.common.liveness import Liveness
+
+    def seconds(value):
+        return None if value is None else float(value)
+
+    return Liveness.for_cluster(int(cpus), seconds(args.heartbeat_interval),
+                                seconds(args.heartbeat_timeout), seconds(args.lease))
 
 
 def _serve(args) -> int:
@@ -57,14 +90,15 @@ def _serve(args) -> int:
     if not -1 <= metrics_port <= 65535:
         args.parser.error(f"--metrics-port {metrics_port}: a port 1..65535, 0 for a free one, "
                           "or -1 for none")
-
+    liveness = liveness_from(args, args.cluster_size)
     if args.service == "cpu":
         from services.cpu.service import CpuNode
         if args.id is None or not 0 <= int(args.id) < 1024:
             args.parser.error("serve cpu needs --id between 0 and 1023")
         if not args.memory or not args.coordinator:
             args.parser.error("serve cpu needs --memory and --coordinator addresses")
-        node = CpuNode(int(args.id), args.memory, args.coordinator, mqtt_url=args.mqtt_url)
+        node = CpuNode(int(args.id), args.memory, args.coordinator, mqtt_url=args.mqtt_url,
+                       liveness=liveness)
         ready = {"service": "cpu", "id": int(args.id)}
     elif args.service == "memory":
         from services.memory.service import MemoryNode
@@ -78,7 +112,7 @@ def _serve(args) -> int:
         ready = {"service": "memory"}
     else:
         from services.coordinator.service import CoordinatorNode
-        node = CoordinatorNode(mqtt_url=args.mqtt_url)
+        node = CoordinatorNode(mqtt_url=args.mqtt_url, liveness=liveness)
         ready = {"service": "coordinator"}
     try:
         asyncio.run(serve(node, args.listen, None if metrics_port < 0 else metrics_port, ready,

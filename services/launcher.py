@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -35,17 +35,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from services.common.errors import Unavailable
+from services.common.liveness import Liveness, ready_timeout_s
 from services.common.mqtt import MqttUrl
 from services.common.server import sync_channel
 
 MAX_CPUS = 64
-READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
 POLL_S = 0.02
 
 
-class LauncherError(Exception):
-    """A launcher failure with a message meant for the user."""
+class LauncherError(Unavailable):
+    """A launcher failure with a one-line message meant for the user (a SimError, so
+    every command that starts a cluster prints it as its one-line error)."""
 
 
 class UsageError(LauncherError):
@@ -70,6 +72,13 @@ class ClusterInfo:
     log_dir: Path
     mqtt: str = ""  # the broker of `up --mqtt`, mqtt://127.0.0.1:PORT/ROOT; "" without one
     prometheus: str = ""  # `up --prometheus`: its URL, http://127.0.0.1:PORT; "" without one
+    # Heartbeats and lease every CPU and the coordinator run with (Liveness.as_dict());
+    # a restarted service gets the same. {}: derived from the number of CPUs.
+    liveness: dict = field(default_factory=dict)
+
+    def liveness_settings(self) -> Liveness:
+        return Liveness(**self.liveness) if self.liveness else \
+            Liveness.for_cluster(max(1, len(self.cpus)))
 
     def addresses(self) -> dict[str, str]:
         """gRPC address of every service, by name, in start order."""
@@ -94,6 +103,7 @@ class ClusterInfo:
             log_dir=Path(data["log_dir"]),
             mqtt=data.get("mqtt", ""),
             prometheus=data.get("prometheus", ""),
+            liveness=dict(data.get("liveness") or {}),
         )
 
 
@@ -111,11 +121,14 @@ class _Child:
             return "(no stderr log)"
         return "\n".join(text.splitlines()[-lines:]) or "(stderr is empty)"
 
+    def last_line(self) -> str:
+        lines = [line for line in self.tail(50).splitlines() if line.strip()]
+        return lines[-1].strip()[:200] if lines else "(stderr is empty)"
+
     def died_error(self) -> LauncherError:
         return LauncherError(
-            f"{self.name} exited with code {self.proc.returncode} before it was ready; "
-            f"last lines of {self.stderr}:\n{self.tail()}"
-        )
+            f"{self.name} exited with code {self.proc.returncode} before it was ready "
+            f"({self.last_line()}); logs in {self.stderr.parent}, see {self.stderr.name}")
 
 
 def _sigint_reached_children() -> bool:
@@ -131,9 +144,9 @@ def _sigint_reached_children() -> bool:
 class LocalCluster:
     """The coordinator, the memory service and N CPUs as child processes."""
 
-    def __init__(self, *, detach: bool = False, ready_timeout: float = READY_TIMEOUT_S) -> None:
+    def __init__(self, *, detach: bool = False, ready_timeout: float | None = None) -> None:
         self._detach = detach
-        self._ready_timeout = ready_timeout
+        self._ready_timeout = ready_timeout  # None: derived from the cluster's size
         self._children: list[_Child] = []
         self.info: ClusterInfo | None = None  # what start() started (or adopt() was given)
 
@@ -151,23 +164,29 @@ class LocalCluster:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self.stop_after(exc)
 
-    def start(self, cpus: int, log_dir: Path | None = None, mqtt: bool = False) -> ClusterInfo:
+    def start(self, cpus: int, log_dir: Path | None = None, mqtt: bool = False,
+              liveness: Liveness | None = None) -> ClusterInfo:
         if self._children:
             raise LauncherError("this cluster is already running")
         if not 1 <= cpus <= MAX_CPUS:
             raise LauncherError(f"cpus must be between 1 and {MAX_CPUS}, got {cpus}")
         log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="tlbsim-"))
         log_dir.mkdir(parents=True, exist_ok=True)
+        if self._ready_timeout is None:
+            self._ready_timeout = _env_ready_timeout() or ready_timeout_s(cpus)
         deadline = time.monotonic() + self._ready_timeout
         try:
-            return self._start(cpus, log_dir.resolve(), deadline, mqtt)
+            return self._start(cpus, log_dir.resolve(), deadline, mqtt,
+                               liveness or Liveness.for_cluster(cpus))
         except BaseException as exc:
             self.stop_after(exc)
             raise
 
-    def _start(self, cpus: int, log_dir: Path, deadline: float, mqtt: bool = False) -> ClusterInfo:
+    def _start(self, cpus: int, log_dir: Path, deadline: float, mqtt: bool,
+               liveness: Liveness) -> ClusterInfo:
         mqtt_url = self._start_mosquitto(log_dir, deadline) if mqtt else ""
         broker = ["--mqtt-url", mqtt_url] if mqtt_url else []
+        broker += _liveness_flags(liveness)  # the coordinator and every CPU
         coordinator = self._wait_ready([self._spawn("coordinator", broker, log_dir)], deadline)
         coordinator_address = coordinator["coordinator"]["address"]
         memory = self._wait_ready(
@@ -193,6 +212,7 @@ class LocalCluster:
             pids={child.name: child.proc.pid for child in self._children},
             log_dir=log_dir,
             mqtt=mqtt_url,
+            liveness=liveness.as_dict(),
         )
         self._wait_serving(info.addresses(), deadline)
         self.info = info
@@ -210,7 +230,8 @@ class LocalCluster:
         child = self._spawn("mosquitto", [], log_dir, cmd=[binary, "-c", str(conf)])
         if not wait_listening("127.0.0.1", port, deadline, child.proc):
             raise child.died_error() if child.proc.poll() is not None else LauncherError(
-                f"mosquitto is not listening on 127.0.0.1:{port}; log {child.stderr}")
+                f"mosquitto is not listening on 127.0.0.1:{port} after "
+                f"{self._ready_timeout:g} s; logs in {log_dir}, see {child.stderr.name}")
         return f"mqtt://127.0.0.1:{port}/tlbsim/v1/cluster"
 
     def start_prometheus(self, info: ClusterInfo) -> str:
@@ -228,10 +249,11 @@ class LocalCluster:
         cmd = prometheus.command(binary, conf, info.log_dir / "prometheus-data", port)
         child = self._spawn("prometheus", [], info.log_dir, cmd=cmd)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + self._ready_timeout
+        deadline = time.monotonic() + (self._ready_timeout or ready_timeout_s(0))
         if not prometheus.wait_ready(url, deadline, lambda: child.proc.poll() is None):
             raise child.died_error() if child.proc.poll() is not None else LauncherError(
-                f"prometheus is not ready at {url}; log {child.stderr}")
+                f"prometheus is not ready at {url}; logs in {info.log_dir}, see "
+                f"{child.stderr.name}")
         info.pids["prometheus"] = child.proc.pid
         info.prometheus = url
         return url
@@ -275,11 +297,13 @@ class LocalCluster:
                 elif child.proc.poll() is not None:
                     raise child.died_error()
                 elif time.monotonic() > deadline:
+                    waiting = [c.name for c in children if c.name not in ready]
                     raise LauncherError(
-                        f"{child.name} was not ready after {self._ready_timeout:.0f}s; "
-                        f"last lines of {child.stderr}:\n{child.tail()}"
-                    )
-            time.sleep(POLL_S)
+                        f"{child.name}{f' and {len(waiting) - 1} more' if len(waiting) > 1 else ''}"
+                        f" not ready after {self._ready_timeout:g} s (the ready timeout: "
+                        f"--ready-timeout, TLBSIM_READY_TIMEOUT); logs in "
+                        f"{child.stderr.parent}, see {child.stderr.name}")
+            time.sleep(POLL_S * max(1, len(children) // 8))  # 64 files: less often
         return ready
 
     def _wait_serving(self, addresses: dict[str, str], deadline: float) -> None:
@@ -291,7 +315,10 @@ class LocalCluster:
                     if children[name].proc.poll() is not None:
                         raise children[name].died_error()
                     if time.monotonic() > deadline:
-                        raise LauncherError(f"{name} at {address} is not SERVING (last: {status})")
+                        raise LauncherError(
+                            f"{name} at {address} is not SERVING after "
+                            f"{self._ready_timeout:g} s (last: {status}); logs in "
+                            f"{children[name].stderr.parent}, see {children[name].stderr.name}")
                     time.sleep(POLL_S)
 
     # --- process-level faults (services/common/chaos.py KINDS) -------------------------
@@ -320,7 +347,7 @@ class LocalCluster:
         t0 = time.monotonic()
         if kill:
             self.kill(name)
-        deadline = t0 + self._ready_timeout
+        deadline = t0 + (self._ready_timeout or ready_timeout_s(1))
         self._rotate_logs(name)
         if name == "mosquitto":
             conf = info.log_dir / MOSQUITTO_CONF
@@ -337,6 +364,7 @@ class LocalCluster:
         if address is None:
             raise LauncherError(f"no {name} in this cluster")
         broker = ["--mqtt-url", info.mqtt] if info.mqtt else []
+        broker += _liveness_flags(info.liveness_settings())  # as it was started
         if name == "coordinator":
             extra = broker
         elif name == "memory":
@@ -394,6 +422,27 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 child.proc.kill()
                 child.proc.wait()
+
+
+def _env_ready_timeout() -> float | None:
+    """TLBSIM_READY_TIMEOUT: every command that starts a cluster (up, bench, demo, soak)."""
+    value = os.environ.get("TLBSIM_READY_TIMEOUT")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise LauncherError(f"TLBSIM_READY_TIMEOUT={value!r}: must be a positive number "
+                            "of seconds")
+    return seconds
+
+
+def _liveness_flags(liveness: Liveness) -> list[str]:
+    return ["--heartbeat-interval", f"{liveness.heartbeat_s:g}",
+            "--heartbeat-timeout", f"{liveness.heartbeat_timeout_s:g}",
+            "--lease", f"{liveness.lease_s:g}"]
 
 
 def _read_ready_line(path: Path) -> dict | None:
@@ -603,13 +652,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not 1 <= args.cpus <= MAX_CPUS:
         print(f"tlbsim up: --cpus must be between 1 and {MAX_CPUS}, got {args.cpus}", file=sys.stderr)
         return exitcodes.USAGE
+    from services.cli import liveness_from
+    from services.common.errors import SimError
     file = state_path(args.state)
-    cluster = LocalCluster(detach=args.detach)
+    try:
+        liveness = liveness_from(args, args.cpus)
+        ready_timeout = args.ready_timeout
+        if ready_timeout is not None and not ready_timeout > 0:
+            raise ValueError(f"--ready-timeout {ready_timeout:g}: must be positive")
+    except (SimError, ValueError) as exc:
+        print(f"tlbsim up: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return exitcodes.USAGE
+    cluster = LocalCluster(detach=args.detach, ready_timeout=ready_timeout)
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         _check_paths(file, args.log_dir)
         _refuse_if_running(file)
-        info = cluster.start(args.cpus, args.log_dir, mqtt=args.mqtt)
+        info = cluster.start(args.cpus, args.log_dir, mqtt=args.mqtt, liveness=liveness)
         if args.prometheus:
             cluster.start_prometheus(info)
     except LauncherError as exc:
@@ -670,6 +729,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                          "deploy/prometheus; prints its URL; stopped with the cluster")
     up.add_argument("--state", help=state_help)
     up.add_argument("--log-dir", type=Path, help="directory for each service's logs (default: a new temp dir)")
+    from services.cli import add_liveness_options
+    add_liveness_options(up)
+    up.add_argument("--ready-timeout", type=float, metavar="S",
+                    help="seconds every service has to be ready (default: 30 + 1.5 per CPU) "
+                         "[TLBSIM_READY_TIMEOUT, which bench, demo and soak read too]")
     up.set_defaults(func=cmd_up)
 
     down = subparsers.add_parser(

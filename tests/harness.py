@@ -12,8 +12,10 @@ from services.memory.service import MemoryNode
 
 
 class InProcessCluster:
-    def __init__(self, cpus: int = 4, frames: int | None = None, mqtt_url: str | None = None):
+    def __init__(self, cpus: int = 4, frames: int | None = None, mqtt_url: str | None = None,
+                 liveness=None):
         self.ncpus = cpus
+        self.liveness = liveness  # services.common.liveness.Liveness; None: the default
         self.mqtt_url = mqtt_url  # the coordinator and the CPUs use this broker
         self.frames = frames
         self.coordinator: RunningServer | None = None
@@ -25,14 +27,15 @@ class InProcessCluster:
         """mqtt=False: a CPU that never hears the broadcast (only gRPC reaches it)."""
         self.cpus[cpu] = await start_server(
             CpuNode(cpu, self.memory.address, self.coordinator.address,
-                    mqtt_url=self.mqtt_url if mqtt else None))
+                    mqtt_url=self.mqtt_url if mqtt else None, liveness=self.liveness))
         return self.cpus[cpu]
 
     async def stop_cpu(self, cpu: int, grace: float = 0) -> None:
         await self.cpus.pop(cpu).stop(grace)
 
     async def __aenter__(self) -> "InProcessCluster":
-        self.coordinator = await start_server(CoordinatorNode(mqtt_url=self.mqtt_url))
+        self.coordinator = await start_server(CoordinatorNode(mqtt_url=self.mqtt_url,
+                                                              liveness=self.liveness))
         self.memory = await start_server(MemoryNode(self.coordinator.address, self.frames))
         for i in range(self.ncpus):
             await self.start_cpu(i)

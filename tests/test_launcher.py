@@ -111,3 +111,51 @@ def test_up_detach_then_down(tmp_path: Path) -> None:
     finally:
         for pid in wait_gone(pids, timeout=0):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_start_that_times_out_is_one_line_naming_the_log_directory(tmp_path: Path) -> None:
+    cluster = LocalCluster(ready_timeout=0.01)
+    with pytest.raises(LauncherError) as e:
+        cluster.start(2, tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and "not ready after 0.01 s" in message
+    assert f"logs in {tmp_path.resolve()}" in message and "coordinator.log" in message
+
+
+def test_a_child_that_dies_before_it_is_ready_is_one_line_with_its_last_words(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TLBSIM_TOKEN_FILE", str(tmp_path / "missing-token"))
+    with pytest.raises(LauncherError) as e:
+        LocalCluster().start(1, tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and "exited with code 2 before it was ready" in message
+    assert "missing-token" in message and f"logs in {tmp_path.resolve()}" in message
+
+
+def test_bench_whose_cluster_cannot_start_is_a_one_line_error_not_a_traceback() -> None:
+    bench = subprocess.run(
+        [sys.executable, "-m", "services", "bench", "--quick"], cwd=ROOT, capture_output=True,
+        text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env={**os.environ, "TLBSIM_READY_TIMEOUT": "0.01"})
+    assert bench.returncode == 2, bench.stderr
+    lines = bench.stderr.strip().splitlines()
+    assert len(lines) == 1 and "after 0.01 s" in lines[0] and "logs in" in lines[0]
+    assert "Traceback" not in bench.stderr
+
+
+def test_up_derives_the_ready_timeout_and_liveness_from_the_cluster_size() -> None:
+    from services.common.liveness import Liveness, ready_timeout_s
+    args = parse("up", "--cpus", "64")
+    from services.cli import liveness_from
+    assert liveness_from(args, args.cpus) == Liveness.for_cluster(64)
+    assert ready_timeout_s(64) == 126.0
+    args = parse("up", "--cpus", "4", "--lease", "9")
+    assert liveness_from(args, args.cpus).lease_s == 9.0
+
+
+def test_up_with_contradicting_liveness_is_a_one_line_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse("up", "--cpus", "4", "--heartbeat-interval", "1", "--lease", "1")
+    assert args.func(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lease 1 s: must be at least" in err[0]

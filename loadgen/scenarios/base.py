@@ -1,5 +1,6 @@
 """What every scenario shares: its configuration, what the client measures, and a
-driver whose CPU calls tolerate a CPU leaving mid-run (it is fenced; the run goes on).
+driver whose CPU calls ride out a fenced CPU (it flushes and rejoins: the call is made
+again) and tolerate one leaving mid-run (killed, unreachable: the run goes on without it).
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import Awaitable, Callable, Iterator
+from typing import Callable, Iterator
 
 import grpc
 
@@ -16,26 +17,31 @@ from loadgen.cluster import Cluster, Cpu
 from services.common.addresses import PAGE_SIZE
 from services.common.costmodel import Events
 from services.common.chaos import MACHINE_LOST
-from services.common.errors import FailedPrecondition
+from services.common.errors import REASON_CPU_FENCED, REASON_MACHINE_LOST, REASON_RUN_RESET, \
+    FailedPrecondition
 from services.common.policy import Policy
+from services.common.server import reason_of
 from tlbsim.v1 import common_pb2, cpu_pb2, memory_pb2
 
 log = logging.getLogger("tlbsim.loadgen")
 CALL_TIMEOUT_S = 120.0
-# Errors that mean a CPU left the run (killed, restarting, fenced): the run goes on without it.
+# Errors that mean a CPU left the run (killed, restarting, unreachable, fenced for good):
+# the run goes on without it.
 CPU_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
             grpc.StatusCode.FAILED_PRECONDITION}
+REJOIN_BACKOFF_S = (0.05, 0.5)  # calling a fenced CPU again while it rejoins
+PROBE_TIMEOUT_S = 15.0  # is the memory service (the machine) still the same one?
 
 
 class CpuLeft(FailedPrecondition):
-    """A CPU a scenario's step needed left the run (killed, fenced, unreachable)."""
+    """A CPU a scenario's step needed left the run (killed, unreachable, or fenced and
+    not back in time)."""
 
 
 def machine_lost(e: grpc.aio.AioRpcError) -> bool:
-    """The memory service restarted (or another run reset it): the run cannot go on."""
-    details = e.details() or ""
-    return e.code() == grpc.StatusCode.FAILED_PRECONDITION and (
-        details.startswith(MACHINE_LOST[:40]) or "reset by another run" in details)
+    """The memory service restarted (or another run reset it): the run cannot go on. Said
+    by the reason the memory service attaches (relayed by a CPU), not by the wording."""
+    return reason_of(e) in (REASON_MACHINE_LOST, REASON_RUN_RESET)
 
 
 @dataclasses.dataclass
@@ -77,6 +83,7 @@ class Measurements:
     munmap_latency_s: list[float] = dataclasses.field(default_factory=list)
     fault_latency_s: list[float] = dataclasses.field(default_factory=list)
     lost_cpus: set[int] = dataclasses.field(default_factory=set)
+    fenced_waits: int = 0  # calls that found their CPU fenced and waited for it to rejoin
     rounds_done: int = 0
     audited_entries: int = 0
     violations: list[str] = dataclasses.field(default_factory=list)
@@ -113,6 +120,7 @@ class Driver:
     def __init__(self, cluster: Cluster, m: Measurements):
         self.cluster = cluster
         self.m = m
+        self.rejoin_s = cluster.liveness.rejoin_s  # a fenced CPU is waited for this long
         self.started = time.perf_counter()
         self.stopping = False  # Ctrl-C: finish the calls in flight, start no more rounds
 
@@ -148,19 +156,58 @@ class Driver:
     def live(self, cpus: list[Cpu]) -> list[Cpu]:
         return [c for c in cpus if c.id not in self.m.lost_cpus]
 
-    async def _call(self, cpu: Cpu, rpc: Awaitable):
+    async def _call(self, cpu: Cpu, method, request, timeout: float | None = None):
+        """One call to a CPU. Fenced (it flushes and re-registers by itself): call again
+        until it is back, for up to `rejoin_s` — a fenced call did nothing (a system call
+        checks first) or only served accesses, which may be served again. Killed or
+        unreachable, or fenced for longer: it leaves the run (None)."""
         if cpu.id in self.m.lost_cpus:
             return None
+        loop = asyncio.get_running_loop()
+        give_up, backoff = None, REJOIN_BACKOFF_S[0]
+        while True:
+            try:
+                return await self._attempt(method, request, timeout or self.call_timeout_s)
+            except grpc.aio.AioRpcError as e:
+                if machine_lost(e):
+                    raise FailedPrecondition(e.details()) from None
+                if e.code() not in CPU_LOST:
+                    raise
+                if reason_of(e) == REASON_CPU_FENCED:
+                    give_up = give_up or loop.time() + self.rejoin_s
+                    if loop.time() < give_up:
+                        if backoff == REJOIN_BACKOFF_S[0]:
+                            self.m.fenced_waits += 1
+                            log.info("cpu %d is fenced; waiting for it to rejoin: %s",
+                                     cpu.id, e.details())
+                        await asyncio.sleep(backoff)
+                        backoff = min(2 * backoff, REJOIN_BACKOFF_S[1])
+                        continue
+                elif e.code() == grpc.StatusCode.UNAVAILABLE:
+                    await self._machine_still_there()  # a memory restart: say that
+                log.warning("cpu %d left the run: %s %s", cpu.id, e.code().name, e.details())
+                self.m.lost_cpus.add(cpu.id)
+                self.cpu_left(cpu)
+                return None
+
+    async def _attempt(self, method, request, timeout: float):
+        return await method(request, timeout=timeout)
+
+    def cpu_left(self, cpu: Cpu) -> None:
+        """A hook: the soak counts them."""
+
+    async def _machine_still_there(self) -> None:
+        """A CPU unreachable may be a CPU whose memory service is gone (it relays the
+        failure): if the memory service restarted, the run is over, and says so."""
         try:
-            return await rpc
+            stats = await self.cluster.memory.Stats(memory_pb2.MemoryStatsRequest(),
+                                                    timeout=PROBE_TIMEOUT_S,
+                                                    wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
-            if machine_lost(e):
-                raise FailedPrecondition(e.details()) from None
-            if e.code() not in CPU_LOST:
-                raise
-            log.warning("cpu %d left the run: %s %s", cpu.id, e.code().name, e.details())
-            self.m.lost_cpus.add(cpu.id)
-            return None
+            raise FailedPrecondition(f"the memory service is unreachable ({e.code().name}): "
+                                     f"{MACHINE_LOST}") from None
+        if self.cluster.epoch and stats.epoch >> 32 != self.cluster.epoch >> 32:
+            raise FailedPrecondition(MACHINE_LOST)
 
     async def access(self, cpu: Cpu, addresses: list[int], write: bool = False,
                      stop_on_segv: bool = False,
@@ -168,21 +215,19 @@ class Driver:
         """`write` makes every access a write; `writes` gives one flag per address."""
         req = cpu_pb2.AccessRequest(addresses=addresses, stop_on_segv=stop_on_segv,
                                     writes=writes or (b"\x01" * len(addresses) if write else b""))
-        r = await self._call(cpu, cpu.stub.Access(req, timeout=self.call_timeout_s))
+        r = await self._call(cpu, cpu.stub.Access, req)
         if r is not None:
             self.m.add(r)
         return r
 
     async def switch(self, cpu: Cpu, mm: int) -> None:
-        await self._call(cpu, cpu.stub.SwitchMm(cpu_pb2.SwitchMmRequest(mm=mm),
-                                                timeout=self.call_timeout_s))
+        await self._call(cpu, cpu.stub.SwitchMm, cpu_pb2.SwitchMmRequest(mm=mm))
 
     async def syscall(self, cpu: Cpu, **call) -> common_pb2.SyscallResponse:
         """A system call on a CPU the scenario cannot do without."""
         kind = next(iter(call))
         t0 = time.perf_counter()
-        r = await self._call(cpu, cpu.stub.Syscall(common_pb2.SyscallRequest(**call),
-                                                   timeout=self.call_timeout_s))
+        r = await self._call(cpu, cpu.stub.Syscall, common_pb2.SyscallRequest(**call))
         if r is None:
             raise CpuLeft(f"cpu {cpu.id}, which drives this scenario, left the run")
         self.m.syscall_latency_s[kind].append(time.perf_counter() - t0)
@@ -195,7 +240,7 @@ class Driver:
         """At a quiescent point: every TLB entry of every CPU against the page tables."""
         dumps = []
         for cpu in self.live(self.cluster.cpus):
-            dump = await self._call(cpu, cpu.stub.DumpTlb(cpu_pb2.DumpTlbRequest(), timeout=10))
+            dump = await self._call(cpu, cpu.stub.DumpTlb, cpu_pb2.DumpTlbRequest(), timeout=10)
             if dump is not None:
                 dumps.append(dump)
         r = await self._memory(self.cluster.memory.Audit, memory_pb2.AuditRequest(tlbs=dumps))
@@ -203,13 +248,16 @@ class Driver:
         self.m.violations.extend(r.violations)
 
     async def _memory(self, method, request):
-        """A call to the memory service about this run's machine (it names the epoch)."""
+        """A call to the memory service about this run's machine (it names the epoch). A
+        memory service restarting is waited for: it then refuses our epoch (lost)."""
         try:
             return await method(request, timeout=self.call_timeout_s,
-                                metadata=self.cluster.meta())
+                                metadata=self.cluster.meta(), wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
             if machine_lost(e):
                 raise FailedPrecondition(e.details()) from None
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                await self._machine_still_there()
             raise
 
     async def new_process(self, cpus: list[Cpu]) -> int:

@@ -17,7 +17,8 @@ import random
 import secrets
 from typing import Iterable
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import REASON_MACHINE_LOST, REASON_RUN_RESET, \
+    FailedPrecondition, InvalidArgument
 
 MAX_ACK_DELAY_S = 60.0
 
@@ -126,17 +127,9 @@ def check_epoch(current: int, metadata: Iterable[tuple[str, str | bytes]] | None
             if sent != current:
                 if sent >> 32 == current >> 32:  # same start of the service: a new run
                     raise FailedPrecondition(f"the cluster was reset by another run (epoch "
-                                             f"{sent} -> {current}): this run's state is gone")
-                raise FailedPrecondition(MACHINE_LOST)
+                                             f"{sent} -> {current}): this run's state is gone",
+                                             REASON_RUN_RESET)
+                raise FailedPrecondition(MACHINE_LOST, REASON_MACHINE_LOST)
             return
 
-
-# --- membership ---------------------------------------------------------------------------
-# A CPU's lease: it may use its TLB only while its last successful heartbeat was sent less
-# than LEASE_S ago; when the lease runs out it fences itself (flushes everything) until it
-# registers again. This is what lets a coordinator that restarted (and knows no CPU) count
-# a silent target as fenced once LEASE_S (+ margin) has passed since its own start.
-LEASE_S = 1.5
-# What a coordinator adds before relying on a lease having run out: the CPU's watchdog
-# checks every eighth of a second, and gives a heartbeat half a second after a stall.
-LEASE_MARGIN_S = 1.0
+# A CPU's lease, heartbeats and how they scale with the cluster: services/common/liveness.py.

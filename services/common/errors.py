@@ -15,12 +15,21 @@ class Code(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
+# Machine-readable reasons an error carries to the client (the adapters send them as
+# trailing metadata, REASON_KEY): what to do about it must not hang on message wording.
+REASON_KEY = "tlbsim-reason"
+REASON_MACHINE_LOST = "machine-lost"  # memory restarted: the simulated machine is gone
+REASON_RUN_RESET = "run-reset"        # another run reset the cluster: this run's state is gone
+REASON_CPU_FENCED = "cpu-fenced"      # the CPU is fenced: it flushes, re-registers, runs again
+
+
 class SimError(Exception):
     code: Code = Code.FAILED_PRECONDITION
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, reason: str = ""):
         super().__init__(message)
         self.message = message
+        self.reason = reason  # one of the reasons above, or ""
 
 
 class InvalidArgument(SimError):

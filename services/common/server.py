@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common.admin import ADMIN_METHODS
-from services.common.errors import Code, SimError
+from services.common.errors import REASON_KEY, Code, SimError
 from services.common.security import TOKEN_HEADER, Security
 
 log = logging.getLogger("tlbsim")
@@ -196,17 +196,35 @@ class _Registrar:
 
 
 def rpc(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Turn domain errors into their status codes; pass a failed downstream call's
-    status through. Anything else is a bug and surfaces as UNKNOWN."""
+    """Turn domain errors into their status codes (and their reason, as trailing
+    metadata); pass a failed downstream call's status and reason through. Anything else
+    is a bug and surfaces as UNKNOWN."""
     @functools.wraps(fn)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
             return await fn(self, request, context)
         except SimError as e:
-            await context.abort(STATUS[e.code], e.message)
+            await context.abort(STATUS[e.code], e.message, _reason_metadata(e.reason))
         except grpc.aio.AioRpcError as e:
-            await context.abort(e.code(), e.details() or e.code().name)
+            await context.abort(e.code(), e.details() or e.code().name,
+                                _reason_metadata(reason_of(e)))
     return wrapper
+
+
+def _reason_metadata(reason: str) -> tuple:
+    return ((REASON_KEY, reason),) if reason else ()
+
+
+def reason_of(e: grpc.RpcError) -> str:
+    """The machine-readable reason a tlbsim service attached to a failed call, or ""."""
+    try:
+        metadata = e.trailing_metadata() or ()
+    except Exception:  # a locally made error may carry none
+        return ""
+    for key, value in metadata:
+        if key == REASON_KEY:
+            return value.decode() if isinstance(value, bytes) else value
+    return ""
 
 
 def completes(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -2,8 +2,10 @@
 
 A shootdown goes to each target over the run's transport with one deadline.
 A target that has not acknowledged by then is fenced: it may not execute again
-until it has flushed its whole TLB and registered anew (DESIGN.md §4), so the
-memory service may free the frames as soon as every target acked or was fenced.
+until it has flushed its whole TLB and registered anew (DESIGN.md §4). The shootdown
+completes, and the memory service may free the frames, once every target acked or its
+fence is settled: it flushed, or its lease ran out (services/coordinator/fencing.py,
+the state machine; this module is its gRPC adapter and the delivery).
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ from typing import AsyncIterator
 
 import grpc
 
-from services.common.chaos import LEASE_MARGIN_S, LEASE_S
+from services.common.chaos import new_boot
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.liveness import Liveness
 from services.common.metrics import histogram, labelled, node_registry
 from services.common.mqtt import MqttLink, MqttUnavailable, MqttUrl
 from services.common.policy import TRANSPORTS, Policy
 from services.common.server import channel, rpc
 from services.common.stats import COUNT_BUCKETS, Samples, p50_p99
+from services.coordinator.fencing import DEADLINE, Fencing
 from tlbsim.v1 import common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc, cpu_pb2, cpu_pb2_grpc
 
 log = logging.getLogger("tlbsim.coordinator")
@@ -42,41 +46,20 @@ MQTT_SHARE = 0.25
 REDELIVER_BACKOFF_S = (0.01, 0.1)
 STREAM_RESEND_SHARE = 0.05
 # A restarted coordinator knows no CPU. A target it does not know may still run with its
-# TLB until its lease runs out (services/common/chaos.py): it is waited for (to register
-# and take the flush) until this long after our start, and only then counted as fenced.
-UNKNOWN_TARGET_WAIT_S = LEASE_S + LEASE_MARGIN_S
-# Fencing a live target is complete only once it cannot be using its TLB any more: it
-# registered again (it flushes first), or its lease — renewed by the last heartbeat we
-# answered unfenced — ran out (+ LEASE_MARGIN_S).
+# TLB until its lease runs out: it is waited for (to register and take the flush) until
+# its lease must have run out (liveness.settle_s after our start), only then counted as
+# fenced, and told to flush when it registers.
+BEAT_OK = pb.HeartbeatResponse()  # the common answer, built once
 
 
 @dataclasses.dataclass
 class CpuLink:
+    """How to reach a registered CPU (its fencing state is in `Fencing`)."""
     cpu: int
     address: str
     channel: grpc.aio.Channel
     stub: cpu_pb2_grpc.CpuServiceStub
-    fenced: bool = False
     stream: asyncio.Queue | None = None  # flushes to push on the CPU's attached stream
-    renewed: float = dataclasses.field(default_factory=time.monotonic)  # lease: last unfenced answer
-    rejoined: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # after a fence
-
-    def fence(self) -> None:
-        if not self.fenced:
-            self.fenced = True
-            self.rejoined = asyncio.Event()
-
-    def unfence(self) -> None:
-        self.fenced = False
-        self.renewed = time.monotonic()
-        self.rejoined.set()
-
-    async def settled(self) -> None:
-        """Until the fenced CPU cannot use its TLB: it re-registered, or its lease ran out."""
-        left = self.renewed + LEASE_S + LEASE_MARGIN_S - time.monotonic()
-        if self.fenced and left > 0:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.rejoined.wait(), left)
 
 
 @dataclasses.dataclass
@@ -90,14 +73,20 @@ class CoordinatorStats:
     broker_down: int = 0  # mqtt: shootdowns sent over gRPC because the broker was down
     redeliveries: int = 0     # flushes sent again after a failed delivery
     unknown_targets: int = 0  # targets not registered when their shootdown came
+    fences_flushed: int = 0   # fenced targets waited for: settled by their flush
+    fences_expired: int = 0   # ... by their lease running out
     latency_s: Samples = dataclasses.field(default_factory=Samples)
 
 
 class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
     service_names = (pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name,)
 
-    def __init__(self, *, mqtt_url: str | None = None, metrics: bool = True) -> None:
+    def __init__(self, *, mqtt_url: str | None = None, metrics: bool = True,
+                 liveness: Liveness | None = None) -> None:
         self.policy = Policy()
+        self.liveness = liveness or Liveness.for_cluster(1)
+        # Fence generations count up from a base unique to this start (fencing.py).
+        self.fencing = Fencing(self.liveness, time.monotonic, new_boot() << 32)
         self.mqtt_url = MqttUrl.parse(mqtt_url) if mqtt_url else None
         self.mqtt: MqttLink | None = None  # the mqtt transport's broker link
         self.links: dict[int, CpuLink] = {}
@@ -107,10 +96,6 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         # (or, after a restart of ours, the memory service's announcement) set the policy.
         self.epoch = 0
         self.configured = False
-        self.started = time.monotonic()
-        # CPUs a shootdown counted as fenced while we did not know them: at registration
-        # they are told to flush everything first.
-        self.owes_flush: set[int] = set()
         self._arrivals: dict[int, asyncio.Event] = {}  # unknown targets awaited
         self._acks: dict[tuple[int, int], asyncio.Future] = {}  # (shootdown id, cpu)
         self._ping_ids = iter(range(1 << 62, 1 << 63))
@@ -158,34 +143,40 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def Register(self, request, context):
         if not request.address:
             raise InvalidArgument("register: the CPU's address is empty")
-        owes = request.cpu in self.owes_flush
-        self.owes_flush.discard(request.cpu)
-        old = self.links.get(request.cpu)
-        if old is not None and old.address == request.address:
-            link = old
-        else:
-            if old is not None:
-                old.unfence()  # the process is gone: it cannot use any TLB
-                await old.channel.close()
-            ch = channel(request.address)
-            link = self.links[request.cpu] = CpuLink(request.cpu, request.address, ch,
-                                                     cpu_pb2_grpc.CpuServiceStub(ch))
-            log.info("cpu %d registered at %s", request.cpu, request.address)
-        if owes:
-            link.fence()
-        else:
-            link.unfence()  # it flushed everything before re-registering
-        arrival = self._arrivals.pop(request.cpu, None)
+        cpu = request.cpu
+        was_fenced = self.fencing.is_fenced(cpu)
+        answer = self.fencing.register(cpu, request.address, request.flushed_through)
+        await self._link(cpu, request.address)
+        if answer.fenced:
+            log.info("cpu %d registering: fenced (%s); it flushes through fence %d first",
+                     cpu, answer.reason, answer.generation)
+        elif was_fenced:
+            log.info("cpu %d flushed through fence %d: unfenced", cpu,
+                     request.flushed_through)
+        arrival = self._arrivals.pop(cpu, None)
         if arrival is not None:
             arrival.set()
-        # Owing a flush: the CPU flushes its whole TLB and registers again (unfenced then).
-        return pb.RegisterResponse(fenced=owes, epoch=self.epoch)
+        return pb.RegisterResponse(fenced=answer.fenced, epoch=self.epoch,
+                                   fence_generation=answer.generation,
+                                   fence_reason=answer.reason, lease_s=self.liveness.lease_s)
+
+    async def _link(self, cpu: int, address: str) -> CpuLink:
+        old = self.links.get(cpu)
+        if old is not None and old.address == address:
+            return old
+        ch = channel(address)
+        link = self.links[cpu] = CpuLink(cpu, address, ch, cpu_pb2_grpc.CpuServiceStub(ch))
+        log.info("cpu %d registered at %s", cpu, address)
+        if old is not None:  # after the new one is in place: deliveries switch to it
+            await old.channel.close()
+        return link
 
     @rpc
     async def RegisterMemory(self, request, context):
         if not request.address:
             raise InvalidArgument("register: the memory service's address is empty")
         self.memory_address = request.address
+        reply = pb.RegisterMemoryResponse(settle_s=self.liveness.settle_s)
         if not self.configured and request.HasField("policy"):
             # We restarted and lost the run's policy: the memory service still has it.
             self.policy = Policy.from_proto(request.policy)
@@ -197,16 +188,17 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 log.warning("memory service restarted (epoch %d -> %d): the run is lost",
                             self.epoch, request.epoch)
                 self.epoch = request.epoch  # log it once; CPUs already hold the old one
-        return pb.RegisterMemoryResponse()
+        return reply
 
     @rpc
     async def Heartbeat(self, request, context):
-        link = self.links.get(request.cpu)
-        if link is None:
+        answer = self.fencing.heartbeat(request.cpu)  # unfenced: its lease runs on
+        if answer is None:
             raise NotFound(f"cpu {request.cpu} is not registered")
-        if not link.fenced:
-            link.renewed = time.monotonic()  # its lease runs on
-        return pb.HeartbeatResponse(fenced=link.fenced)
+        if not answer.fenced:
+            return BEAT_OK
+        return pb.HeartbeatResponse(fenced=True, fence_generation=answer.generation,
+                                    fence_reason=answer.reason)
 
     async def Attach(self, request_iterator, context) -> AsyncIterator[common_pb2.FlushRequest]:
         first = await anext(request_iterator.__aiter__(), None)
@@ -248,9 +240,15 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def ListCpus(self, request, context):
         return pb.ListCpusResponse(
             memory_address=self.memory_address,
-            cpus=[pb.CpuInfo(cpu=l.cpu, address=l.address, fenced=l.fenced,
-                             attached=l.stream is not None)
-                  for l in sorted(self.links.values(), key=lambda l: l.cpu)])
+            cpus=[pb.CpuInfo(cpu=m.cpu, address=m.address, fenced=m.fenced,
+                             fence_reason=m.reason if m.fenced else "",
+                             attached=self._attached(m.cpu))
+                  for m in self.fencing.registered()],
+            liveness=pb.Liveness(**self.liveness.as_dict()))
+
+    def _attached(self, cpu: int) -> bool:
+        link = self.links.get(cpu)
+        return link is not None and link.stream is not None
 
     # --- the mqtt transport --------------------------------------------------------------
     async def _on_mqtt_ack(self, message) -> None:
@@ -315,6 +313,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         while first or loop.time() < t_end:
             if not first:
                 self.stats.redeliveries += 1
+                link = self.links.get(link.cpu, link)  # it may have registered anew
             first = False
             left = max(0.0, t_end - loop.time())
             try:
@@ -356,22 +355,20 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def _await_unknown(self, cpu: int, flush: common_pb2.FlushRequest,
                              deadline: float) -> common_pb2.FlushAck | None:
         """A target we do not know (we restarted): wait for it to register, then deliver;
-        None (fenced, and told to flush at registration) if it does not come in time."""
-        loop = asyncio.get_running_loop()  # its clock is time.monotonic(), as self.started
+        None if it does not come in time (the caller fences it: it flushes when it
+        registers) or registered fenced."""
+        loop = asyncio.get_running_loop()  # its clock is time.monotonic(), as fencing's
         # It may run with its old TLB until its lease expires: wait at least that long.
-        give_up = max(loop.time() + deadline, self.started + UNKNOWN_TARGET_WAIT_S)
-        if cpu not in self.links:
+        give_up = max(loop.time() + deadline, self.fencing.started + self.liveness.settle_s)
+        if not self.fencing.known(cpu):
             arrival = self._arrivals.setdefault(cpu, asyncio.Event())  # set by Register
             try:
                 await asyncio.wait_for(arrival.wait(), max(0.0, give_up - loop.time()))
             except asyncio.TimeoutError:
                 pass
-        if cpu not in self.links:
-            self.owes_flush.add(cpu)
+        if not self.fencing.known(cpu) or self.fencing.is_fenced(cpu):
             return None
         link = self.links[cpu]
-        if link.fenced:
-            return None
         # Late (past the flush's deadline) it still goes: the CPU then fences itself.
         return await self._deliver(link, flush, "grpc", max(0.5, give_up - loop.time()))
 
@@ -390,13 +387,13 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         # Never longer than the policy's: a far-future (or infinite) deadline_unix_s
         # must not hold the call open for ever.
         deadline = min(max(0.0, flush.deadline_unix_s - time.time()), self.policy.deadline_s)
-        live = [self.links[c] for c in request.targets
-                if c in self.links and not self.links[c].fenced]
-        fenced = sorted({c for c in request.targets
-                         if c in self.links and self.links[c].fenced})
-        unknown = sorted({c for c in request.targets if c not in self.links})
-        # Targets fenced before or during this shootdown: it completes once they settle.
-        missed = [self.links[c] for c in fenced]
+        f = self.fencing
+        live = [self.links[c] for c in request.targets if f.known(c) and not f.is_fenced(c)]
+        fenced = sorted({c for c in request.targets if f.known(c) and f.is_fenced(c)})
+        unknown = sorted({c for c in request.targets if not f.known(c)})
+        # Targets fenced before or during this shootdown: it completes once each one's
+        # fence (the generation it was fenced at) is settled.
+        settle = {c: f.members[c].generation for c in fenced}
         self.stats.unknown_targets += len(unknown)
         waits = asyncio.gather(*(self._await_unknown(c, flush, deadline) for c in unknown))
         if self.policy.transport == "mqtt":
@@ -405,22 +402,27 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
             replies = await asyncio.gather(*(self._deliver(l, flush, self.policy.transport,
                                                            deadline) for l in live))
         for cpu, ack in zip(unknown, await waits):
-            if cpu in self.links:  # it registered meanwhile: an ack, or a miss (below)
+            if f.known(cpu):  # it registered meanwhile: an ack, or a miss (below)
                 live.append(self.links[cpu])
                 replies.append(ack)
-            else:
-                fenced.append(cpu)  # told to flush when it registers
+            else:  # its lease has run out; it flushes when it registers
+                settle[cpu] = f.fence_absent(cpu)
+                fenced.append(cpu)
         acks = []
         for link, ack in zip(live, replies):
-            if ack is None:
-                link.fence()  # it must flush everything and re-register
+            if ack is None:  # it must flush everything and re-register
+                was_fenced = f.is_fenced(link.cpu)
+                settle[link.cpu] = f.fence(link.cpu, DEADLINE)
+                log.warning("cpu %d fenced (fence %d): it missed the deadline of shootdown "
+                            "%d", link.cpu, settle[link.cpu], flush.shootdown_id)
+                if not was_fenced:
+                    self._notify_fenced(link.cpu)
                 self.stats.deadline_misses += 1
                 fenced.append(link.cpu)
-                missed.append(link)
             else:
                 acks.append(ack)
         # Frames may be freed only once no fenced target can still be using its TLB.
-        await asyncio.gather(*(link.settled() for link in missed))
+        await asyncio.gather(*(self._settled(c, g) for c, g in settle.items()))
         latency = time.perf_counter() - t0
         s = self.stats
         s.shootdowns += 1
@@ -432,6 +434,28 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
             a.outcome == common_pb2.FLUSH_OUTCOME_ELIDED for a in acks), len(live) - len(acks),
             latency)
         return pb.ShootdownResponse(acks=acks, fenced=sorted(fenced), latency_s=latency)
+
+    def _notify_fenced(self, cpu: int) -> None:
+        """Tell a CPU on its flush stream that it is fenced, so it flushes and registers
+        now rather than at its next heartbeat (which tells it too, if this is lost)."""
+        link, m = self.links.get(cpu), self.fencing.members[cpu]
+        if link is not None and link.stream is not None:
+            link.stream.put_nowait(common_pb2.FlushRequest(fence_generation=m.generation,
+                                                           fence_reason=m.reason))
+
+    async def _settled(self, cpu: int, generation: int) -> None:
+        """Until the CPU fenced at `generation` cannot use what its TLB held then: it
+        registered having flushed through it, or its lease ran out."""
+        f = self.fencing
+        while not f.settled(cpu, generation):
+            left = f.lease_ends(cpu) - time.monotonic()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(f.members[cpu].cleared.wait(), max(0.0, left))
+        if f.members[cpu].flushed_through >= generation:
+            self.stats.fences_flushed += 1
+        else:
+            self.stats.fences_expired += 1
+            log.warning("cpu %d: fence %d settled by its lease running out", cpu, generation)
 
     @rpc
     async def PingFanout(self, request, context):
@@ -482,11 +506,12 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return pb.CoordinatorStats(
             shootdowns=s.shootdowns, ipis=s.ipis, ipis_elided=s.ipis_elided,
             full_flushes=s.full_flushes, deadline_misses=s.deadline_misses,
-            fenced_cpus=sorted(c for c, l in self.links.items() if l.fenced),
+            fenced_cpus=self.fencing.fenced_cpus(),
             latency_s=common_pb2.Percentiles(p50=p50, p99=p99, count=n),
-            cpus_online=sum(not l.fenced for l in self.links.values()),
+            cpus_online=sum(not m.fenced for m in self.fencing.registered()),
             fallbacks=s.fallbacks, broker_down=s.broker_down, redeliveries=s.redeliveries,
-            unknown_targets=s.unknown_targets)
+            unknown_targets=s.unknown_targets, fences_flushed=s.fences_flushed,
+            fences_expired=s.fences_expired)
 
     # --- metrics ---------------------------------------------------------------------------
     def _count_shootdown(self, request, sent: int, elided: int, missed: int,
@@ -517,11 +542,11 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
                  "Targets that missed a shootdown deadline and were fenced")):
             yield labelled("counter", name, help_text, ["transport"],
                            [((t,), c[key, t]) for t in TRANSPORTS])
-        links = list(self.links.values())
+        members = self.fencing.registered()
         yield "gauge", "tlbsim_cpus_online", "Registered CPUs not fenced", \
-            sum(not l.fenced for l in links)
+            sum(not m.fenced for m in members)
         yield "gauge", "tlbsim_cpus_registered", "CPUs registered with the coordinator", \
-            len(links)
+            len(members)
         yield labelled("gauge", "tlbsim_cpu_registered_fenced",
                        "Per registered CPU: 1 while fenced by the coordinator", ["cpu"],
-                       [((l.cpu,), int(l.fenced)) for l in links])
+                       [((m.cpu,), int(m.fenced)) for m in members])

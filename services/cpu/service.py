@@ -4,7 +4,9 @@ It executes one task at a time (a CPU runs one thing), forwards misses and
 system calls to the memory service naming itself, answers flushes at any
 moment (they interrupt between accesses that wait on the memory service), and
 keeps its membership with the coordinator: register, attach a flush stream,
-heartbeat; when fenced, flush everything and register again.
+heartbeat; when fenced, flush everything and register again. The membership's rules
+(when to flush, when the lease runs, what a registration claims) are
+services/cpu/membership.py; here are the calls and one timer for the lease.
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ import grpc
 
 from services.common.addresses import USER_VA_END, vpn_of
 from services.common.costmodel import CostModel
-from services.common.chaos import LEASE_S, FaultCounts, FaultPlan, epoch_metadata
-from services.common.errors import InvalidArgument
+from services.common.chaos import FaultCounts, FaultPlan, epoch_metadata
+from services.common.errors import REASON_CPU_FENCED, FailedPrecondition, InvalidArgument
+from services.common.liveness import Liveness
 from services.common.metrics import histogram, labelled, node_registry
-from services.common.mqtt import MqttLink, MqttUrl
 from services.common.policy import Policy
 from services.common.server import channel, completes, rpc
-from services.cpu.core import CpuCore
+from services.cpu.core import FENCE_REASONS, CpuCore
+from services.cpu.membership import UNREGISTERED, FenceNotice, Membership
 from services.cpu.tlb import ELIDED, FULL, RANGE
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, cpu_pb2 as pb,
                        cpu_pb2_grpc, memory_pb2, memory_pb2_grpc)
@@ -37,8 +40,6 @@ MISS = {memory_pb2.MISS_OUTCOME_WALKED: "walked", memory_pb2.MISS_OUTCOME_FAULT_
         memory_pb2.MISS_OUTCOME_FAULT_COW: "cow", memory_pb2.MISS_OUTCOME_FAULT_PROT: "prot",
         memory_pb2.MISS_OUTCOME_SEGV: "segv", memory_pb2.MISS_OUTCOME_SWAP_IN: "swapin",
         memory_pb2.MISS_OUTCOME_RETRY: "retry"}
-HEARTBEAT_S = 0.25
-HEARTBEAT_TIMEOUT_S = 0.5  # a heartbeat or registration slower than this failed (lease)
 RPC_TIMEOUT_S = 30.0
 MAX_ACCESSES = 1 << 20  # per request: bounded work and memory
 
@@ -74,11 +75,20 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     service_names = (pb.DESCRIPTOR.services_by_name["CpuService"].full_name,)
 
     def __init__(self, cpu_id: int, memory: str, coordinator: str, metrics: bool = True,
-                 *, mqtt_url: str | None = None):
+                 *, mqtt_url: str | None = None, liveness: Liveness | None = None):
         p = Policy()
-        self.mqtt_url = MqttUrl.parse(mqtt_url) if mqtt_url else None
-        self.mqtt: MqttLink | None = None  # the mqtt transport: broadcast flushes
+        self.mqtt_url = None
+        if mqtt_url:  # imported only when used: 64 CPUs start faster without it
+            from services.common.mqtt import MqttUrl
+            self.mqtt_url = MqttUrl.parse(mqtt_url)
+        self.mqtt = None  # the mqtt transport's MqttLink: broadcast flushes
         self.core = CpuCore(cpu_id, p.tlb_entries, p.tlb_ways)
+        self.liveness = liveness or Liveness.for_cluster(1)
+        self.member = Membership(self.core, self.liveness)  # fenced until registered
+        self._beat = coordinator_pb2.HeartbeatRequest(cpu=cpu_id)  # the same every time
+        self._lease_timer: asyncio.TimerHandle | None = None
+        self._waker: asyncio.Future | None = None  # the heartbeat loop's sleep
+        self.heartbeats_failed = 0
         self.cost_model = p.cost_model  # the run's, from Reset: prices the modelled-time metric
         self.memory_address = memory
         self.coordinator_address = coordinator
@@ -88,7 +98,6 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         self.faults = FaultCounts()
         self._reachable = asyncio.Event()  # cleared while partitioned: nothing goes out
         self._reachable.set()
-        self._last_contact: float | None = None  # when the last answered heartbeat was sent
         self._exec = asyncio.Lock()  # one task at a time
         self._tasks: list[asyncio.Task] = []
         self._channels: list[grpc.aio.Channel] = []
@@ -118,9 +127,9 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         self._channels = [mem, coord]
         self.memory = memory_pb2_grpc.MemoryServiceStub(mem)
         self.coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(coord)
-        self._tasks = [asyncio.create_task(self._membership()),
-                       asyncio.create_task(self._lease_watchdog())]
+        self._tasks = [asyncio.create_task(self._membership())]
         if self.mqtt_url is not None:
+            from services.common.mqtt import MqttLink
             self.mqtt = MqttLink(self.mqtt_url, f"cpu{self.id}", [self.mqtt_url.shootdown_topic],
                                  self._on_broadcast, "flushes arrive by the gRPC fallback")
             await self.mqtt.start()
@@ -128,29 +137,41 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     async def stop(self) -> None:
         if self.mqtt is not None:
             await self.mqtt.stop()
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for ch in self._channels:
             await ch.close()
 
+    # --- membership (services/cpu/membership.py has the rules) ------------------------
     async def _register(self) -> None:
-        """Register; a coordinator that counted us fenced while it did not know us (it
-        restarted) says so: flush everything, then register again."""
+        """Register, naming the fence generation we flushed through; told to flush
+        first (we are fenced), flush the whole TLB and register again."""
         while True:
-            sent = asyncio.get_running_loop().time()
+            sent = self.core.clock()
             r = await self.coordinator.Register(
-                coordinator_pb2.RegisterRequest(cpu=self.id, address=self.address),
-                timeout=HEARTBEAT_TIMEOUT_S * 4, wait_for_ready=True)
+                coordinator_pb2.RegisterRequest(cpu=self.id, address=self.address,
+                                                flushed_through=self.member.flushed_through),
+                timeout=2 * self.liveness.heartbeat_timeout_s, wait_for_ready=True)
             if not self.epoch:  # a fresh process learns the run's memory epoch
                 self.epoch = r.epoch
             if not r.fenced:
-                break
-            log.warning("cpu %d missed a shootdown while unregistered: flushing the TLB",
-                        self.id)
-            self.core.fence()
-        self._last_contact = sent
-        self.core.unfence()
+                was = self.core.fence_reason if self.core.fenced else ""
+                self.member.registered_ok(sent, r.lease_s)
+                self._arm_lease()
+                if was and was != UNREGISTERED:
+                    log.info("cpu %d registered again after its fence (%s)", self.id, was)
+                return
+            self._told_fenced(r.fence_generation, r.fence_reason)
+
+    def _told_fenced(self, generation: int, reason: str) -> None:
+        reason = reason or "deadline"
+        log.warning("cpu %d is fenced by the coordinator (%s; fence %d): flushing the TLB "
+                    "and registering again", self.id, FENCE_REASONS.get(reason, reason),
+                    generation)
+        self.member.told_fenced(FenceNotice(generation, reason))
 
     async def _membership(self) -> None:
         """Stay registered, attached and unfenced, whatever happens to the coordinator."""
@@ -159,45 +180,87 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             try:
                 await self._reachable.wait()  # a partitioned CPU sends nothing
                 await self._register()
-                stream = asyncio.create_task(self._attach())
-                while not stream.done():
-                    await self._reachable.wait()
-                    sent = asyncio.get_running_loop().time()
-                    beat = await self.coordinator.Heartbeat(
-                        coordinator_pb2.HeartbeatRequest(cpu=self.id),
-                        timeout=HEARTBEAT_TIMEOUT_S)
-                    self._last_contact = sent
-                    if beat.fenced or self.core.fenced:  # told, or our lease ran out
-                        log.warning("cpu %d fenced: flushing the TLB and re-registering", self.id)
-                        self.core.fence()
-                        await self._register()
-                    await asyncio.sleep(HEARTBEAT_S)
+                if stream is None or stream.done():
+                    stream = asyncio.create_task(self._attach())
+                await self._heartbeats(stream)  # until we must register again
             except grpc.aio.AioRpcError as e:
-                log.warning("cpu %d lost the coordinator (%s); retrying", self.id, e.code().name)
-                await asyncio.sleep(HEARTBEAT_S)
-            finally:
+                log.warning("cpu %d cannot register with the coordinator (%s); retrying",
+                            self.id, e.code().name)
                 if stream is not None:
                     stream.cancel()
+                    stream = None
+                await asyncio.sleep(self.liveness.heartbeat_s)
 
-    async def _lease_watchdog(self) -> None:
-        """No heartbeat answered for LEASE_S: flush everything and stop executing until
-        registered again (services/common/chaos.py says why a restarted coordinator
-        relies on it). A wake-up that came late means this loop was blocked — so was
-        every CPU on it — and the heartbeat gets another chance first."""
+    async def _heartbeats(self, stream: asyncio.Task) -> None:
+        """One heartbeat in flight at a time, each an interval after the last was sent (or
+        when the last was answered, if later); returns when we must register again: told
+        fenced, fenced ourselves, not known, or the flush stream ended."""
         loop = asyncio.get_running_loop()
-        grace_until = 0.0
-        while True:
-            before = loop.time()
-            await asyncio.sleep(HEARTBEAT_S / 2)
-            if loop.time() - before > HEARTBEAT_S * 2:
-                grace_until = loop.time() + HEARTBEAT_TIMEOUT_S  # within LEASE_MARGIN_S
-            if loop.time() < grace_until:
-                continue
-            if self._last_contact is not None and not self.core.fenced and \
-                    loop.time() - self._last_contact > LEASE_S:
-                log.warning("cpu %d: no heartbeat answered for %.1f s; flushing the TLB",
-                            self.id, loop.time() - self._last_contact)
-                self.core.fence()
+        interval, timeout = self.liveness.heartbeat_s, self.liveness.heartbeat_timeout_s
+        while not stream.done():
+            await self._reachable.wait()
+            if self.core.fenced:
+                return
+            sent = self.core.clock()
+            try:
+                beat = await self.coordinator.Heartbeat(self._beat, timeout=timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:  # the coordinator restarted
+                    self.member.not_registered()
+                    return
+                if e.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    grpc.StatusCode.UNAVAILABLE):
+                    raise
+                # Late or down: the next heartbeat may be answered; the lease decides.
+                self.heartbeats_failed += 1
+                log.info("cpu %d: heartbeat failed (%s)", self.id, e.code().name)
+            else:
+                if beat.fenced:
+                    self._told_fenced(beat.fence_generation, beat.fence_reason)
+                    return
+                if self.member.heartbeat_ok(sent):
+                    return  # fenced itself meanwhile (lease, late flush): register
+                self._arm_lease()
+            await self._sleep(sent / 1e9 + interval - loop.time())
+
+    async def _sleep(self, seconds: float) -> None:
+        """The heartbeat loop's pause; `_wake` ends it early (we must register now)."""
+        if seconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._waker = waker = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, waker)
+        try:
+            await waker
+        finally:
+            timer.cancel()
+            self._waker = None
+
+    def _wake(self) -> None:
+        if self._waker is not None:
+            _resolve(self._waker)
+
+    def _arm_lease(self) -> None:
+        """One timer at the lease's end, moved on only when it fires early: an idle CPU
+        whose lease runs out flushes then (a busy one stops at its next run or fill,
+        services/cpu/core.py)."""
+        until = self.core.lease_until_ns
+        if self._lease_timer is None and until is not None:
+            self._lease_timer = asyncio.get_running_loop().call_at(until / 1e9,
+                                                                   self._lease_due)
+
+    def _lease_due(self) -> None:
+        self._lease_timer = None
+        if self.member.lease_check(self.core.clock()) or self.member.observe():
+            self._lease_ran_out()
+        elif not self.core.fenced:
+            self._arm_lease()  # renewed meanwhile (fenced: armed at the next registration)
+
+    def _lease_ran_out(self) -> None:
+        log.warning("cpu %d is fenced by its lease: no heartbeat answered for %.1f s; "
+                    "flushing the TLB and registering again", self.id,
+                    self.member.lease_ns / 1e9)
+        self._wake()
 
     async def _attach(self) -> None:
         """The stream transport: flushes arrive on one stream, acks go back on it."""
@@ -210,6 +273,11 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
 
         call = self.coordinator.Attach(outgoing())
         async for flush in call:
+            if flush.fence_generation:  # the coordinator fenced us: flush, register now
+                if not self.plan.partitioned:
+                    self._told_fenced(flush.fence_generation, flush.fence_reason)
+                    self._wake()
+                continue
             ack = self._delivered(flush)
             if ack is None:
                 continue  # lost (chaos)
@@ -223,9 +291,12 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         if f.mm == 0:  # a ping
             return common_pb2.FlushAck(shootdown_id=f.shootdown_id, cpu=self.id,
                                        outcome=common_pb2.FLUSH_OUTCOME_ELIDED)
-        if f.deadline_unix_s and time.time() > f.deadline_unix_s:
+        if f.deadline_unix_s and time.time() > f.deadline_unix_s and not self.core.fenced:
             # Too late: the coordinator has fenced us and memory may free the frames.
-            self.core.fence()
+            log.warning("cpu %d: flush %d came after its deadline: flushing the TLB",
+                        self.id, f.shootdown_id)
+            self.member.late_flush()
+            self._wake()
         outcome, removed = self.core.apply_flush(f)
         return common_pb2.FlushAck(shootdown_id=f.shootdown_id, cpu=self.id,
                                    outcome=OUTCOME[outcome], entries_removed=removed)
@@ -265,13 +336,17 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         if plan.partitioned:
             self._reachable.clear()
         elif was_partitioned:
+            sent = self.core.clock()
             try:
                 beat = await self.coordinator.Heartbeat(
-                    coordinator_pb2.HeartbeatRequest(cpu=self.id), timeout=HEARTBEAT_TIMEOUT_S)
-                if beat.fenced:
-                    self.core.fence()
+                    self._beat, timeout=self.liveness.heartbeat_timeout_s)
             except grpc.aio.AioRpcError:
-                self.core.fence()  # cannot tell: assume the worst
+                pass  # cannot tell: the lease decides (the core checks it before serving)
+            else:
+                if beat.fenced:
+                    self._told_fenced(beat.fence_generation, beat.fence_reason)
+                elif not self.member.heartbeat_ok(sent):
+                    self._arm_lease()
             self._reachable.set()
         log.warning("cpu %d chaos: %s", self.id, plan.describe())
         f = self.faults
@@ -297,13 +372,29 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             publish()
 
     # --- tasks ---------------------------------------------------------------------------
+    def _fenced_error(self, e: FailedPrecondition) -> None:
+        """Called where a fence refused work, before any await (the CPU may flush and
+        register again at the next one): the reason says it is fenced (the load
+        generator waits for it to rejoin, then calls again)."""
+        if self.core.fenced and not e.reason:
+            e.reason = REASON_CPU_FENCED
+            if self.member.observe():  # its lease ran out inside the core
+                self._lease_ran_out()
+
+    def _require_runnable(self) -> int:
+        try:
+            return self.core.require_runnable()
+        except FailedPrecondition as e:
+            self._fenced_error(e)
+            raise
+
     @reachable
     @rpc
     @completes
     async def SwitchMm(self, request, context):
         async with self._exec:
             if self.core.fenced:
-                self.core.require_runnable()
+                self._require_runnable()
             r = await self._to_memory(self.memory.SwitchMm,
                 memory_pb2.MemSwitchMmRequest(cpu=self.id, mm=request.mm))
             return pb.SwitchMmResponse(flushed=self.core.switch(request.mm, r.tlb_gen, r.lazy))
@@ -322,10 +413,22 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             for a in addresses:
                 vpn_of(a)  # raises, naming the first bad address
         async with self._exec:
-            mm = self.core.require_runnable()
+            mm = self._require_runnable()
             fault_latency: list[float] = []
+            fence_epoch = self.member.fence_epoch
+
+            def not_fenced_since() -> None:
+                """An Access in flight when the CPU is fenced stops before its next fill,
+                even if the CPU has flushed and registered again meanwhile."""
+                if self.member.fence_epoch != fence_epoch:
+                    self._require_runnable()  # still fenced: says why
+                    why = FENCE_REASONS.get(self.member.last_reason, self.member.last_reason)
+                    raise FailedPrecondition(
+                        f"cpu {self.id} was fenced during this access ({why}); it flushed "
+                        "and registered again: call again", REASON_CPU_FENCED)
 
             async def miss(vpn: int, write: bool):
+                not_fenced_since()
                 t0 = time.perf_counter()
                 r = await self._to_memory(self.memory.HandleMiss,
                     memory_pb2.HandleMissRequest(cpu=self.id, mm=mm, vpn=vpn, write=write))
@@ -337,6 +440,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 return _Miss(r)
 
             async def walk(batch: list[int]):
+                not_fenced_since()
                 t0 = time.perf_counter()
                 r = await self._to_memory(self.memory.Walk,
                     memory_pb2.WalkRequest(cpu=self.id, mm=mm, vpns=batch))
@@ -346,6 +450,9 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             try:
                 s = await self.core.run_accesses(addresses, request.writes, miss, walk,
                                                  request.stop_on_segv, pause=_yield)
+            except FailedPrecondition as e:
+                self._fenced_error(e)  # fenced (or its lease ran out) inside the core
+                raise
             finally:
                 await self._report_hits(mm)
             return pb.AccessResponse(accesses=s.accesses, hits=s.hits, misses=s.misses,
@@ -370,7 +477,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     @completes
     async def Syscall(self, request, context):
         async with self._exec:
-            mm = self.core.require_runnable()
+            mm = self._require_runnable()
             r = await self._to_memory(self.memory.Syscall,
                 memory_pb2.MemSyscallRequest(cpu=self.id, mm=mm, call=request))
             for f in r.local_flushes:  # the initiator flushes itself
@@ -383,6 +490,8 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     @rpc
     async def DumpTlb(self, request, context):
         c = self.core
+        if self.member.lease_check(c.clock()):  # an expired lease shows as fenced (flushed)
+            self._lease_ran_out()
         counters = pb.TlbCounters(**vars(c.tlb.counters))
         return pb.DumpTlbResponse(
             cpu=self.id, loaded_mm=c.loaded_mm, lazy=c.lazy, fenced=c.fenced,
@@ -442,12 +551,25 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                        [((cpu, k), n) for k, n in self.walks.items()])
         yield labelled("gauge", "tlbsim_cpu_fenced", "1 while the CPU is fenced", ["cpu"],
                        [((cpu,), int(self.core.fenced))])
+        yield labelled("counter", "tlbsim_cpu_fences",
+                       "Times the CPU was fenced, by rule: deadline (the coordinator said "
+                       "it missed one), lease (no heartbeat answered in time)",
+                       ["cpu", "reason"], [((cpu, r), dict(self.member.fences).get(r, 0))
+                                           for r in ("deadline", "lease", "coordinator")])
+        yield labelled("counter", "tlbsim_cpu_heartbeats_failed",
+                       "Heartbeats not answered within the heartbeat timeout (or refused)",
+                       ["cpu"], [((cpu,), self.heartbeats_failed)])
         f = self.faults
         yield labelled("counter", "tlbsim_chaos_faults",
                        "Faults this CPU injected into itself (chaos), by kind", ["cpu", "kind"],
                        [((cpu, "ack_delayed"), f.acks_delayed),
                         ((cpu, "delivery_dropped"), f.deliveries_dropped),
                         ((cpu, "call_refused"), f.calls_refused)])
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _TlbShape:

@@ -64,6 +64,9 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         self.runs = 0
         self.epoch = epoch_of(self.boot, 0)
         self.shootdown_retries = 0
+        # How long past its deadline the coordinator may hold a shootdown for a fenced
+        # target to settle (its lease + margin; it says so when we register).
+        self.settle_s = 2.5
         self._coordinator: coordinator_pb2_grpc.CoordinatorServiceStub | None = None
         self._channel: grpc.aio.Channel | None = None
         self.kernel = self._new_kernel(Policy())
@@ -112,11 +115,12 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         it may start after us, or restart (with nothing), so keep telling it."""
         while True:
             try:
-                await self._coordinator_stub().RegisterMemory(
+                reply = await self._coordinator_stub().RegisterMemory(
                     coordinator_pb2.RegisterMemoryRequest(
                         address=address, epoch=self.epoch,
                         policy=self.kernel.policy.to_proto()),
                     timeout=5, wait_for_ready=True)
+                self.settle_s = reply.settle_s or self.settle_s
                 await asyncio.sleep(ANNOUNCE_S)
             except grpc.aio.AioRpcError as e:
                 log.warning("cannot register with the coordinator: %s", e.code().name)
@@ -144,7 +148,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         request = coordinator_pb2.ShootdownRequest(flush=flush, targets=targets,
                                                    reason=order.reason, scope=self._scope(order))
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + deadline + SHOOTDOWN_MARGIN_S
+        give_up = loop.time() + deadline + self.settle_s + SHOOTDOWN_MARGIN_S
         backoff = RETRY_BACKOFF_S[0]
         while True:
             try:
@@ -155,8 +159,9 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
                 if e.code() != grpc.StatusCode.UNAVAILABLE or loop.time() + backoff >= give_up:
                     raise Unavailable(
                         f"shootdown {order.shootdown_id} of mm {order.mm} did not complete "
-                        f"by its deadline + {SHOOTDOWN_MARGIN_S:g} s ({e.code().name}: the "
-                        "coordinator is unreachable); its frames stay allocated") from None
+                        f"by its deadline + {self.settle_s + SHOOTDOWN_MARGIN_S:g} s "
+                        f"({e.code().name}: the coordinator is unreachable); its frames "
+                        "stay allocated") from None
                 self.shootdown_retries += 1
                 log.warning("shootdown %d: coordinator %s; retrying", order.shootdown_id,
                             e.code().name)
