@@ -236,6 +236,9 @@ def exit_code_of(exc: BaseException) -> int:
                                         Unavailable)
     from services.launcher import LauncherError
 
+    if isinstance(exc, LauncherError):  # before SimError: it is one (an Unavailable)
+        from services.launcher import UsageError
+        return exitcodes.USAGE if isinstance(exc, UsageError) else exitcodes.NO_CLUSTER
     if isinstance(exc, SimError):
         if isinstance(exc, (Unavailable, CpuLeft)) or exitcodes.machine_lost(exc.message):
             return exitcodes.NO_CLUSTER
@@ -246,9 +249,6 @@ def exit_code_of(exc: BaseException) -> int:
         code = exc.code() if callable(getattr(exc, "code", None)) else None
         details = exc.details() if callable(getattr(exc, "details", None)) else ""
         return exitcodes.for_status(getattr(code, "name", ""), details or "")
-    if isinstance(exc, LauncherError):
-        from services.launcher import UsageError
-        return exitcodes.USAGE if isinstance(exc, UsageError) else exitcodes.NO_CLUSTER
     return exitcodes.INTERNAL
 
 

@@ -18,6 +18,7 @@ import pytest
 from loadgen.cluster import Cluster
 from loadgen.runner import run
 from loadgen.scenarios import RunConfig
+from services.common import exitcodes
 from services.common.chaos import MACHINE_LOST
 from services.common.policy import Policy
 from services.launcher import LocalCluster, load_state, mosquitto_binary
@@ -156,7 +157,7 @@ def test_memory_restart_is_a_clear_error_and_a_new_run_recovers(tmp_path: Path) 
         finally:
             if load.poll() is None:
                 load.kill()
-        assert load.returncode == 2, err  # the documented error, not a raw UNAVAILABLE
+        assert load.returncode == exitcodes.NO_CLUSTER, err  # the documented error
         lines = err.strip().splitlines()
         assert len(lines) >= 1 and lines[-1].endswith(MACHINE_LOST), err
         assert "Traceback" not in err

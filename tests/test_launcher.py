@@ -13,6 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import exitcodes
 from services.launcher import ClusterInfo, LauncherError, LocalCluster, add_commands, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +138,7 @@ def test_bench_whose_cluster_cannot_start_is_a_one_line_error_not_a_traceback() 
         [sys.executable, "-m", "services", "bench", "--quick"], cwd=ROOT, capture_output=True,
         text=True, timeout=120, stdin=subprocess.DEVNULL,
         env={**os.environ, "TLBSIM_READY_TIMEOUT": "0.01"})
-    assert bench.returncode == 2, bench.stderr
+    assert bench.returncode == exitcodes.NO_CLUSTER, bench.stderr
     lines = bench.stderr.strip().splitlines()
     assert len(lines) == 1 and "after 0.01 s" in lines[0] and "logs in" in lines[0]
     assert "Traceback" not in bench.stderr
