@@ -61,6 +61,13 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
                    help="physical frames of the machine; reclaim starts below 1/32 free "
                         "(default 0: the memory service's own, effectively unlimited; "
                         f"swapout: {SCENARIO_DEFAULTS['swapout']['frames']})")
+    g.add_argument("--zero-page", choices=["on", "off"], default="on",
+                   help="read faults map the shared zero page read-only and the first write "
+                        "copies it, as Linux does (default on); off: a read allocates a page")
+    g.add_argument("--asids", type=int, default=d.asids,
+                   help="ASIDs (PCIDs) each CPU keeps, as x86's TLB_NR_DYN_ASIDS (default "
+                        f"{d.asids}): switching back to an mm that still has one keeps its "
+                        "entries; 0: no PCID, every switch to another mm flushes the TLB")
     g.add_argument("--reclaim-batch", type=int, default=d.reclaim_batch,
                    help="pages reclaim unmaps per batched flush, as Linux's SWAP_CLUSTER_MAX "
                         f"(default {d.reclaim_batch}); 0 puts everything it frees into one flush")
@@ -81,7 +88,9 @@ def policy_from(args: argparse.Namespace, scenario: str | None = None) -> pol.Po
                       tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways, unsafe=args.unsafe,
                       deadline_s=args.deadline, mqtt_qos=args.mqtt_qos, fork=values["fork"],
                       shared_flush=args.shared_flush, frames=values["frames"],
-                      reclaim_batch=args.reclaim_batch, cost_model=costmodel.load(args.cost_model))
+                      reclaim_batch=args.reclaim_batch, asids=args.asids,
+                      zero_page=args.zero_page == "on",
+                      cost_model=costmodel.load(args.cost_model))
 
 
 def resolved(args: argparse.Namespace, scenario: str | None) -> dict:

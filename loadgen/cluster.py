@@ -105,6 +105,6 @@ class Cluster:
             policy=pb, epoch=reply.epoch), timeout=RPC_TIMEOUT_S)
         await asyncio.gather(*(c.stub.Reset(cpu_pb2.CpuResetRequest(
             tlb_entries=policy.tlb_entries, tlb_ways=policy.tlb_ways, epoch=reply.epoch,
-            cost_model=pb.cost_model),
+            cost_model=pb.cost_model, asids=policy.asids),
             timeout=RPC_TIMEOUT_S) for c in self.cpus))
         return reply.epoch

@@ -41,6 +41,8 @@ MAX_FRAMES = 1 << 28  # 1 TiB of simulated memory
 MIN_FRAMES = 64
 MAX_UINT32 = (1 << 32) - 1  # ceiling and batch travel as uint32 (common.proto Policy)
 DEFAULT_RECLAIM_BATCH = 32  # SWAP_CLUSTER_MAX (include/linux/swap.h)
+DEFAULT_ASIDS = 6  # TLB_NR_DYN_ASIDS (arch/x86/include/asm/tlbflush.h)
+MAX_ASIDS = 4094   # MAX_ASID_AVAILABLE: 12 PCID bits, less two
 
 
 def _name(table: dict[str, int], value: int, what: str) -> str:
@@ -69,6 +71,12 @@ class Policy:
     # Pages reclaim unmaps per flush (shrink_folio_list: SWAP_CLUSTER_MAX); 0: everything it
     # frees between the watermarks in one flush (tlbsim before it followed Linux).
     reclaim_batch: int = DEFAULT_RECLAIM_BATCH
+    # ASIDs (PCIDs) each CPU keeps, so switching back to an mm keeps its entries; 0: no
+    # PCID, every switch to another mm flushes the TLB.
+    asids: int = DEFAULT_ASIDS
+    # Read faults map the shared zero page read-only; the first write copies it (a COW
+    # with a one-page flush to the mm's other CPUs). Off: a read allocates a page.
+    zero_page: bool = True
     # What each event costs on hardware (modelled time, services/common/costmodel.py).
     cost_model: CostModel = dataclasses.field(default_factory=lambda: preset(DEFAULT_PRESET))
 
@@ -88,6 +96,8 @@ class Policy:
             raise InvalidArgument(f"batch {self.batch}: must be 1..{MAX_UINT32} pages")
         if not 0 <= self.ceiling <= MAX_UINT32:
             raise InvalidArgument(f"ceiling {self.ceiling}: must be 0..{MAX_UINT32} pages")
+        if not 0 <= self.asids <= MAX_ASIDS:
+            raise InvalidArgument(f"asids {self.asids}: must be 0..{MAX_ASIDS} (0: no PCID)")
         if not 0 <= self.reclaim_batch <= MAX_UINT32:
             raise InvalidArgument(f"reclaim batch {self.reclaim_batch}: must be 0..{MAX_UINT32} "
                                   "pages (0: one flush for everything reclaimed)")
@@ -111,7 +121,8 @@ class Policy:
                          deadline_s=self.deadline_s, mqtt_qos=self.mqtt_qos,
                          fork=FORKS[self.fork], shared_flush=SHARED_FLUSHES[self.shared_flush],
                          frames=self.frames, cost_model=self.cost_model.to_proto(),
-                         reclaim_batch=self.reclaim_batch)
+                         reclaim_batch=self.reclaim_batch, asids=self.asids,
+                         zero_page=self.zero_page)
 
     @classmethod
     def from_proto(cls, p: pb.Policy) -> "Policy":
@@ -124,7 +135,9 @@ class Policy:
                    shared_flush=_name(SHARED_FLUSHES, p.shared_flush, "shared-flush"),
                    frames=p.frames, cost_model=CostModel.from_proto(p.cost_model),
                    reclaim_batch=p.reclaim_batch if p.HasField("reclaim_batch")
-                   else DEFAULT_RECLAIM_BATCH)
+                   else DEFAULT_RECLAIM_BATCH,
+                   asids=p.asids if p.HasField("asids") else DEFAULT_ASIDS,
+                   zero_page=p.zero_page if p.HasField("zero_page") else True)
 
     def as_dict(self) -> dict:
         """Flat values (build-info labels, the report's config): the model by its name."""

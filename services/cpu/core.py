@@ -23,7 +23,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 from services.common.addresses import PAGE_SHIFT
 from services.common.errors import FailedPrecondition
-from services.cpu.tlb import Entry, Tlb
+from services.cpu.tlb import FULL, NOT_LOADED, TLB_NR_DYN_ASIDS, Entry, Tlb
 
 
 class Translation(Protocol):
@@ -40,6 +40,7 @@ class FlushLike(Protocol):
     pages: int
     new_tlb_gen: int
     mm_tlb_gen: int
+    all_mms: bool
 
 
 MissHandler = Callable[[int, bool], Awaitable[Translation]]
@@ -62,6 +63,7 @@ FENCE_REASONS = {
     "deadline": "it missed a shootdown deadline",
     "lease": "its lease ran out (no heartbeat answered in time)",
     "coordinator": "the coordinator fenced it",
+    "unregistered": "it is not registered with the coordinator yet",
 }
 
 
@@ -76,10 +78,10 @@ class AccessStats:
 
 class CpuCore:
     def __init__(self, cpu_id: int, tlb_entries: int, tlb_ways: int,
-                 clock: Callable[[], int] = time.monotonic_ns):
+                 clock: Callable[[], int] = time.monotonic_ns, asids: int = TLB_NR_DYN_ASIDS):
         self.id = cpu_id
         self.clock = clock
-        self.tlb = Tlb(tlb_entries, tlb_ways)
+        self.tlb = Tlb(tlb_entries, tlb_ways, asids)
         self.loaded_mm = 0
         self.lazy = False
         self.fenced = False
@@ -90,8 +92,8 @@ class CpuCore:
         self._hit_words = array("Q")
         self._hit_runs = array("q")  # (hits, first_ns, last_ns) per run
 
-    def reset(self, tlb_entries: int, tlb_ways: int) -> None:
-        self.tlb = Tlb(tlb_entries, tlb_ways)
+    def reset(self, tlb_entries: int, tlb_ways: int, asids: int = TLB_NR_DYN_ASIDS) -> None:
+        self.tlb = Tlb(tlb_entries, tlb_ways, asids)
         self.loaded_mm = 0
         self.lazy = False
         self.take_hits()
@@ -104,9 +106,10 @@ class CpuCore:
             if not lazy:
                 self.loaded_mm = 0
             return False
+        reload = mm != self.loaded_mm  # leaving lazy mode on the same mm keeps CR3
         self.loaded_mm = mm
         self.lazy = False
-        return self.tlb.switch_to(mm, mm_gen)
+        return self.tlb.switch_to(mm, mm_gen, reload)
 
     def require_runnable(self) -> int:
         if not self.fenced and self.lease_until_ns is not None and \
@@ -135,11 +138,30 @@ class CpuCore:
 
     # --- invalidation ------------------------------------------------------------------
     def apply_flush(self, f: FlushLike) -> tuple[str, int]:
-        if getattr(f, "all_mms", False):  # a shared table or a reclaim batch: every mm
-            self.tlb.counters.flush_requests += 1
-            self.tlb.counters.flush_full += 1
-            return "full", self.tlb.invalidate_all()
-        return self.tlb.apply_flush(f.mm, f.start_vpn, f.pages, f.new_tlb_gen, f.mm_tlb_gen)
+        """flush_tlb_func (x86, ≈ v6.18). Reclaim's batched flush names no mm: the CPU
+        flushes the mm it runs, whole. A lazy CPU switches to init_mm instead of
+        flushing (a full flush when it comes back: its generation is behind). A CPU that
+        no longer runs the mm flushes nothing: it leaves the mm's mask (the kernel clears
+        the bit), and its entries wait for its next switch to the mm."""
+        tlb = self.tlb
+        if f.all_mms:
+            if not self.loaded_mm or self.lazy:
+                return self._not_loaded()
+            gens = getattr(f, "mm_gens", None) or {}
+            gen = gens.get(self.loaded_mm, tlb.mm_gen_seen.get(self.loaded_mm, 0))
+            return FULL, tlb.flush_loaded(self.loaded_mm, gen)
+        if f.mm != self.loaded_mm or self.lazy:
+            tlb.announce_gen(f.mm, max(f.mm_tlb_gen, f.new_tlb_gen))
+            return self._not_loaded()
+        return tlb.apply_flush(f.mm, f.start_vpn, f.pages, f.new_tlb_gen, f.mm_tlb_gen)
+
+    def _not_loaded(self) -> tuple[str, int]:
+        self.tlb.counters.flush_requests += 1
+        self.tlb.counters.flush_not_loaded += 1
+        if self.lazy:  # switch_mm_irqs_off(NULL, &init_mm): the mm is no longer loaded
+            self.lazy = False
+            self.loaded_mm = 0
+        return NOT_LOADED, 0
 
     # --- execution -------------------------------------------------------------------
     async def run_accesses(self, addresses: Sequence[int], writes: Sequence[int],

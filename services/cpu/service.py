@@ -24,18 +24,18 @@ from services.common.chaos import FaultCounts, FaultPlan, epoch_metadata
 from services.common.errors import REASON_CPU_FENCED, FailedPrecondition, InvalidArgument
 from services.common.liveness import Liveness
 from services.common.metrics import histogram, labelled, node_registry
-from services.common.policy import Policy
+from services.common.policy import DEFAULT_ASIDS, Policy
 from services.common.server import channel, completes, rpc
 from services.cpu.core import FENCE_REASONS, CpuCore
 from services.cpu.membership import UNREGISTERED, FenceNotice, Membership
-from services.cpu.tlb import ELIDED, FULL, RANGE
+from services.cpu.tlb import ELIDED, FULL, NOT_LOADED, RANGE
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, cpu_pb2 as pb,
                        cpu_pb2_grpc, memory_pb2, memory_pb2_grpc)
 
 log = logging.getLogger("tlbsim.cpu")
 
 OUTCOME = {RANGE: common_pb2.FLUSH_OUTCOME_RANGE, FULL: common_pb2.FLUSH_OUTCOME_FULL,
-           ELIDED: common_pb2.FLUSH_OUTCOME_ELIDED}
+           ELIDED: common_pb2.FLUSH_OUTCOME_ELIDED, NOT_LOADED: common_pb2.FLUSH_OUTCOME_NOT_LOADED}
 MISS = {memory_pb2.MISS_OUTCOME_WALKED: "walked", memory_pb2.MISS_OUTCOME_FAULT_ANON: "anon",
         memory_pb2.MISS_OUTCOME_FAULT_COW: "cow", memory_pb2.MISS_OUTCOME_FAULT_PROT: "prot",
         memory_pb2.MISS_OUTCOME_SEGV: "segv", memory_pb2.MISS_OUTCOME_SWAP_IN: "swapin",
@@ -503,9 +503,10 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     @rpc
     async def Reset(self, request, context):
         p = Policy(tlb_entries=request.tlb_entries, tlb_ways=request.tlb_ways,
-                   cost_model=CostModel.from_proto(request.cost_model))  # validates
-        async with self._exec:
-            self.core.reset(p.tlb_entries, p.tlb_ways)
+                   cost_model=CostModel.from_proto(request.cost_model),
+                   asids=request.asids if request.HasField("asids") else DEFAULT_ASIDS)
+        async with self._exec:  # (Policy validates)
+            self.core.reset(p.tlb_entries, p.tlb_ways, p.asids)
             self.epoch = request.epoch or self.epoch
             self.cost_model = p.cost_model
         return pb.CpuResetResponse()

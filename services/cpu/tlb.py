@@ -1,4 +1,5 @@
-"""A set-associative, LRU TLB with per-mm flush generations (pure, no I/O).
+"""A set-associative, LRU TLB with per-mm flush generations and x86's per-CPU ASIDs
+(pure, no I/O).
 
 The generation rule is Linux's `flush_tlb_func` (DESIGN.md §2): a flush request
 for generation g, on a CPU whose local generation for the mm is l, while the mm
@@ -9,6 +10,12 @@ is at generation m:
     two flushes can arrive in either order, so a partial flush must never skip
     a generation;
   - then l = m.
+
+ASIDs (PCIDs) follow choose_new_asid (arch/x86/mm/tlb.c): a CPU keeps TLB_NR_DYN_ASIDS
+(6) slots; an mm that has one keeps its entries across switches and flushes only if
+its generation is behind; one that has none takes the next slot round-robin, which
+flushes what that slot held. With 0 ASIDs (no PCID) every switch to another mm
+flushes the whole TLB (a CR3 write).
 """
 from __future__ import annotations
 
@@ -41,17 +48,25 @@ class Counters:
     flush_range: int = 0
     flush_full: int = 0
     flush_elided: int = 0
+    flush_not_loaded: int = 0  # requests for an mm the CPU no longer runs (or runs lazily)
     flush_requests: int = 0
     evictions: int = 0
 
 
 RANGE, FULL, ELIDED = "range", "full", "elided"
+NOT_LOADED = "not-loaded"  # the CPU does not run the mm: nothing flushed (flush_tlb_func)
+TLB_NR_DYN_ASIDS = 6
 
 
 class Tlb:
-    def __init__(self, entries: int, ways: int):
+    def __init__(self, entries: int, ways: int, asids: int = TLB_NR_DYN_ASIDS):
         if entries < 1 or ways < 1 or entries % ways:
             raise ValueError(f"a TLB of {entries} entries cannot have {ways} ways")
+        if asids < 0:
+            raise ValueError(f"{asids} ASIDs: must be at least 0 (0: no PCID)")
+        self.asids = asids
+        self._slot_mm: list[int | None] = [None] * asids  # which mm each ASID slot holds
+        self._next_asid = 0
         self.ways = ways
         self.nsets = entries // ways
         self._sets: list[OrderedDict[tuple[int, int], _Slot]] = [
@@ -230,13 +245,38 @@ class Tlb:
         self.local_gen[mm] = mm_gen
         return outcome, removed
 
-    def switch_to(self, mm: int, mm_gen: int) -> bool:
-        """switch_mm: flush the mm's entries if this TLB is behind its generation."""
+    def switch_to(self, mm: int, mm_gen: int, reload: bool = True) -> bool:
+        """switch_mm to `mm` (`reload`: from another mm, a CR3 write; not when leaving
+        lazy mode on the same mm). Returns True when it flushed: the mm's generation was
+        behind, it had to take a new ASID, or there are no ASIDs and CR3 changed."""
         mm_gen = self.announce_gen(mm, mm_gen)
-        if self.local_gen.get(mm, 0) >= mm_gen:
+        if reload and not self.asids:  # no PCID: a CR3 write drops every entry
+            self.invalidate_all()
+            self.counters.flush_full += 1
+            self.local_gen[mm] = mm_gen
+            return True
+        if reload and mm not in self._slot_mm:  # choose_new_asid: the next slot, flushed
+            slot = self._next_asid
+            self._next_asid = (slot + 1) % self.asids
+            evicted = self._slot_mm[slot]
+            if evicted is not None:
+                self.invalidate_mm(evicted)
+                self.local_gen.pop(evicted, None)
+            self._slot_mm[slot] = mm
+        elif self.local_gen.get(mm, 0) >= mm_gen:
             return False
         self.invalidate_mm(mm)
         self.flushes_applied += 1
         self.counters.flush_full += 1
         self.local_gen[mm] = mm_gen
         return True
+
+    def flush_loaded(self, mm: int, mm_gen: int) -> int:
+        """flush_tlb_func with no mm (reclaim's batched flush): a full flush of the mm the
+        CPU runs, brought up to `mm_gen`; other mms' entries wait for their switch."""
+        self.counters.flush_requests += 1
+        self.counters.flush_full += 1
+        self.flushes_applied += 1
+        removed = self.invalidate_mm(mm)
+        self.local_gen[mm] = self.announce_gen(mm, mm_gen)
+        return removed

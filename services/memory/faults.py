@@ -58,7 +58,7 @@ class Faults:
             slot = table.slot(vpn)
             result = None
             if table.entries[slot] <= 0:
-                result = await self._populate(ctx, cpu, mm, vma, vpn, table)
+                result = await self._populate(ctx, cpu, mm, vma, vpn, table, write)
             if result is None:
                 pte = table.entries[slot]
                 if pte > 0 and write and not table.writable(pte):
@@ -72,13 +72,21 @@ class Faults:
         return result
 
     async def _populate(self, ctx: OpContext, cpu: int, mm: Mm, vma: Vma, vpn: int,
-                        table: PteTable) -> MissResult | None:
+                        table: PteTable, write: bool) -> MissResult | None:
         """A none or swapped PTE: zero-fill, or swap in. Installing needs no flush (not
         present -> present), also in a shared table, where every sharer sees the page.
-        Returns None when another CPU got there first."""
+        A read of a none PTE maps the shared zero page read-only (do_anonymous_page;
+        the first write copies it). Returns None when another CPU got there first."""
         k = self.k
         slot = table.slot(vpn)
         before = table.entries[slot]
+        if before == 0 and not write and k.zero_pfn:
+            async with self.tables.pte_locked(ctx, mm, table):
+                if table.entries[slot] != 0:
+                    return None
+                k.frames.get(k.zero_pfn)
+                k.stats.zero_page_maps += 1
+                return self.install(mm, table, vpn, k.zero_pfn, False, "anon")
         fresh = await self.reclaimer.alloc_page(ctx, cpu)  # allocate outside the lock
         async with self.tables.pte_locked(ctx, mm, table):
             pmd = self.tables.pmd_of(mm, vpn)  # still this mm's table (not unshared)?
@@ -105,9 +113,10 @@ class Faults:
         table.tids[slot] = tid = table.new_tid()
         table.present += 1
         k.frames.mapcount[pfn] += 1
-        k.frames.rmap_vpn[pfn] = vpn
-        k.frames.rmap_family[pfn] = mm.family
-        k.lru.add(pfn)
+        if pfn != k.zero_pfn:  # the zero page is no one's, and never reclaimed
+            k.frames.rmap_vpn[pfn] = vpn
+            k.frames.rmap_family[pfn] = mm.family
+            k.lru.add(pfn)
         return MissResult(outcome, pfn, table.writable(table.entries[slot]), tid)
 
     async def _cow(self, ctx: OpContext, cpu: int, mm: Mm, vpn: int,

@@ -38,20 +38,25 @@ class Zap:
         self.deferred: list[tuple[int, int]] = []
 
 
-def flush_targets(cpumask: Iterable[int], initiator: int, lazy: set[int],
-                  lazy_too: bool) -> tuple[list[int], int]:
-    """native_flush_tlb_multi's choice: the mm's CPUs but the initiator; lazy ones only
-    when page tables were freed or unshared (`lazy_too`). Returns (targets, lazy CPUs
-    left out)."""
-    targets, skipped = [], 0
+TRIM_EVERY_NS = 1_000_000_000  # should_trim_cpumask: at most once per HZ per mm
+
+
+def flush_targets(cpumask: Iterable[int], initiator: int, running: set[int], lazy: set[int],
+                  everyone: bool, trim: bool) -> tuple[list[int], int]:
+    """native_flush_tlb_multi and should_flush_tlb (x86, ≈ v6.18): when page tables were
+    freed or unshared (`everyone`), every CPU in the mask but the initiator — lazy ones
+    and those no longer running the mm too, whose page walker could still use the old
+    tables; otherwise the CPUs that run the mm, and, when `trim`, the members that no
+    longer do (so that they leave the mask). Returns (targets, lazy CPUs left out)."""
+    targets, lazy_skipped = [], 0
     for cpu in sorted(cpumask):
         if cpu == initiator:
             continue
-        if cpu in lazy and not lazy_too:
-            skipped += 1
-            continue
-        targets.append(cpu)
-    return targets, skipped
+        if everyone or cpu in running or (trim and cpu not in lazy):
+            targets.append(cpu)
+        elif cpu in lazy:
+            lazy_skipped += 1
+    return targets, lazy_skipped
 
 
 class Flusher:
@@ -162,12 +167,16 @@ class Flusher:
         order = FlushOrder(next(k.shootdown_ids), mm.id, spec.start_vpn, spec.pages,
                            mm.tlb_gen, mm.tlb_gen, spec.freed_tables, initiator,
                            reason=zap.reason)
-        if initiator in mm.cpumask and not k.is_lazy(initiator, mm):
+        if k.runs(initiator, mm):
             zap.local.append(order)
+        running = {c for c in mm.cpumask if k.runs(c, mm)}
         lazy = {c for c in mm.cpumask if k.is_lazy(c, mm)}
+        trim = len(running) + len(lazy) < len(mm.cpumask) and k.clock() >= mm.trim_at_ns
+        if trim:
+            mm.trim_at_ns = k.clock() + TRIM_EVERY_NS
         targets, skipped = flush_targets(
-            mm.cpumask, initiator, lazy,
-            spec.freed_tables and k.rules.keeps(Rule.FREED_TABLES_LAZY))
+            mm.cpumask, initiator, running, lazy,
+            spec.freed_tables and k.rules.keeps(Rule.FREED_TABLES_LAZY), trim)
         k.stats.lazy_skipped += skipped
         zap.shootdowns += 1
         k.stats.shootdowns += 1
@@ -178,6 +187,19 @@ class Flusher:
         k.stats.ipis += len(targets)
         result = await k.port(order, targets)
         k.stats.fenced.update(result.fenced)
+        self.not_loaded(mm, targets)
+
+    def not_loaded(self, mm: Mm, targets: list[int]) -> None:
+        """What the targets that did not run `mm` did on receiving its flush
+        (flush_tlb_func): a lazy one switched to init_mm, one running another mm (or
+        idle) left the mask. Judged now, as each does on its own CPU: one that switched
+        back to the mm meanwhile stays."""
+        k = self.k
+        for cpu in targets:
+            if k.is_lazy(cpu, mm):
+                del k.lazy_mm[cpu]
+            elif not k.runs(cpu, mm):
+                mm.cpumask.discard(cpu)
 
     def returned(self, mm: Mm, start: int, end: int, revokes: Revokes) -> None:
         """A call is about to return to its caller: what it removed (or write-protected)

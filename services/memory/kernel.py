@@ -102,6 +102,11 @@ class Kernel:
     low_watermark = property(lambda self: self.k.low_watermark)
     high_watermark = property(lambda self: self.k.high_watermark)
 
+    @property
+    def reserved_frames(self) -> int:
+        """Frames the machine holds for itself (the zero page): in use with no mm."""
+        return 1 if self.k.zero_pfn else 0
+
     def mm(self, mm_id: int) -> Mm:
         """A live mm (NOT_FOUND, or FAILED_PRECONDITION once it exited)."""
         return self.k.mm(mm_id)
@@ -117,18 +122,20 @@ class Kernel:
         return mm_id
 
     def switch_mm(self, cpu: int, mm_id: int) -> int:
-        """Set the CPU's bit in the new mm's mask *before* reading its tlb_gen."""
+        """switch_mm_irqs_off (x86, ≈ v6.18): set the CPU's bit in the new mm's mask
+        *before* reading its tlb_gen. The old mm's bit is not cleared (mm_cpumask is
+        updated lazily, since 6.13): the CPU stays a member until a flush finds it no
+        longer runs the mm (flush.py). Going idle with lazy TLB keeps the old mm loaded:
+        such a CPU is skipped by flushes that free no tables, and catches up when it
+        runs the mm again, by generation."""
         k = self.k
         new = k.mm(mm_id) if mm_id else None
-        prev_id = k.cpu_mm.get(cpu, 0)
-        if prev_id and prev_id != mm_id:
-            prev = k.mms.get(prev_id)
-            # Going idle with lazy TLB keeps the old mm loaded: its bit stays and the
-            # CPU is skipped by flushes that free no tables; it catches up at switch.
-            if prev is not None and (new is not None or not k.policy.lazy_tlb):
-                prev.cpumask.discard(cpu)
+        prev = k.cpu_mm.get(cpu, 0)
+        k.lazy_mm.pop(cpu, None)
         if new is None:
             k.cpu_mm[cpu] = 0
+            if prev and k.policy.lazy_tlb:
+                k.lazy_mm[cpu] = prev
             return 0
         new.cpumask.add(cpu)
         k.cpu_mm[cpu] = mm_id
@@ -277,7 +284,7 @@ class Kernel:
         zap = self.flusher.zap(mm, "exit", fullmm=True)
         async with mm.mmap_lock.write(ctx):
             if mm.exited:
-                self.switch_mm(cpu, 0)
+                k.cpu_mm[cpu] = 0
                 return SyscallResult()
             mm.vmas = []
             await self.zapper.zap(ctx, cpu, mm, 0, USER_VPN_END, zap, free_tables=True,
@@ -285,7 +292,9 @@ class Kernel:
             mm.exited = True
         k.families[mm.family].discard(mm.id)
         freed = zap.freed + self.flusher.release(zap.to_free, zap.tables)
-        self.switch_mm(cpu, 0)
+        k.cpu_mm[cpu] = 0  # the exiting CPU goes idle on init_mm, lazy on nothing
+        for c in [c for c, m in k.lazy_mm.items() if m == mm.id]:
+            del k.lazy_mm[c]
         mm.cpumask.clear()
         return SyscallResult(shootdowns=zap.shootdowns, pages_freed=freed,
                              latency_s=(k.clock() - t0) / 1e9, local_flushes=zap.local)

@@ -32,6 +32,7 @@ class Mm:
         # flush batched, and how many of those flush_tlb_batched_pending has flushed.
         self.tlb_batch_pending = 0
         self.tlb_batch_flushed = 0
+        self.trim_at_ns = 0  # should_trim_cpumask: the next flush that trims stale members
         self.exited = False
         self.next_vpn = MMAP_BASE_VPN
         self.family = mm_id  # the fork family whose members may map this mm's pages

@@ -121,13 +121,19 @@ class Reclaimer:
         mms = [k.mms[m] for m in sorted(union)]
         cpus = reclaim_targets(k.policy.shared_flush, shared, set(k.cpu_mm),
                                [k.mms[m].cpumask for m in walked], [mm.cpumask for mm in mms])
+        # arch_tlbbatch_flush -> should_flush_tlb: lazy CPUs are left out; they, and
+        # CPUs that hold an mm without running it, catch up at switch_mm by generation
+        # (arch_tlbbatch_add_pending bumped each mm's).
+        k.stats.lazy_skipped += sum(1 for c in cpus if k.is_lazy(c))
+        cpus = {c for c in cpus if not k.is_lazy(c)}
         if k.rules.breaks(Rule.FLUSH_BEFORE_FREE):
             k.oracle.flushed(ends, k.clock())
-        for mm in mms:  # lazy CPUs of each mm catch up at switch_mm by generation
+        for mm in mms:
             mm.tlb_gen += 1
         first = mms[0]
         order = FlushOrder(next(k.shootdown_ids), first.id, 0, 0, first.tlb_gen,
-                           first.tlb_gen, False, initiator, all_mms=True, reason="reclaim")
+                           first.tlb_gen, False, initiator, all_mms=True, reason="reclaim",
+                           mm_gens={mm.id: mm.tlb_gen for mm in mms})
         local = [order] if initiator in cpus else []
         targets = sorted(cpus - {initiator})
         k.stats.shootdowns += 1

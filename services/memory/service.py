@@ -46,7 +46,8 @@ def flush_to_proto(f: FlushOrder) -> common_pb2.FlushRequest:
     return common_pb2.FlushRequest(shootdown_id=f.shootdown_id, mm=f.mm, start_vpn=f.start_vpn,
                                    pages=f.pages, new_tlb_gen=f.new_tlb_gen,
                                    mm_tlb_gen=f.mm_tlb_gen, freed_tables=f.freed_tables,
-                                   initiator=f.initiator, all_mms=f.all_mms)
+                                   initiator=f.initiator, all_mms=f.all_mms,
+                                   mm_gens=f.mm_gens)
 
 
 def percentiles(samples: Samples) -> common_pb2.Percentiles:

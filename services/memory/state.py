@@ -35,8 +35,10 @@ class FlushOrder:
     mm_tlb_gen: int
     freed_tables: bool
     initiator: int
-    all_mms: bool = False  # every mm's entries: a changed shared table, or a reclaim batch
+    all_mms: bool = False  # reclaim's batched flush: each CPU flushes the mm it runs
     reason: str = "other"  # the operation that shot down (munmap, cow, reclaim, ...)
+    # all_mms: the generation each mm whose PTEs it cleared reached (arch_tlbbatch_add_pending)
+    mm_gens: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -102,6 +104,7 @@ class KernelStats:
     flush_waits: Samples = dataclasses.field(default_factory=Samples)  # weighted by frames
     flush_pages: Samples = dataclasses.field(default_factory=lambda: Samples(COUNT_BUCKETS))
     range_pages: int = 0          # pages named by ranged shootdowns (broadcast invalidations)
+    zero_page_maps: int = 0       # read faults that mapped the shared zero page
 
 
 class KernelState:
@@ -115,12 +118,16 @@ class KernelState:
         self.clock = clock
         self.rules = rules
         self.frames = Frames(frames)
+        # The shared zero page (my_zero_pfn): a frame pinned for the machine's life that
+        # read faults map read-only; 0 with --zero-page off.
+        self.zero_pfn = self.frames.alloc() if policy.zero_page else 0
         self.mms: dict[int, Mm] = {}
         self.oracle = Oracle()
         self.lock_stats = LockStats()
         self.validator = LockValidator()
         self.stats = KernelStats()
-        self.cpu_mm: dict[int, int] = {}       # cpu -> loaded mm (0 = idle)
+        self.cpu_mm: dict[int, int] = {}       # cpu -> the mm it runs (0 = idle)
+        self.lazy_mm: dict[int, int] = {}      # idle cpu -> the mm it keeps loaded (lazy TLB)
         self.families: dict[int, set[int]] = {}  # fork families: where a page's rmap looks
         self.lru = Lru()
         self.swap = SwapSpace()
@@ -165,6 +172,10 @@ class KernelState:
             raise FailedPrecondition(f"mm {mm.id} has exited")
         return mm
 
-    def is_lazy(self, cpu: int, mm: Mm) -> bool:
-        """In mm's mask without running it: idle with mm still loaded (lazy TLB)."""
-        return self.cpu_mm.get(cpu, 0) != mm.id
+    def runs(self, cpu: int, mm: Mm) -> bool:
+        return self.cpu_mm.get(cpu, 0) == mm.id
+
+    def is_lazy(self, cpu: int, mm: Mm | None = None) -> bool:
+        """Idle with `mm` (or any mm) still loaded: lazy TLB."""
+        lazy = self.lazy_mm.get(cpu, 0)
+        return bool(lazy) and not self.cpu_mm.get(cpu, 0) and (mm is None or lazy == mm.id)

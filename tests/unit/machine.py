@@ -86,5 +86,5 @@ def make_machine(ncpus: int = 4, broken: frozenset = frozenset(), **policy) -> M
     p = Policy(**policy)
     kernel = Kernel(p, port, broken=broken)
     for i in range(ncpus):
-        cpus[i] = CpuCore(i, p.tlb_entries, p.tlb_ways)
+        cpus[i] = CpuCore(i, p.tlb_entries, p.tlb_ways, asids=p.asids)
     return Machine(kernel, cpus, log, dead)

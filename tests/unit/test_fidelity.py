@@ -31,3 +31,119 @@ async def test_O_reclaim_flushes_once_per_32_pages_unless_told_otherwise(batch, 
     pages_per_flush = k.stats.swap_outs / k.stats.reclaim_shootdowns
     assert per_flush[0] <= pages_per_flush <= per_flush[1]
     assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
+
+
+# D. arch/x86/mm/tlb.c (≥ 6.13, "Update mm_cpumask lazily"): a CPU that ran the mm and
+#    now runs another stays in its mask until a flush reaches it; flush_tlb_func then
+#    clears its bit. Flushes that free tables reach every member (native_flush_tlb_multi);
+#    others reach it only when should_trim_cpumask says so, at most once a second.
+async def test_D_a_cpu_that_left_for_another_mm_gets_one_flush_and_leaves_the_mask():
+    m = make_machine(3)
+    k = m.kernel
+    a = k.create_mm()
+    await m.switch(0, a)
+    await m.switch(2, a)
+    await m.switch(2, 0)                       # idle, lazily keeping a
+    b = k.create_mm()
+    await m.switch(2, b)                       # now runs b: a member of a's mask still
+    assert 2 in k.mms[a].cpumask
+    ipis_to_2 = 0
+    for _ in range(5):                         # five mmap/touch/munmap rounds in a
+        r = await m.syscall(0, "mmap", 512, True)
+        await m.access(0, [r.address + i * PAGE for i in range(512)], write=True)
+        m.log.clear()
+        await m.syscall(0, "munmap", r.address, 512)   # frees the PTE table
+        ipis_to_2 += sum(2 in e[4] for e in m.log)
+    assert ipis_to_2 == 1 and 2 not in k.mms[a].cpumask
+    assert m.cpus[2].tlb.counters.flush_not_loaded == 1
+
+
+async def test_a_lazy_cpu_receiving_a_flush_switches_to_init_mm_and_flushes_when_it_returns():
+    m = make_machine(2)
+    mm, base, addrs = await proc(m, (0, 1), 600)
+    await m.switch(1, 0)                        # CPU 1: lazy on mm
+    assert m.cpus[1].lazy and m.cpus[1].loaded_mm == mm
+    await m.syscall(0, "munmap", base, 600)     # frees tables: lazy CPUs get it too
+    core = m.cpus[1]
+    assert not core.lazy and core.loaded_mm == 0 and len(core.tlb) > 0  # nothing flushed
+    full = core.tlb.counters.flush_full
+    await m.switch(1, mm)                       # back: behind by generation, so it flushes
+    assert core.tlb.counters.flush_full == full + 1 and len(core.tlb) == 0
+    assert m.kernel.oracle.stale == 0 and m.kernel.audit(m.dumps())[1] == []
+
+
+# E, F. arch_tlbbatch_flush -> native_flush_tlb_multi(freed_tables false) ->
+#    should_flush_tlb: reclaim's batched flush skips lazy CPUs; flush_tlb_func with
+#    f->mm == NULL flushes only the mm the receiver runs and brings it up to date.
+async def test_E_reclaim_skips_lazy_cpus_and_F_its_receivers_keep_ranged_flushes():
+    m = make_machine(4, frames=256)
+    k = m.kernel
+    a, base, addrs = await proc(m, (1, 3), 100)
+    await m.switch(3, 0)                        # CPU 3: lazy on a
+    c, cbase, caddrs = await proc(m, (2,), 4)   # CPU 2 runs an unrelated mm c
+    await m.switch(1, c)
+    await m.switch(1, a)
+    b = k.create_mm()
+    await m.switch(0, b)
+    more = await m.syscall(0, "mmap", 150, True)
+    m.log.clear()
+    await m.access(0, [more.address + i * PAGE for i in range(150)], write=True)
+    reclaims = [e for e in m.log if e[1] == a]
+    assert reclaims and not any(3 in e[4] for e in reclaims)   # the lazy CPU is left out
+    await m.access(1, addrs[-4:])
+    before = m.cpus[1].tlb.counters.flush_full
+    res = await m.syscall(1, "munmap", addrs[-1], 1)
+    assert [f.pages for f in res.local_flushes][-1] == 1   # a 1-page ranged flush ...
+    assert m.cpus[1].tlb.counters.flush_range >= 1
+    assert m.cpus[1].tlb.counters.flush_full == before + 1  # ... only batched-pending's full
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
+
+
+# S. arch/x86/mm/tlb.c choose_new_asid: TLB_NR_DYN_ASIDS = 6 per CPU; with 8 mms taking
+#    turns every switch takes a new ASID and flushes; without PCID every CR3 write does.
+@pytest.mark.parametrize("asids,full,refills", [(6, 80, 320), (8, 0, 0), (0, 80, 320)])
+async def test_S_eight_mms_round_robin_on_six_asids_flush_at_every_switch(asids, full, refills):
+    m = make_machine(1, asids=asids)
+    k = m.kernel
+    mms = []
+    for _ in range(8):
+        mm = k.create_mm()
+        await m.switch(0, mm)
+        r = await m.syscall(0, "mmap", 4, True)
+        await m.access(0, [r.address + i * PAGE for i in range(4)], write=True)
+        mms.append((mm, r.address))
+    counters = m.cpus[0].tlb.counters
+    flushes, misses = counters.flush_full, counters.misses
+    for _ in range(10):
+        for mm, a in mms:
+            await m.switch(0, mm)
+            await m.access(0, [a + i * PAGE for i in range(4)])
+    assert counters.flush_full - flushes == full and counters.misses - misses == refills
+
+
+# H. mm/memory.c do_anonymous_page: a read fault maps the shared zero page read-only;
+#    the first write is do_wp_page -> wp_page_copy from it, a one-page flush to the mm's
+#    other CPUs (which may cache the read-only zero-page entry).
+@pytest.mark.parametrize("zero_page", [True, False])
+async def test_H_a_read_maps_the_zero_page_and_the_first_write_copies_it(zero_page):
+    m = make_machine(2, zero_page=zero_page)
+    k = m.kernel
+    mm = k.create_mm()
+    await m.switch(0, mm)
+    await m.switch(1, mm)
+    r = await m.syscall(0, "mmap", 1, True)
+
+    def data_frames() -> int:
+        return k.frames.used - sum(k.stats.tables_allocated.values()) - k.reserved_frames
+
+    await m.access(1, [r.address])                 # read
+    assert data_frames() == (0 if zero_page else 1)
+    m.log.clear()
+    await m.access(0, [r.address], write=True)     # the first write
+    if zero_page:
+        assert dict(k.stats.faults) == {"anon": 1, "cow": 1}
+        assert m.log == [("shootdown", mm, r.address >> 12, 1, (1,))]
+        assert data_frames() == 1 and k.stats.zero_page_maps == 1
+    else:
+        assert dict(k.stats.faults) == {"anon": 1} and m.log == []
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []

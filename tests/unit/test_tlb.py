@@ -8,6 +8,7 @@ from services.cpu.tlb import ELIDED, FULL, RANGE, Entry, Tlb
 
 def filled(mm=1, vpns=range(8), entries=64, ways=4) -> Tlb:
     tlb = Tlb(entries, ways)
+    tlb.switch_to(mm, 0)  # the mm gets an ASID
     for v in vpns:
         tlb.fill(mm, v, Entry(100 + v, True, 1000 + v))
     return tlb
@@ -50,6 +51,7 @@ def test_a_range_flush_for_a_stale_mm_generation_is_full():
 
 def test_full_flush_is_per_mm_and_o1():
     tlb = filled(mm=1)
+    tlb.switch_to(2, 0)
     for v in range(4):
         tlb.fill(2, v, Entry(v, False, v))
     assert tlb.apply_flush(1, 0, 0, new_gen=1, mm_gen=1) == (FULL, 8)
@@ -63,6 +65,26 @@ def test_switch_flushes_only_when_behind():
     assert tlb.switch_to(1, 0) is False and len(tlb) == 8
     assert tlb.switch_to(1, 4) is True and len(tlb) == 0
     assert tlb.local_gen[1] == 4
+
+
+def test_an_mm_without_an_asid_takes_the_next_slot_round_robin_and_its_owner_loses_its_entries():
+    tlb = Tlb(64, 4, asids=2)  # choose_new_asid, with 2 slots instead of 6
+    for mm in (1, 2):
+        assert tlb.switch_to(mm, 0) is True  # a new ASID is flushed
+        tlb.fill(mm, 0, Entry(mm, True, mm))
+    assert tlb.switch_to(1, 0) is False and len(tlb) == 2  # both keep their ASIDs
+    assert tlb.switch_to(3, 0) is True  # slot 0 (mm 1's) goes to mm 3
+    assert tlb.lookup(1, 0) is None and tlb.lookup(2, 0) is not None
+    assert tlb.switch_to(1, 0) is True  # mm 1 takes slot 1 from mm 2 in turn
+    assert tlb.lookup(2, 0) is None
+
+
+def test_without_pcid_every_switch_to_another_mm_flushes_everything():
+    tlb = Tlb(64, 4, asids=0)
+    tlb.switch_to(1, 0)
+    tlb.fill(1, 0, Entry(1, True, 1))
+    assert tlb.switch_to(1, 0, reload=False) is False and len(tlb) == 1  # left lazy mode
+    assert tlb.switch_to(2, 0) is True and len(tlb) == 0
 
 
 def test_invalidate_all_counts_and_clears_generations():
