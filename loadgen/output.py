@@ -149,6 +149,41 @@ def _flag(v) -> str:
     return {True: "on", False: "off"}.get(v, str(v)) if isinstance(v, bool) else str(v)
 
 
+def named(scenario: str, reports: list[dict]) -> str:
+    """The scenario, and for a trace its file and the traced command."""
+    if scenario != "replay" or not reports:
+        return scenario
+    cfg, rep = reports[0]["config"], reports[0]["results"].get("replay", {})
+    command = " ".join(rep.get("command") or [])
+    name = os.path.basename(cfg.get("trace") or "") or "a trace"
+    return f"replay of {name}" + (f" ({command})" if command else "")
+
+
+def trace_notes(rep: dict | None) -> list[str]:
+    """What a trace cannot show, said where its policies are compared: a trace without
+    page accesses flushes nothing; one whose address spaces each ran on one CPU sends
+    no IPI."""
+    if not rep:
+        return []
+    if not rep.get("access_pages"):
+        return ["This trace holds no page accesses (recorded without --accesses): no page "
+                "is ever faulted in, so its munmaps clear no PTE and per-page and gathered "
+                "flushing send the same shootdowns (only freed page tables flush). Record "
+                "it with `tlbsim trace record --accesses`."]
+    if not rep.get("address_spaces_on_several_cpus"):
+        return ["No address space of this trace had its pages touched from two CPUs (each "
+                "process ran one thread): a shootdown has no target but its initiator, so "
+                "IPIs are 0 whatever the policy. The multi-threaded trace "
+                "tests/fixtures/traces/threads-munmap.tlbt.gz is one where they are not."]
+    return []
+
+
+def replay_of(result: dict) -> dict | None:
+    """A comparison's trace summary (the first run's), if it compared a trace."""
+    reports = result.get("a", {}).get("reports") or []
+    return reports[0]["results"].get("replay") if reports else None
+
+
 def print_report(report: dict) -> None:
     r = report["results"]
     table = Table(title=f"{report['scenario']}: {describe(report['scenario'], report['config'])}")
@@ -235,6 +270,8 @@ def print_replay(rep: dict) -> None:
                                   "tasks_alive_at_end") if rep.get(k)}
     if extras:
         console.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in extras.items()))
+    for note in trace_notes(rep):
+        console.print(f"note: {note}", markup=False)
     if rep.get("unknown_syscalls"):
         console.print("not simulated (counted, not replayed): " + ", ".join(
             f"{k} x{v}" for k, v in rep["unknown_syscalls"].items()))
@@ -271,7 +308,9 @@ def swept_values(result: dict) -> dict[str, str]:
 
 
 def print_compare(result: dict) -> None:
-    table = Table(title=f"{result['scenario']}: A = {result['a']['spec'] or 'defaults'}, "
+    reports = result["a"]["reports"]
+    table = Table(title=f"{named(result['scenario'], reports)}: "
+                        f"A = {result['a']['spec'] or 'defaults'}, "
                         f"B = {result['b']['spec'] or 'defaults'} "
                         f"({_pairs(result['pairs'])}; medians)",
                   caption=compare_caption(result), caption_justify="left")
@@ -291,6 +330,8 @@ def print_compare(result: dict) -> None:
     console.print(table)
     if flagged:
         console.print(DISAGREE_NOTE)
+    for note in trace_notes(replay_of(result)):
+        console.print(f"note: {note}", markup=False)
     if result.get("interrupted"):
         err_console.print("interrupted: the table covers the pairs completed before Ctrl-C")
 
@@ -300,7 +341,8 @@ def print_sweep(result: dict) -> None:
     key = result["key"]
     points = result["points"]
     first = points[0] if points else {}
-    console.print(f"[bold]{result['scenario']}: sweep of {key}[/bold]; "
+    console.print(f"[bold]{named(result['scenario'], first.get('a', {}).get('reports', []))}: "
+                  f"sweep of {key}[/bold]; "
                   f"A = {result['a_spec'] or 'defaults'}, B = {result['b_spec'] or 'defaults'}; "
                   f"{_pairs(first.get('pairs', 0))} per value")
     if first:
@@ -324,6 +366,8 @@ def print_sweep(result: dict) -> None:
         console.print(table)
     if flagged:
         console.print(DISAGREE_NOTE)
+    for note in trace_notes(replay_of(first) if first else None):
+        console.print(f"note: {note}", markup=False)
     if result.get("interrupted"):
         err_console.print("interrupted: the table covers the points completed before Ctrl-C")
 

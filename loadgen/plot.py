@@ -13,7 +13,6 @@ its values span more than SPAN_FOR_LOG; the caption holds the configuration.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import textwrap
 
@@ -65,13 +64,13 @@ def _samples(reports: list[dict], key: str) -> list[float]:
 
 
 def _title(scenario: str, reports: list[dict]) -> str:
-    """The scenario, and for a trace its file and the traced command."""
-    if scenario != "replay" or not reports:
-        return scenario
-    cfg, rep = reports[0]["config"], reports[0]["results"].get("replay", {})
-    command = " ".join(rep.get("command") or [])
-    name = os.path.basename(cfg.get("trace") or "") or "a trace"
-    return f"replay of {name}" + (f" ({command})" if command else "")
+    from loadgen.output import named
+    return named(scenario, reports)
+
+
+def _notes(reports: list[dict]) -> list[str]:
+    from loadgen.output import trace_notes
+    return trace_notes(reports[0]["results"].get("replay") if reports else None)
 
 
 def _caption(fig, lines: list[str]) -> None:
@@ -163,6 +162,7 @@ def plot_compare(result: dict, path: str) -> None:
              "dots: each run; "
              "B/A: median of the pair ratios (min–max over the pairs)."
              + (" CDFs: every kept latency sample of every run." if cdfs else "")]
+    lines += _notes(result["a"]["reports"])
     _caption(fig, lines)
     _layout(fig, len(lines) + 2)
     _save(fig, path)
@@ -326,6 +326,7 @@ def plot_sweep(result: dict, path: str) -> None:
                  "B/A, the median of the pair ratios, shaded from the smallest to the "
                  "largest." + ("" if xs_num is not None else
                                f" The values of {key} are not numbers: evenly spaced."))
+    lines += _notes(reports)
     _caption(fig, lines)
     _layout(fig, len(lines) + 2)
     _save(fig, path)
@@ -369,6 +370,7 @@ def plot_report(report: dict, path: str) -> None:
     elif not cdfs:
         caption.append("This run timed no munmap, madvise or fault: only its numbers are "
                        "shown.")
+    caption += _notes([report])
     _caption(fig, caption)
     _layout(fig, len(caption) + 2)
     _save(fig, path)

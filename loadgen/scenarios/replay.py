@@ -19,6 +19,7 @@ from services.common.errors import InvalidArgument
 OPTIONS = ('cpus', 'rounds')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["shootdowns", "ipis", "faults", "tlb_hit_rate"]
+LABELS = {"munmap_latency_ms": "munmap / madvise latency"}
 
 
 async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
