@@ -25,8 +25,8 @@ err_console = Console(stderr=True)
 
 # --- the run table ------------------------------------------------------------------------
 # A block is a titled group of (label, value) rows; the table shows the blocks in the
-# order of BLOCKS, each function returning None when it has nothing to say. A block
-# that must come first (the scenario's headline today) is one more function at the front.
+# order of BLOCKS, each function returning None (or no rows) when it has nothing to
+# say. A block that must come before the headline is one more function at the front.
 Block = tuple[str, list[tuple[str, str]]]
 
 # What every run reports after its headline, when it measured it (a zero is left out).

@@ -91,17 +91,18 @@ def _describe(scenario: str, cfg: dict) -> str:
 
 
 def _panels(scenario: str) -> list[tuple[str, str, list[Metric]]]:
-    """(key, title, metrics) per headline key: a latency key is one panel of p50 and p99."""
+    """(title, axis label, metrics) per headline key: a latency key is one panel of its
+    p50 and p99."""
     labels = LABELS.get(scenario, {})
     by_path = {m.path: m for m in headline(scenario)}
     out = []
     for key in HEADLINES[scenario]:
         if key in LATENCIES:
             name = labels.get(key, LATENCIES[key])
-            out.append((key, f"{name} (ms)", [by_path[f"{key}.p50"], by_path[f"{key}.p99"]]))
+            out.append((name, f"{name} (ms)", [by_path[f"{key}.p50"], by_path[f"{key}.p99"]]))
         else:
             m = by_path[key]
-            out.append((key, m.axis, [m]))
+            out.append((m.label, m.axis, [m]))
     return out
 
 
@@ -118,7 +119,7 @@ def _cdf(ax, series: list[tuple[str, str, list[float]]], xlabel: str) -> None:
     ax.set_ylabel("fraction of samples ≤ x")
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    ax.legend(loc="best", fontsize=8, frameon=False)
 
 
 def _save(fig, path: str) -> None:
@@ -128,23 +129,33 @@ def _save(fig, path: str) -> None:
 
 # --- compare ----------------------------------------------------------------------------
 def plot_compare(result: dict, path: str) -> None:
-    if result["kind"] == "sweep":
-        plot_sweep(result, path)
-        return
+    """A comparison or a sweep as a PNG."""
+    _save(compare_figure(result) if result["kind"] == "compare" else sweep_figure(result),
+          path)
+
+
+def plot_sweep(result: dict, path: str) -> None:
+    _save(sweep_figure(result), path)
+
+
+def plot_report(report: dict, path: str) -> None:
+    _save(report_figure(report), path)
+
+
+def compare_figure(result: dict):
     scenario = result["scenario"]
     sides = {"A": result["a"], "B": result["b"]}
     rows = {row["metric"]: row for row in result["metrics"]}
-    panels = [(key, title, ms) for key, title, ms in _panels(scenario)
-              if any(m.path in rows for m in ms)]
+    panels = [panel for panel in _panels(scenario) if any(m.path in rows for m in panel[2])]
     cdfs = [k for k in SAMPLE_KEYS
             if any(len(_samples(s["reports"], k)) >= MIN_CDF for s in sides.values())]
     ncols = max(len(panels), len(cdfs), 1)
     fig = plt.figure(figsize=(max(9.0, 3.3 * ncols), 8.2 if cdfs else 5.0))
     grid = fig.add_gridspec(2 if cdfs else 1, 2 * ncols)
     # Panels centred in their row when a row has fewer than ncols.
-    for i, (key, title, ms) in enumerate(panels):
+    for i, (title, axis, ms) in enumerate(panels):
         start = (ncols - len(panels)) + 2 * i
-        _bars(fig.add_subplot(grid[0, start:start + 2]), title, ms, rows, sides)
+        _bars(fig.add_subplot(grid[0, start:start + 2]), title, axis, ms, rows, sides)
     labels = LABELS.get(scenario, {})
     for i, key in enumerate(cdfs):
         start = (ncols - len(cdfs)) + 2 * i
@@ -165,10 +176,11 @@ def plot_compare(result: dict, path: str) -> None:
     lines += _notes(result["a"]["reports"])
     _caption(fig, lines)
     _layout(fig, len(lines) + 2)
-    _save(fig, path)
+    return fig
 
 
-def _bars(ax, title: str, metrics: list[Metric], rows: dict, sides: dict) -> None:
+def _bars(ax, title: str, axis: str, metrics: list[Metric], rows: dict,
+          sides: dict) -> None:
     """Each side's median (one group per metric: p50, p99) as a bar, or as a line on a
     log axis; every run a dot; under each group its name and B/A with the spread."""
     width = 0.38
@@ -214,8 +226,8 @@ def _bars(ax, title: str, metrics: list[Metric], rows: dict, sides: dict) -> Non
     _plain_ticks(ax)
     ax.set_xticks(ticks, names)
     ax.set_xlim(-0.7, len(metrics) - 0.3)
-    ax.set_ylabel(title)
-    ax.set_title(title.rsplit(" (", 1)[0])
+    ax.set_ylabel(axis)
+    ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
 
 
@@ -243,7 +255,7 @@ def _spaced_labels(xs: list[float], labels: list[str], log: bool) -> list[str]:
     return shown
 
 
-def plot_sweep(result: dict, path: str) -> None:
+def sweep_figure(result: dict):
     scenario = result["scenario"]
     points = result["points"]
     key = result["key"]
@@ -253,7 +265,7 @@ def plot_sweep(result: dict, path: str) -> None:
     fig, axes = plt.subplots(2, len(panels), figsize=(max(9.0, 4.2 * len(panels)), 7.4),
                              squeeze=False, sharex="col",
                              gridspec_kw={"height_ratios": [2.2, 1]})
-    for col, (hkey, title, ms) in enumerate(panels):
+    for col, (title, axis, ms) in enumerate(panels):
         top, bottom = axes[0][col], axes[1][col]
         values, ratios = [], []
         for m, style in zip(ms, ("-", "--")):
@@ -290,8 +302,8 @@ def plot_sweep(result: dict, path: str) -> None:
         elif all(not m.unit and not m.percent for m in ms):
             top.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count
         _plain_ticks(top)
-        top.set_ylabel(title)
-        top.set_title(title.rsplit(" (", 1)[0])
+        top.set_ylabel(axis)
+        top.set_title(title)
         top.grid(True, alpha=0.3)
         top.legend(fontsize=8, frameon=False, loc="best")
         bottom.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
@@ -329,11 +341,11 @@ def plot_sweep(result: dict, path: str) -> None:
     lines += _notes(reports)
     _caption(fig, lines)
     _layout(fig, len(lines) + 2)
-    _save(fig, path)
+    return fig
 
 
 # --- one run ----------------------------------------------------------------------------
-def plot_report(report: dict, path: str) -> None:
+def report_figure(report: dict):
     scenario = report["scenario"]
     kept = report.get("samples", {})
     cdfs = [k for k in SAMPLE_KEYS if len(kept.get(k, [])) >= MIN_CDF]
@@ -373,4 +385,4 @@ def plot_report(report: dict, path: str) -> None:
     caption += _notes([report])
     _caption(fig, caption)
     _layout(fig, len(caption) + 2)
-    _save(fig, path)
+    return fig
