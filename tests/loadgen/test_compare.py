@@ -149,7 +149,8 @@ def test_a_ratio_of_medians_that_contradicts_the_pairs_is_flagged():
     assert row["ratio"] == pytest.approx(2.19, abs=0.01) and row["ratio_of_medians"] < 1
     assert disagrees(row)
     result = {"scenario": "munmap", "pairs": 3, "metrics": [row],
-              "a": {"spec": "x", "config": CONFIG}, "b": {"spec": "y", "config": CONFIG}}
+              "a": {"spec": "x", "config": CONFIG, "reports": []},
+              "b": {"spec": "y", "config": CONFIG, "reports": []}}
     with output.console.capture() as cap:
         output.print_compare(result)
     text = cap.get()
