@@ -8,7 +8,7 @@ import os
 from loadgen import output
 from loadgen.cluster import Cluster
 from loadgen.runner import run
-from loadgen.scenarios import DOCS, SCENARIOS, RunConfig
+from loadgen.scenarios import DOCS, OPTIONS, SCENARIOS, RunConfig
 from loadgen.scenarios import check as check_scenario
 from loadgen.scenarios.flush_ceiling import DEFAULT_WORKING_SET
 from services.common import costmodel, exitcodes
@@ -170,15 +170,7 @@ SCENARIO_DEFAULTS: dict[str, dict] = {
     "replay": {"rounds": 1},
 }
 # The options each scenario reads (the others are accepted and ignored).
-SCENARIO_USES = {
-    "munmap": ("cpus", "pages", "rounds"), "tlb-flush": ("cpus", "pages", "rounds"),
-    "fault-scaling": ("cpus", "pages", "rounds"), "mprotect": ("cpus", "pages", "rounds"),
-    "mixed": ("cpus", "pages", "rounds"), "fork": ("cpus", "rounds", "resident", "children",
-                                                   "fork"),
-    "shared-write": ("cpus", "pages", "rounds", "resident", "children", "fork"),
-    "swapout": ("cpus", "pages", "rounds", "resident", "children", "fork", "frames"),
-    "flush-ceiling": ("cpus", "pages", "rounds", "resident"), "replay": ("cpus", "rounds"),
-}
+SCENARIO_USES = OPTIONS
 MAX_PAGES = 1 << 20     # an Access of every page of a mapping: MAX_ACCESSES per request
 MAX_ROUNDS = 1_000_000
 MAX_CHILDREN = 1000     # each child is a fork (and, in `fork`, an exit) per round

@@ -192,7 +192,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     result = asyncio.run(main())
     if result["kind"] == "sweep":
-        output.print_sweep(result, cmp.headline(scenario))
+        output.print_sweep(result)
     else:
         output.print_compare(result)
     output.write_json(result, args.json)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from typing import Callable, Iterator
 
@@ -11,48 +12,189 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from loadgen.compare import disagrees
+from loadgen.metrics import LATENCIES, lookup, metric, number, ratio_text, spread_text
 from loadgen.runner import failed
+from loadgen.scenarios import HEADLINES, LABELS, OPTIONS, headline
 from services.common import exitcodes
 from services.common.errors import InvalidArgument
+from services.common.policy import Policy
 
 console = Console()
 err_console = Console(stderr=True)
 
-# (label, result key, format) for the single-run table.
-ROWS = [
-    ("ops", "ops", "{}"), ("duration", "duration_s", "{:.3f} s"),
-    ("shootdowns", "shootdowns", "{}"), ("full flushes", "full_flushes", "{}"),
-    ("IPIs (flush deliveries)", "ipis", "{}"), ("IPIs that found nothing", "ipis_elided", "{}"),
-    ("pages freed", "pages_freed", "{}"), ("faults", "faults", "{}"),
-    ("faults/s", "faults_per_s", "{}"), ("TLB hit rate", "tlb_hit_rate", "{:.2%}"),
-    ("munmap latency p50 / p99", "munmap_latency_ms", "ms"),
-    ("fault latency p50 / p99", "fault_latency_ms", "ms"),
-    ("lock wait p50 / p99", "lock_wait_ms", "ms"),
-    ("shootdown latency p50 / p99", "shootdown_latency_ms", "ms"),
-    ("fenced CPUs", "fenced_cpus", "{}"),
-    ("stale accesses", "stale_accesses", "{}"), ("audit violations", "audit_violations", "{}"),
-]
+# --- the run table ------------------------------------------------------------------------
+# A block is a titled group of (label, value) rows; the table shows the blocks in the
+# order of BLOCKS, each function returning None (or no rows) when it has nothing to
+# say. A block that must come before the headline is one more function at the front.
+Block = tuple[str, list[tuple[str, str]]]
+
+# What every run reports after its headline, when it measured it (a zero is left out).
+RUN_KEYS = ["ops_per_s", "shootdowns", "full_flushes", "ipis", "ipis_elided", "pages_freed",
+            "faults", "faults_per_s", "tlb_hit_rate", "munmap_latency_ms", "fault_latency_ms",
+            "lock_wait_ms", "contended_locks", "shootdown_latency_ms", "unshares",
+            "reclaimed_pages", "lock_order_violations"]
+SAFETY_KEYS = ["stale_accesses", "audit_violations", "frames_freed_without_ack",
+               "deadline_misses"]
 
 
-def fmt(value, how: str) -> str:
-    if how == "ms":
-        return f"{value['p50']:.3f} / {value['p99']:.3f} ms"
-    if isinstance(value, list):
-        return ", ".join(map(str, value)) or "none"
-    return how.format(value)
+def latency_text(value) -> str | None:
+    """`1.23 / 4.56 ms` (p50 / p99), or None when nothing was timed."""
+    if not isinstance(value, dict) or not (value.get("p50") or value.get("p99")):
+        return None
+    return f"{number(value['p50'])} / {number(value['p99'])} ms"
+
+
+def key_row(results: dict, key: str, label: str | None = None,
+            shown_if_zero: bool = True) -> tuple[str, str] | None:
+    """One row for a result key: a latency as p50 / p99, anything else as its metric."""
+    if key in LATENCIES:
+        text = latency_text(lookup_dict(results, key))
+        if text is None and not shown_if_zero:
+            return None
+        return f"{label or LATENCIES[key]} p50 / p99", text or "not measured"
+    m = metric(key, label)
+    value = m.value({"results": results})
+    if value is None or (not value and not shown_if_zero):
+        return None
+    return m.heading, m.text(value)
+
+
+def lookup_dict(results: dict, key: str):
+    value = results
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def headline_block(report: dict) -> Block | None:
+    scenario = report["scenario"]
+    if scenario not in HEADLINES:
+        return None
+    labels = LABELS.get(scenario, {})
+    rows = [key_row(report["results"], k, labels.get(k)) for k in HEADLINES[scenario]]
+    return "headline", [r for r in rows if r]
+
+
+def run_block(report: dict) -> Block:
+    r = report["results"]
+    shown = set(HEADLINES.get(report["scenario"], []))
+    labels = LABELS.get(report["scenario"], {})
+    rows = [("ops, duration", f"{r['ops']:,} in {r['duration_s']:.3f} s")]
+    rows += [row for k in RUN_KEYS if k not in shown
+             and (row := key_row(r, k, labels.get(k), shown_if_zero=False))]
+    return "the run", rows
+
+
+def safety_block(report: dict) -> Block:
+    r = report["results"]
+    rows = [key_row(r, k) for k in SAFETY_KEYS]
+    fenced = r.get("fenced_cpus") or []
+    rows.append(("CPUs fenced or lost at the end", ", ".join(map(str, fenced)) or "none"))
+    return "safety", [row for row in rows if row]
+
+
+BLOCKS: list[Callable[[dict], Block | None]] = [headline_block, run_block, safety_block]
+
+
+def report_blocks(report: dict) -> list[Block]:
+    return [b for build in BLOCKS if (b := build(report)) is not None and b[1]]
+
+
+def describe(scenario: str, cfg: dict, swept: dict[str, str] | None = None) -> str:
+    """The configuration in words: the workload options the scenario reads, then the
+    policy (flush, lock, transport, and whatever differs from the defaults). `swept`
+    gives the text of an option a sweep varies (`pages`: "1, 8, 64, 512")."""
+    swept = swept or {}
+    uses = OPTIONS.get(scenario, ("cpus", "pages", "rounds"))
+    words = []
+    if scenario == "replay" and cfg.get("trace"):
+        words.append(f"trace {os.path.basename(cfg['trace'])}")
+
+    def counted(key: str, one: str, many: str) -> str:
+        if key in swept:
+            return f"{swept[key]} {many}"
+        n = cfg[key]
+        return f"{n:,} {one if n == 1 else many}"
+
+    for key in uses:
+        if key == "cpus":
+            words.append(counted("cpus", "CPU", "CPUs"))
+        elif key == "rounds" and cfg.get("duration_s") and "rounds" not in swept:
+            words.append(f"for {number(cfg['duration_s'])} s")
+        elif key == "rounds" and cfg.get("ops") and "rounds" not in swept:
+            words.append(f"until {cfg['ops']:,} ops")
+        elif key == "rounds":
+            words.append(counted("rounds", "round", "rounds"))
+        elif key == "pages":
+            words.append(counted("pages", "page", "pages"))
+        elif key == "resident":
+            words.append(counted("resident", "resident page", "resident pages"))
+        elif key == "children":
+            words.append(counted("children", "child", "children"))
+    return ", ".join(words) + "; " + policy_text(cfg, swept)
+
+
+def policy_text(cfg: dict, swept: dict[str, str] | None = None) -> str:
+    swept = swept or {}
+    default = Policy().as_dict()
+    always = ("flush", "lock", "transport")
+    shown = list(always) + [k for k in default if k not in always and k in cfg
+                            and (cfg[k] != default[k] or k in swept)]
+    return " ".join(f"{k.replace('_', '-')}="
+                    f"{swept[k] if k in swept else _flag(cfg[k])}" for k in shown)
+
+
+def _flag(v) -> str:
+    return {True: "on", False: "off"}.get(v, str(v)) if isinstance(v, bool) else str(v)
+
+
+def named(scenario: str, reports: list[dict]) -> str:
+    """The scenario, and for a trace its file and the traced command."""
+    if scenario != "replay" or not reports:
+        return scenario
+    cfg, rep = reports[0]["config"], reports[0]["results"].get("replay", {})
+    command = " ".join(rep.get("command") or [])
+    name = os.path.basename(cfg.get("trace") or "") or "a trace"
+    return f"replay of {name}" + (f" ({command})" if command else "")
+
+
+def trace_notes(rep: dict | None) -> list[str]:
+    """What a trace cannot show, said where its policies are compared: a trace without
+    page accesses flushes nothing; one whose address spaces each ran on one CPU sends
+    no IPI."""
+    if not rep:
+        return []
+    if not rep.get("access_pages"):
+        return ["This trace holds no page accesses (recorded without --accesses): no page "
+                "is ever faulted in, so its munmaps clear no PTE and per-page and gathered "
+                "flushing send the same shootdowns (only freed page tables flush). Record "
+                "it with `tlbsim trace record --accesses`."]
+    if not rep.get("address_spaces_on_several_cpus"):
+        return ["No address space of this trace had its pages touched from two CPUs (each "
+                "process ran one thread): a shootdown has no target but its initiator, so "
+                "IPIs are 0 whatever the policy. The multi-threaded trace "
+                "tests/fixtures/traces/threads-munmap.tlbt.gz is one where they are not."]
+    return []
+
+
+def replay_of(result: dict) -> dict | None:
+    """A comparison's trace summary (the first run's), if it compared a trace."""
+    reports = result.get("a", {}).get("reports") or []
+    return reports[0]["results"].get("replay") if reports else None
 
 
 def print_report(report: dict) -> None:
     r = report["results"]
-    cfg = report["config"]
-    title = (f"{report['scenario']}: {cfg['cpus']} CPUs, {cfg['pages']} pages, "
-             f"flush={cfg['flush']} lock={cfg['lock']} transport={cfg['transport']}"
-             + (f" unsafe={cfg['unsafe']}" if cfg["unsafe"] != "none" else ""))
-    table = Table(title=title)
+    table = Table(title=f"{report['scenario']}: {describe(report['scenario'], report['config'])}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for label, key, how in ROWS:
-        table.add_row(label, fmt(r[key], how))
+    for i, (title, rows) in enumerate(report_blocks(report)):
+        if i:
+            table.add_section()
+        table.add_row(f"[bold]{title}[/bold]", "")
+        for label, value in rows:
+            table.add_row(f"  {label}", value)
     console.print(table)
     if "modelled" in r:
         print_modelled(r)
@@ -62,6 +204,9 @@ def print_report(report: dict) -> None:
         err_console.print("interrupted: the report covers what ran before Ctrl-C")
     for v in report.get("violations", []):
         err_console.print(f"audit: {v}", markup=False)
+    if r.get("lock_order_reports"):
+        err_console.print(f"lock validator: {r['lock_order_violations']:,} inversions refused; "
+                          f"the first: {r['lock_order_reports'][0]}", markup=False)
 
 
 def print_modelled(r: dict) -> None:
@@ -89,20 +234,23 @@ def print_modelled(r: dict) -> None:
 
 
 def print_comparison(title: str, labels: list[str], reports: list[dict],
-                     rows: list[tuple[str, str, str]]) -> None:
+                     keys: list[str]) -> None:
+    """Reports side by side (the demo): one row per result key, and B/A for two."""
     table = Table(title=title)
     table.add_column("metric")
     for label in labels:
         table.add_column(label, justify="right")
     if len(reports) == 2:
         table.add_column("B/A", justify="right")
-    for label, key, how in rows:
-        values = [rep["results"][key] for rep in reports]
-        cells = [fmt(v, how) for v in values]
+    for key in keys:
+        cells = [key_row(rep["results"], key) for rep in reports]
+        label = next((c[0] for c in cells if c), key)
+        row = [c[1] if c else "-" for c in cells]
         if len(reports) == 2:
-            a, b = (v["p50"] if isinstance(v, dict) else v for v in values)
-            cells.append(f"{b / a:.3g}x" if isinstance(a, (int, float)) and a else "-")
-        table.add_row(label, *cells)
+            path = f"{key}.p50" if key in LATENCIES else key
+            a, b = (lookup(rep["results"], path) for rep in reports)
+            row.append(ratio_text(b / a) if a and b is not None else "-")
+        table.add_row(label, *row)
     console.print(table)
 
 
@@ -122,6 +270,8 @@ def print_replay(rep: dict) -> None:
                                   "tasks_alive_at_end") if rep.get(k)}
     if extras:
         console.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in extras.items()))
+    for note in trace_notes(rep):
+        console.print(f"note: {note}", markup=False)
     if rep.get("unknown_syscalls"):
         console.print("not simulated (counted, not replayed): " + ", ".join(
             f"{k} x{v}" for k, v in rep["unknown_syscalls"].items()))
@@ -130,51 +280,94 @@ def print_replay(rep: dict) -> None:
             f"{k} x{v}" for k, v in rep["advice_without_effect"].items()))
 
 
-def _num(v: float | None) -> str:
-    if v is None:
-        return "-"
-    if v == int(v) and abs(v) < 1e12:
-        return f"{int(v):,}"
-    return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.1f}"
+def _spread(row: dict) -> str:
+    return spread_text(row["ratio_min"], row["ratio_max"])
 
 
-def _ratio(row: dict) -> tuple[str, str]:
-    if row["ratio"] is None:
-        return "-", "-"
-    spread = (f"{row['ratio_min']:.3g}–{row['ratio_max']:.3g}"
-              if row["ratio_min"] != row["ratio_max"] else "")
-    return f"{row['ratio']:.3g}x", spread
+def _pairs(n: int) -> str:
+    return f"{n} alternating pair{'s' * (n != 1)}"
+
+
+DISAGREE_NOTE = ("* the median of the pair ratios and the ratio of the medians disagree: "
+                 "the pairs vary (see the spread). B/A compares each B run with the A run "
+                 "just before it, which a drifting machine hits alike; the medians do not.")
+
+
+def compare_caption(result: dict, swept: dict[str, str] | None = None) -> str:
+    """What each side ran: its whole configuration (a sweep: the values it took)."""
+    return "\n".join(f"{s.upper()}: "
+                     f"{describe(result['scenario'], result[s]['config'], swept)}"
+                     for s in ("a", "b"))
+
+
+def swept_values(result: dict) -> dict[str, str]:
+    """{config key: "1, 8, 64"} of a sweep."""
+    dest = result["key"].lstrip("-").replace("-", "_")  # the option's name, as --a takes it
+    key = {"deadline": "deadline_s", "duration": "duration_s"}.get(dest, dest)
+    return {key: ", ".join(map(str, result["values"]))}
 
 
 def print_compare(result: dict) -> None:
-    table = Table(title=f"{result['scenario']}: A = {result['a']['spec'] or 'defaults'}, "
+    reports = result["a"]["reports"]
+    table = Table(title=f"{named(result['scenario'], reports)}: "
+                        f"A = {result['a']['spec'] or 'defaults'}, "
                         f"B = {result['b']['spec'] or 'defaults'} "
-                        f"({result['pairs']} alternating pairs; medians)")
+                        f"({_pairs(result['pairs'])}; medians)",
+                  caption=compare_caption(result), caption_justify="left")
     for col in ("metric", "A", "B", "B/A", "B/A spread"):
         table.add_column(col, justify="left" if col == "metric" else "right")
+    flagged = False
+    was_headline = True
     for row in result["metrics"]:
-        table.add_row(row["label"], _num(row["a"]), _num(row["b"]), *_ratio(row))
+        if was_headline and not row.get("headline"):
+            table.add_section()
+            was_headline = False
+        m = metric(row["metric"])
+        mark = "*" if disagrees(row) else ""
+        flagged |= bool(mark)
+        table.add_row(row["label"], m.text(row["a"]), m.text(row["b"]),
+                      ratio_text(row["ratio"]) + mark, _spread(row))
     console.print(table)
+    if flagged:
+        console.print(DISAGREE_NOTE)
+    for note in trace_notes(replay_of(result)):
+        console.print(f"note: {note}", markup=False)
     if result.get("interrupted"):
         err_console.print("interrupted: the table covers the pairs completed before Ctrl-C")
 
 
-def print_sweep(result: dict, keys: list[str]) -> None:
-    table = Table(title=f"{result['scenario']}: sweep of {result['key']}; "
-                        f"A = {result['a_spec'] or 'defaults'}, "
-                        f"B = {result['b_spec'] or 'defaults'}")
-    table.add_column(result["key"])
-    for key in keys:
-        for col in ("A", "B", "B/A"):
-            table.add_column(f"{key} {col}", justify="right")
-    for point in result["points"]:
-        rows = {row["metric"]: row for row in point["metrics"]}
-        cells = [str(point["value"])]
-        for key in keys:
-            row = rows.get(key)
-            cells += ([_num(row["a"]), _num(row["b"]), _ratio(row)[0]] if row else ["-"] * 3)
-        table.add_row(*cells)
-    console.print(table)
+def print_sweep(result: dict) -> None:
+    """One small table per headline metric: the swept value down, A, B and B/A across."""
+    key = result["key"]
+    points = result["points"]
+    first = points[0] if points else {}
+    console.print(f"[bold]{named(result['scenario'], first.get('a', {}).get('reports', []))}: "
+                  f"sweep of {key}[/bold]; "
+                  f"A = {result['a_spec'] or 'defaults'}, B = {result['b_spec'] or 'defaults'}; "
+                  f"{_pairs(first.get('pairs', 0))} per value")
+    if first:
+        console.print(compare_caption(first, swept_values(result)), markup=False)
+    flagged = False
+    for m in headline(result["scenario"]):
+        rows = [{r["metric"]: r for r in p["metrics"]}.get(m.path) for p in points]
+        if not any(rows):
+            continue
+        table = Table(title=m.heading, title_justify="left")
+        for col in (key, "A", "B", "B/A", "B/A spread"):
+            table.add_column(col, justify="left" if col == key else "right")
+        for p, row in zip(points, rows):
+            if row is None:
+                table.add_row(str(p["value"]), "-", "-", "-", "")
+                continue
+            mark = "*" if disagrees(row) else ""
+            flagged |= bool(mark)
+            table.add_row(str(p["value"]), m.text(row["a"]), m.text(row["b"]),
+                          ratio_text(row["ratio"]) + mark, _spread(row))
+        console.print(table)
+    if flagged:
+        console.print(DISAGREE_NOTE)
+    for note in trace_notes(replay_of(first) if first else None):
+        console.print(f"note: {note}", markup=False)
     if result.get("interrupted"):
         err_console.print("interrupted: the table covers the points completed before Ctrl-C")
 

@@ -21,6 +21,12 @@ from services.common.addresses import PAGE_SIZE, PTE_TABLE_PAGES
 from services.common.errors import InvalidArgument
 from tlbsim.v1 import common_pb2
 
+# The options it reads (the others are accepted and ignored).
+OPTIONS = ('cpus', 'pages', 'rounds')
+# What the run table, compare and plots show first (names: loadgen/metrics.py).
+HEADLINE = ["faulting_faults_per_s", "fault_latency_ms", "lock_wait_ms", "contended_locks"]
+LABELS = {"munmap_latency_ms": "madvise latency"}  # the churners' calls
+
 
 CHURN_BATCH = 32  # pages a churner writes in one request, then madvises one by one
 

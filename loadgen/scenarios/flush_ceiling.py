@@ -21,6 +21,13 @@ from loadgen.modelled import machine_events
 from loadgen.scenarios.base import Driver, Progress, RunConfig, pages_at
 from tlbsim.v1 import common_pb2
 
+# The options it reads (the others are accepted and ignored).
+OPTIONS = ('cpus', 'pages', 'rounds', 'resident')
+# What the run table, compare and plots show first (names: loadgen/metrics.py).
+# The trade-off: a ranged flush costs per page, a full one costs refills (per access).
+HEADLINE = ["modelled.ns_per_round", "modelled.flush_ns_per_shootdown", "modelled.access_ns",
+            "full_flushes"]
+
 DEFAULT_WORKING_SET = 512  # pages: 2 MiB, one PTE table, a third of a 1536-entry TLB
 
 

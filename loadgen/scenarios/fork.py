@@ -13,6 +13,11 @@ from loadgen.scenarios import sharing
 from loadgen.scenarios.base import Driver, Progress, RunConfig
 from tlbsim.v1 import common_pb2, cpu_pb2, memory_pb2
 
+# The options it reads (the others are accepted and ignored).
+OPTIONS = ('cpus', 'rounds', 'resident', 'children', 'fork')
+# What the run table, compare and plots show first (names: loadgen/metrics.py).
+HEADLINE = ["fork_latency_ms", "pte_tables_allocated", "tlb_entries_flushed"]
+
 
 async def tlb_entries(d: Driver, cpus) -> int:
     dumps = [await c.stub.DumpTlb(cpu_pb2.DumpTlbRequest(), timeout=30) for c in d.live(cpus)]

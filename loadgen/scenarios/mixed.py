@@ -19,6 +19,12 @@ from services.common.addresses import PAGE_SIZE
 from services.common.errors import InvalidArgument
 from tlbsim.v1 import common_pb2
 
+# The options it reads (the others are accepted and ignored).
+OPTIONS = ('cpus', 'pages', 'rounds')
+# What the run table, compare and plots show first (names: loadgen/metrics.py).
+HEADLINE = ["ops_per_s", "ipis", "ipis_elided", "munmap_latency_ms"]
+LABELS = {"munmap_latency_ms": "munmap / madvise latency"}
+
 DEFAULT_MIX = "mmap=4,munmap=3,madvise=1,mprotect=1,read=6,write=3"
 OPS_PER_ROUND = 20
 MAX_LIVE = 16            # buffers a thread holds before it must free one

@@ -17,6 +17,11 @@ from loadgen.scenarios.base import Cpu, Driver, Progress, RunConfig, pages_at
 from services.common.addresses import PAGE_SIZE
 from tlbsim.v1 import common_pb2
 
+# The options it reads (the others are accepted and ignored).
+OPTIONS = ('cpus', 'pages', 'rounds')
+# What the run table, compare and plots show first (names: loadgen/metrics.py).
+HEADLINE = ["syscall_latency_ms.mprotect", "shootdowns", "full_flushes", "ipis"]
+
 CHUNK = 16               # pages per mprotect: below the ceiling, a ranged flush
 READER_SAMPLE = 64       # pages a reader touches per request
 READER_PAUSE_S = 0.0005

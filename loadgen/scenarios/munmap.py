@@ -13,6 +13,11 @@ import time
 from loadgen.scenarios.base import Cpu, Driver, Progress, RunConfig, pages_at
 from tlbsim.v1 import common_pb2
 
+# The options it reads (the others are accepted and ignored).
+OPTIONS = ('cpus', 'pages', 'rounds')
+# What the run table, compare and plots show first (names: loadgen/metrics.py).
+HEADLINE = ["shootdowns", "ipis", "munmap_latency_ms"]
+
 READER_SAMPLE = 64       # pages a concurrent reader touches per request
 READER_PAUSE_S = 0.0005  # between a reader's requests
 

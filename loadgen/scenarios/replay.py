@@ -15,6 +15,12 @@ from loadgen.trace.fmt import read_trace
 from loadgen.trace.replay import Replayer
 from services.common.errors import InvalidArgument
 
+# The options it reads (the others are accepted and ignored).
+OPTIONS = ('cpus', 'rounds')
+# What the run table, compare and plots show first (names: loadgen/metrics.py).
+HEADLINE = ["shootdowns", "ipis", "faults", "tlb_hit_rate"]
+LABELS = {"munmap_latency_ms": "munmap / madvise latency"}
+
 
 async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
     if not cfg.trace:

@@ -19,6 +19,11 @@ import grpc
 from loadgen.scenarios import sharing
 from loadgen.scenarios.base import Driver, Progress, RunConfig
 
+# The options it reads (the others are accepted and ignored).
+OPTIONS = ('cpus', 'pages', 'rounds', 'resident', 'children', 'fork')
+# What the run table, compare and plots show first (names: loadgen/metrics.py).
+HEADLINE = ["unshares", "aborted_writes", "lock_order_violations", "ipis"]
+
 
 async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
     cpus = d.cluster.cpus[:cfg.cpus]

@@ -18,6 +18,12 @@ from loadgen.scenarios.base import Driver, Progress, RunConfig, pages_at
 from services.common.errors import InvalidArgument
 from tlbsim.v1 import common_pb2, memory_pb2
 
+# The options it reads (the others are accepted and ignored).
+OPTIONS = ('cpus', 'pages', 'rounds', 'resident', 'children', 'fork', 'frames')
+# What the run table, compare and plots show first (names: loadgen/metrics.py).
+HEADLINE = ["reclaimed_pages", "reclaim_ipis_per_page", "reclaim_ipis", "swap_outs",
+            "swap_ins"]
+
 
 def check(cfg: RunConfig) -> None:
     if not cfg.policy.frames:

@@ -19,6 +19,12 @@ from loadgen.scenarios.base import Cpu, Driver, Progress, RunConfig
 from services.common.addresses import PAGE_SIZE
 from tlbsim.v1 import common_pb2
 
+# The options it reads (the others are accepted and ignored).
+OPTIONS = ('cpus', 'pages', 'rounds')
+# What the run table, compare and plots show first (names: loadgen/metrics.py).
+HEADLINE = ["madvise_per_s", "ipis", "munmap_latency_ms"]
+LABELS = {"munmap_latency_ms": "madvise latency"}
+
 
 async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
     cpus = d.cluster.cpus[:cfg.cpus]

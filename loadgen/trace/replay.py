@@ -112,6 +112,7 @@ class Space:
     users: set[int] = dataclasses.field(default_factory=set)
     brk: int | None = None          # the program's current heap end, in pages
     exited: bool = False
+    cpus: set[int] = dataclasses.field(default_factory=set)  # CPUs that touched its pages
 
 
 @dataclasses.dataclass
@@ -131,6 +132,7 @@ class Replayer:
         self.loaded: dict[int, int] = {}       # cpu id → mm it runs
         self._next_cpu = 0
         self._spaces = 0
+        self.spaces: list[Space] = []
         self.calls = collections.Counter()     # by strace's name, as read from the trace
         self.replayed = collections.Counter()
         self.failed = collections.Counter()    # failed in the trace: skipped
@@ -141,7 +143,8 @@ class Replayer:
     # --- tasks, CPUs and mms ---------------------------------------------------------------
     def _space(self) -> Space:
         self._spaces += 1
-        return Space(self._spaces)
+        self.spaces.append(Space(self._spaces))
+        return self.spaces[-1]
 
     def _place(self) -> Cpu:
         cpu = self.cpus[self._next_cpu % len(self.cpus)]
@@ -363,6 +366,7 @@ class Replayer:
             cpu = await self._run_on(task)
             await self.d.access(cpu, addresses, writes=bytes(writes))
             self.counters["access_batches"] += 1
+            task.space.cpus.add(cpu.id)
 
     def summary(self) -> dict:
         return {
@@ -378,6 +382,8 @@ class Replayer:
             "unknown_syscalls": dict(sorted(self.header.get("unknown_syscalls", {}).items())),
             "tasks": len(self.tasks),
             "address_spaces": self._spaces,
+            # Only these can send an IPI: a shootdown targets the other CPUs of the mm.
+            "address_spaces_on_several_cpus": sum(len(s.cpus) > 1 for s in self.spaces),
             "tasks_alive_at_end": sum(not t.ended for t in self.tasks.values()),
             **{k: self.counters[k] for k in (
                 "mms_created", "mm_switches", "implicit_munmaps", "implicit_mappings",

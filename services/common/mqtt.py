@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -97,6 +98,32 @@ def refused_login(error: Exception) -> bool:
                                    "code:134", "code:135"))
 
 
+class Outages:
+    """How long a link has been without its broker, in seconds (an injected clock): down
+    from the start until the first connection, and from every disconnection until the
+    next connection."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._since: float | None = None  # when the current outage began
+        self._total = 0.0
+        self.count = 0  # outages begun
+
+    def down(self) -> None:
+        if self._since is None:
+            self._since = self._clock()
+            self.count += 1
+
+    def up(self) -> None:
+        if self._since is not None:
+            self._total += self._clock() - self._since
+            self._since = None
+
+    def seconds(self) -> float:
+        ongoing = self._clock() - self._since if self._since is not None else 0.0
+        return self._total + ongoing
+
+
 class MqttUnavailable(Exception):
     """The broker is not connected (or the connection broke while publishing)."""
 
@@ -120,6 +147,7 @@ class MqttLink:
         self.connects = 0  # successful (re)connections, for tests and logs
         self.last_error = ""  # why the last connection attempt failed
         self.dropped = 0  # publish_soon messages dropped because too many were pending
+        self.outages = Outages()  # time without the broker (a metric of the coordinator)
         self._client: aiomqtt.Client | None = None
         self._up = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -133,6 +161,7 @@ class MqttLink:
     async def start(self, wait_s: float = 5.0) -> None:
         """Start the connection loop; wait up to wait_s for the first connection
         (not an error if the broker is not there yet: the loop keeps trying)."""
+        self.outages.down()  # until the first connection
         self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.name}")
         try:
             await asyncio.wait_for(self._up.wait(), wait_s)
@@ -194,6 +223,7 @@ class MqttLink:
                         await client.subscribe(topic, qos=1)
                     self._client = client
                     self.connects += 1
+                    self.outages.up()
                     self._up.set()
                     backoff = BACKOFF_S[0]
                     if self._said_down:
@@ -221,6 +251,7 @@ class MqttLink:
                     self._said_down = True
             finally:
                 self._client = None
+                self.outages.down()
                 self._up.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_S[1])

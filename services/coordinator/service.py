@@ -430,7 +430,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         s.ipis_elided += sum(a.outcome == common_pb2.FLUSH_OUTCOME_ELIDED for a in acks)
         s.full_flushes += flush.pages == 0
         s.latency_s.append(latency)
-        self._count_shootdown(request, len(live), sum(
+        self._count_shootdown(request, [link.cpu for link in live], sum(
             a.outcome == common_pb2.FLUSH_OUTCOME_ELIDED for a in acks), len(live) - len(acks),
             latency)
         return pb.ShootdownResponse(acks=acks, fenced=sorted(fenced), latency_s=latency)
@@ -514,13 +514,15 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
             fences_expired=s.fences_expired)
 
     # --- metrics ---------------------------------------------------------------------------
-    def _count_shootdown(self, request, sent: int, elided: int, missed: int,
+    def _count_shootdown(self, request, sent: list[int], elided: int, missed: int,
                          latency: float) -> None:
+        """`sent`: the CPUs the flush was delivered to (an IPI each)."""
         transport = self.policy.transport
         reason, scope = request.reason or "other", request.scope or "mm"
         c = self.counts
         c["shootdowns", reason, transport, scope] += 1
-        c["ipis", transport] += sent
+        for cpu in sent:
+            c["ipis", transport, cpu] += 1
         c["elided", transport] += elided
         c["missed", transport] += missed
         if self._latency is not None:
@@ -534,14 +536,38 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
                        ["reason", "transport", "scope"],
                        [(k[1:], n) for k, n in sorted(dict.copy(c).items())
                         if k[0] == "shootdowns"])
+        links = list(self.links.values())
+        # Per target CPU: every registered CPU's series exists from the start.
+        ipis = {(t, l.cpu): 0 for t in TRANSPORTS for l in links}
+        ipis.update({k[1:]: n for k, n in dict.copy(c).items() if k[0] == "ipis"})
+        yield labelled("counter", "tlbsim_ipis",
+                       "Flush deliveries (IPIs) sent to target CPUs, by transport and target",
+                       ["transport", "cpu"], sorted(ipis.items()))
         for key, name, help_text in (
-                ("ipis", "tlbsim_ipis", "Flush deliveries (IPIs) sent to target CPUs"),
                 ("elided", "tlbsim_ipis_elided",
                  "IPIs whose CPU found nothing to flush (generation already current)"),
                 ("missed", "tlbsim_deadline_misses",
                  "Targets that missed a shootdown deadline and were fenced")):
             yield labelled("counter", name, help_text, ["transport"],
                            [((t,), c[key, t]) for t in TRANSPORTS])
+        # Delivery trouble, counted per run (like the memory service's counts, they
+        # restart when a run resets the coordinator).
+        s = self.stats
+        yield "counter", "tlbsim_mqtt_fallbacks", \
+            "mqtt: targets silent for the broadcast's share of the deadline, sent a gRPC Flush", \
+            s.fallbacks
+        yield "counter", "tlbsim_mqtt_broker_down_shootdowns", \
+            "mqtt: shootdowns sent over gRPC because the broker was not connected", \
+            s.broker_down
+        yield "counter", "tlbsim_mqtt_broker_down_seconds", \
+            "Time the coordinator's MQTT link was without its broker (0 with no --mqtt-url)", \
+            self.mqtt.outages.seconds() if self.mqtt is not None else 0.0
+        yield "counter", "tlbsim_redeliveries", \
+            "Flushes sent again after a failed delivery (a lost message, a CPU restarting)", \
+            s.redeliveries
+        yield "counter", "tlbsim_unknown_targets", \
+            "Shootdown targets the coordinator did not know (it restarted): waited for", \
+            s.unknown_targets
         members = self.fencing.registered()
         yield "gauge", "tlbsim_cpus_online", "Registered CPUs not fenced", \
             sum(not m.fenced for m in members)

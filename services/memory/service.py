@@ -355,6 +355,15 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         yield "counter", "tlbsim_page_tables_freed", "Page-table frames freed", s.tables_freed
         yield "counter", "tlbsim_pages_reclaimed", "Pages reclaimed", \
             getattr(s, "reclaimed_pages", 0)
+        yield "counter", "tlbsim_swap_outs", "PTEs reclaim turned into swap entries", \
+            s.swap_outs
+        yield "counter", "tlbsim_swap_ins", "Pages brought back from swap by a fault", \
+            s.swap_ins
+        yield "counter", "tlbsim_reclaim_shootdowns", \
+            "Reclaim's batched flushes (one per batch of pages unmapped)", s.reclaim_shootdowns
+        yield "counter", "tlbsim_reclaim_ipis", \
+            "Deliveries of reclaim's flushes (also counted in the coordinator's IPIs)", \
+            s.reclaim_ipis
         yield "gauge", "tlbsim_shared_page_tables", "PTE tables shared by more than one mm", \
             getattr(s, "shared_tables", 0)
         yield "counter", "tlbsim_unshares", "Shared page tables unshared (table COW)", \

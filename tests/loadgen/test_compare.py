@@ -10,7 +10,8 @@ import pytest
 from loadgen import output
 from loadgen.cli import add_policy_options, add_workload_options, config_from
 from loadgen.commands import apply_overrides
-from loadgen.compare import Side, compare, summarize, sweep, write_csv
+from loadgen.compare import Side, compare, disagrees, summarize, sweep, write_csv
+from loadgen.metrics import metric, ratio_text, spread_text
 from loadgen.plot import plot_compare, plot_report
 from loadgen.scenarios import RunConfig
 from services.common.errors import InvalidArgument
@@ -18,6 +19,7 @@ from services.common.policy import Policy
 from tests.harness import InProcessCluster
 
 PNG = b"\x89PNG\r\n\x1a\n"
+CONFIG = RunConfig("munmap", Policy(), cpus=4, pages=16, rounds=2).as_dict()
 
 
 @pytest.fixture
@@ -65,7 +67,12 @@ async def test_compare_per_page_vs_gather(cluster, tmp_path):
     with output.console.capture() as cap:
         output.print_compare(result)
     text = cap.get()
-    assert "IPIs" in text and "0.0625x" in text and "flush=per-page" in text
+    assert "IPIs" in text and "1/16" in text and "flush=per-page" in text
+    assert "2 alternating pairs" in text
+    # The headline comes first, labelled with units; the hit rate is a percentage.
+    lines = [line for line in text.splitlines() if "│" in line]
+    assert lines[0].split("│")[1].strip() == "shootdowns"
+    assert "munmap latency p50 (ms)" in text and "%" in text
 
     csv_path = tmp_path / "c.csv"
     write_csv(result, str(csv_path))
@@ -94,8 +101,12 @@ async def test_sweep_produces_a_series(cluster, tmp_path):
     assert [row["a"] for row in ipis] == [2 * 1 * 3, 2 * 8 * 3]  # one per page
     assert [row["b"] for row in ipis] == [2 * 3, 2 * 3]
     with output.console.capture() as cap:
-        output.print_sweep(result, ["ipis"])
-    assert "pages" in cap.get()
+        output.print_sweep(result)
+    text = " ".join(cap.get().split())
+    # One table per headline metric, each titled with its name, never a raw key.
+    assert "IPIs (flush deliveries)" in text and "munmap latency p50 (ms)" in text
+    assert "munmap_lat" not in text and "1 alternating pair per value" in text
+    assert "1, 8 pages" in text  # the caption names the swept values
     csv_path = tmp_path / "s.csv"
     write_csv(result, str(csv_path))
     assert [r["sweep_value"] for r in csv.DictReader(csv_path.open())] == ["1", "1", "8", "8"]
@@ -115,11 +126,45 @@ async def test_single_report_plot(cluster, tmp_path):
 
 def test_summary_ratio_is_the_median_of_pairs():
     reps = lambda *xs: [{"results": {"ipis": x}} for x in xs]  # noqa: E731
-    (row,) = summarize(reps(10, 20, 40), reps(5, 20, 10), ["ipis"])
+    ipis = [metric("ipis")]
+    (row,) = summarize(reps(10, 20, 40), reps(5, 20, 10), ipis)
     assert row["a"] == 20 and row["b"] == 10
     assert row["ratio"] == 0.5 and row["ratio_min"] == 0.25 and row["ratio_max"] == 1.0
-    (row,) = summarize(reps(0), reps(0), ["ipis"])
+    assert row["ratio_of_medians"] == 0.5 and not disagrees(row)
+    (row,) = summarize(reps(0), reps(0), ipis, first=1)
     assert row["ratio"] is None  # no ratio of zeros
+    assert summarize(reps(0), reps(0), ipis) == []  # all zero and not a headline: left out
+    safe = [{"results": {"stale_accesses": 0}}]
+    (row,) = summarize(safe, safe, [metric("stale_accesses")])
+    assert row["a"] == 0  # a safety count is shown at 0
+
+
+def test_a_ratio_of_medians_that_contradicts_the_pairs_is_flagged():
+    """The issue's case: medians A 62.3 ms, B 48.1 ms, and a median pair ratio of 2.19x.
+    The table marks the row and says why the two differ."""
+    reps = lambda *xs: [{"results": {"munmap_latency_ms": {"p50": x}}} for x in xs]  # noqa
+    (row,) = summarize(reps(1.0, 62.3, 100.0), reps(48.1, 136.4, 10.0),
+                       [metric("munmap_latency_ms.p50")])
+    assert row["a"] == 62.3 and row["b"] == 48.1
+    assert row["ratio"] == pytest.approx(2.19, abs=0.01) and row["ratio_of_medians"] < 1
+    assert disagrees(row)
+    result = {"scenario": "munmap", "pairs": 3, "metrics": [row],
+              "a": {"spec": "x", "config": CONFIG, "reports": []},
+              "b": {"spec": "y", "config": CONFIG, "reports": []}}
+    with output.console.capture() as cap:
+        output.print_compare(result)
+    text = cap.get()
+    assert "2.19x*" in text and "the median of the pair ratios and the ratio of the " \
+        "medians disagree" in " ".join(text.split())
+
+
+def test_ratios_read_as_factors_and_fractions():
+    assert ratio_text(2.1875) == "2.19x" and ratio_text(0.977) == "0.977x"
+    assert ratio_text(1 / 16) == "1/16" and ratio_text(1 / 4.5) == "1/4.5"
+    assert ratio_text(None) == "-" and spread_text(2.0, 2.0) == ""
+    assert spread_text(1 / 134, 1 / 101) == "1/134–1/101"
+    assert metric("tlb_hit_rate").text(0.106) == "10.60%"  # run and compare alike
+    assert metric("ipis").text(7680.0) == "7,680" and metric("x").text(0.0456) == "0.0456"
 
 
 def parser():

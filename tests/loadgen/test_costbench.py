@@ -65,7 +65,7 @@ async def test_report_and_compare_carry_modelled_time_next_to_wall_time(cluster)
         output.print_compare(result)
         output.print_report(result["a"]["reports"][0])
     text = cap.get()
-    assert "modelled ns per munmap" in text and "munmap latency p50 (ms)" in text
+    assert "modelled time per munmap (ns)" in text and "munmap latency p50 (ms)" in text
     assert "modelled time (cost model x86)" in text and "per munmap" in text
 
 

@@ -1,13 +1,16 @@
 """Every scenario with only its defaults (issue 19): `tlbsim load run SCENARIO` exits 0,
-is safe, and its headline number is not trivial — the defaults measure something."""
+is safe, and its headline number is not trivial — the defaults measure something; and
+the printed table shows that headline first, with the values of the JSON (issue 20)."""
 import asyncio
 import json
 import os
 
 import pytest
 
+from loadgen import output
 from loadgen.cli import SCENARIO_DEFAULTS
-from loadgen.scenarios import SCENARIOS
+from loadgen.output import key_row
+from loadgen.scenarios import HEADLINES, LABELS, SCENARIOS
 from services.cli import main
 from tests.harness import InProcessCluster
 
@@ -33,8 +36,15 @@ def test_every_scenario_has_a_headline_and_its_own_defaults():
     assert set(HEADLINE) == set(SCENARIOS) == set(SCENARIO_DEFAULTS)
 
 
+def test_every_headline_names_a_metric_the_reports_have():
+    for scenario, keys in HEADLINES.items():
+        assert keys and set(LABELS[scenario]) <= set(keys) | {"munmap_latency_ms"}, scenario
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-async def test_defaults_run_safely_and_measure_something(scenario, tmp_path):
+async def test_defaults_run_safely_and_measure_something(scenario, tmp_path, capsys,
+                                                         monkeypatch):
+    monkeypatch.setattr(output.console, "width", 160)  # no wrapped cells
     out = tmp_path / "r.json"
     async with InProcessCluster(cpus=4) as c:
         argv = ["load", "run", scenario, "--cluster", c.coordinator.address, "--json", str(out)]
@@ -48,3 +58,22 @@ async def test_defaults_run_safely_and_measure_something(scenario, tmp_path):
     assert r["stale_accesses"] == 0 and r["audit_violations"] == 0
     assert HEADLINE[scenario](r), r
     assert report["config"]["rounds"] == SCENARIO_DEFAULTS[scenario].get("rounds", 3)
+
+    # The table: its headline block comes first and holds every headline metric with
+    # the report's value; the title names what the scenario ran with.
+    table = capsys.readouterr().out
+    title, _, rest = table.partition("headline")
+    first_block = rest.partition("the run")[0]
+    assert first_block and "safety" in rest
+    title = " ".join(title.split())  # the title wraps to the table's width
+    for key in HEADLINES[scenario]:
+        label, value = key_row(r, key, LABELS[scenario].get(key))
+        line = next((x for x in first_block.splitlines() if label in x), None)
+        assert line is not None and value in line, (key, label, value, first_block)
+    cfg = report["config"]
+    if scenario in ("fork", "shared-write", "swapout"):
+        assert f"{cfg['resident']:,} resident pages" in title, title
+    if scenario == "fork":
+        assert " pages," not in title.replace("resident pages", "")  # fork maps no --pages
+    if scenario == "replay":
+        assert "ls-accesses.tlbt.gz" in title

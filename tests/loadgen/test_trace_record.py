@@ -57,6 +57,27 @@ async def test_gcc_is_recorded_with_its_forks_and_replays_safely(tmp_path):
 
 
 @needs_tools
+@pytest.mark.skipif(not shutil.which("cc"), reason="a C compiler is not installed")
+async def test_the_shipped_multi_threaded_program_records_threads_that_share_pages(tmp_path):
+    """tests/fixtures/programs/threads-munmap.c, built and recorded as its comment says
+    (the fixture trace is this recording): every thread's writes land in its own task,
+    so the replay puts the mapping in four TLBs and its munmaps send IPIs (issue 20)."""
+    source = os.path.join(ROOT, "tests", "fixtures", "programs", "threads-munmap.c")
+    subprocess.run(["cc", "-O1", "-pthread", "-o", str(tmp_path / "threads-munmap"), source],
+                   check=True, timeout=120)
+    done = record(tmp_path, "--accesses", "-o", "t.tlbt.gz", "--", "./threads-munmap")
+    assert done.returncode == 0, done.stderr
+    header, events = read_trace(str(tmp_path / "t.tlbt.gz"))
+    assert header["syscalls"]["clone"] == 3 and header["syscalls"]["munmap"] >= 4
+    writers = {e["tid"] for e in events if e["op"] == "access"
+               and any(write for _, write in e["pages"])}
+    assert len(writers) == 4  # the main thread and its three threads
+    r = await replayed(str(tmp_path / "t.tlbt.gz"))
+    assert r["replay"]["address_spaces_on_several_cpus"] == 1
+    assert r["ipis"] >= 4 * 3  # each munmap of the shared mapping reaches the 3 others
+
+
+@needs_tools
 async def test_a_shell_that_forks_twice(tmp_path):
     done = record(tmp_path, "--accesses", "-o", "sh.tlbt.gz", "--", "/bin/sh", "-c",
                   "/bin/true; /bin/true")

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from loadgen import output
+from loadgen.output import trace_notes
 from loadgen.runner import failed, run
 from loadgen.scenarios import RunConfig
 from loadgen.trace.fmt import read_trace
@@ -131,3 +133,33 @@ def test_replay_of_a_malformed_trace_names_the_line(tmp_path):
                        capture_output=True, text=True, cwd=os.path.dirname(FIXTURES))
     assert p.returncode == 2
     assert "line 2" in p.stderr and "len" in p.stderr
+
+
+async def test_a_multi_threaded_trace_sends_ipis_that_gathering_cuts(cluster):
+    """threads-munmap: four threads write a 64-page mapping, the first unmaps it, four
+    times (tests/fixtures/programs/threads-munmap.c). Per page, every munmap sends 64
+    shootdowns to the 3 other CPUs; gathered, one (issue 20)."""
+    path = os.path.join(FIXTURES, "threads-munmap.tlbt.gz")
+    per_page = (await replay(cluster, path, flush="per-page"))["results"]
+    gathered = (await replay(cluster, path))["results"]
+    assert per_page["replay"]["address_spaces_on_several_cpus"] == 1
+    assert per_page["ipis"] >= 4 * 64 * 3 and gathered["ipis"] * 20 < per_page["ipis"]
+    assert trace_notes(per_page["replay"]) == []
+
+
+@pytest.mark.parametrize("name, says", [
+    ("ls-accesses.tlbt.gz", "IPIs are 0 whatever the policy"),
+    ("sh-seq-sort.tlbt.gz", "holds no page accesses"),
+    ("python-json-thread.tlbt.gz", "holds no page accesses")])
+async def test_a_trace_that_cannot_show_a_policy_says_so(cluster, name, says):
+    report = await replay(cluster, os.path.join(FIXTURES, name), flush="per-page")
+    r = report["results"]
+    if name.startswith("ls"):
+        assert r["ipis"] == 0 and r["shootdowns"] > 0  # one CPU's mm: no other target
+    else:
+        assert r["faults"] == 0  # nothing touched: no PTE to clear page by page
+    (note,) = trace_notes(r["replay"])
+    assert says in note
+    with output.console.capture() as cap:
+        output.print_report(report)
+    assert says in " ".join(cap.get().split())

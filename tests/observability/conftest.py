@@ -68,12 +68,13 @@ class Exporters:
 class Prometheus:
     """Debian's prometheus on a free port; the HTTP API as plain functions."""
 
-    def __init__(self, metrics_ports: dict[str, int], workdir: Path):
+    def __init__(self, metrics_ports: dict[str, int], workdir: Path, config: str | None = None):
+        """`config`: a whole prometheus.yml instead of tlbsim up's for these ports."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         conf = workdir / prometheus.CONFIG_NAME
-        conf.write_text(prometheus.config(metrics_ports, scrape_interval=f"{SCRAPE_S}s",
-                                          evaluation_interval=f"{SCRAPE_S}s"))
+        conf.write_text(config or prometheus.config(
+            metrics_ports, scrape_interval=f"{SCRAPE_S}s", evaluation_interval=f"{SCRAPE_S}s"))
         self.config_file = conf
         self.log = open(workdir / "prometheus.log", "wb")
         self.proc = subprocess.Popen(

@@ -12,6 +12,9 @@ from loadgen.runner import run
 from loadgen.scenarios import RunConfig
 from services.common.policy import Policy
 from tests.observability.conftest import requires_prometheus
+from tests.observability.test_dashboards import DASHBOARDS, GRAFANA, load, panels, substitute
+
+DASHBOARDS_DIR = GRAFANA / "dashboards"
 
 ALERT = "TlbsimStaleAccess"
 EARLY_FREE = "TlbsimFramesFreedWithoutAck"
@@ -74,3 +77,16 @@ async def test_stale_access_alert_fires_for_an_unsafe_run_and_never_for_a_safe_o
     while "firing" not in states(prom, EARLY_FREE):
         assert time.monotonic() < give_up, f"{EARLY_FREE}: {states(prom, EARLY_FREE)}"
         await asyncio.sleep(0.2)
+
+    # The dashboards show both (issue 20): their annotation query returns the firing
+    # alerts, and the overview's stat panels count what the run did.
+    for path in DASHBOARDS:
+        (note,) = load(path)["annotations"]["list"]
+        fired = {r["metric"]["alertname"] for r in prom.query(substitute(note["expr"]))}
+        assert {ALERT, EARLY_FREE} <= fired, (path.name, fired)
+    overview = {p["title"]: p for p in panels(load(DASHBOARDS_DIR / "tlbsim-overview.json"))}
+    for title, expected in (("Stale accesses", stale),
+                            ("Frames freed before their flush",
+                             unsafe["results"]["frames_freed_without_ack"])):
+        (result,) = prom.query(substitute(overview[title]["targets"][0]["expr"]))
+        assert float(result["value"][1]) == expected, title
