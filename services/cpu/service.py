@@ -461,10 +461,13 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
 
     async def _to_memory(self, method, request):
         """Every call to the memory service: none leaves a partitioned CPU (it waits, as
-        a real partition would hold it), and each names the epoch our state belongs to."""
+        a real partition would hold it), each names the epoch our state belongs to, and
+        each waits (up to its deadline) for a memory service that is restarting, so that
+        it hears the new one's answer, not the gap between the two."""
         if not self._reachable.is_set():
             await self._reachable.wait()
-        return await method(request, timeout=RPC_TIMEOUT_S, metadata=epoch_metadata(self.epoch))
+        return await method(request, timeout=RPC_TIMEOUT_S, metadata=epoch_metadata(self.epoch),
+                            wait_for_ready=True)
 
     async def _report_hits(self, mm: int) -> None:
         words, runs = self.core.take_hits()

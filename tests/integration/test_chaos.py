@@ -148,7 +148,7 @@ async def test_coordinator_restart_mid_shootdown_retries_and_waits_for_the_targe
             mmap=common_pb2.MmapArgs(pages=16, writable=True)))).address
         pages = [address + i * 4096 for i in range(16)]
         for cpu in (cpu0, cpu1):
-            await cpu.stub.Access(cpu_pb2.AccessRequest(addresses=pages))
+            await cpu.stub.Access(cpu_pb2.AccessRequest(addresses=pages, writes=b"\x01" * 16))
         await chaos(c, 1, ack_delay_s=1.0)
         munmap = asyncio.ensure_future(cpu0.stub.Syscall(common_pb2.SyscallRequest(
             munmap=common_pb2.RangeArgs(address=address, pages=16)), timeout=30))

@@ -181,7 +181,8 @@ async def test_a_tls_cluster_serves_and_plaintext_is_refused(certs, monkeypatch,
         base = (await cpus[0].Syscall(common_pb2.SyscallRequest(
             mmap=common_pb2.MmapArgs(pages=4, writable=True)))).address
         for cpu in cpus:
-            await cpu.Access(cpu_pb2.AccessRequest(addresses=[base + i * PAGE for i in range(4)]))
+            await cpu.Access(cpu_pb2.AccessRequest(addresses=[base + i * PAGE for i in range(4)],
+                                                 writes=b"\x01" * 4))
         r = await cpus[0].Syscall(common_pb2.SyscallRequest(
             munmap=common_pb2.RangeArgs(address=base, pages=4)))
         assert r.pages_freed == 4 and r.shootdowns >= 1  # CPU 1 was reached over TLS

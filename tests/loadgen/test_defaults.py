@@ -3,6 +3,7 @@ is safe, and its headline number is not trivial — the defaults measure somethi
 the printed table shows that headline first, with the values of the JSON (issue 20)."""
 import asyncio
 import json
+import re
 import os
 
 import pytest
@@ -68,7 +69,8 @@ async def test_defaults_run_safely_and_measure_something(scenario, tmp_path, cap
     title = " ".join(title.split())  # the title wraps to the table's width
     for key in HEADLINES[scenario]:
         label, value = key_row(r, key, LABELS[scenario].get(key))
-        line = next((x for x in first_block.splitlines() if label in x), None)
+        line = next((x for x in first_block.splitlines()
+                     if re.search(rf"│\s+{re.escape(label)}\s+│", x)), None)
         assert line is not None and value in line, (key, label, value, first_block)
     cfg = report["config"]
     if scenario in ("fork", "shared-write", "swapout"):
