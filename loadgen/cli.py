@@ -64,6 +64,14 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zero-page", choices=["on", "off"], default="on",
                    help="read faults map the shared zero page read-only and the first write "
                         "copies it, as Linux does (default on); off: a read allocates a page")
+    g.add_argument("--broadcast", choices=["ipi", "hw"], default="ipi",
+                   help="shootdowns as IPIs (x86), or, for an mm running on 4 or more CPUs, "
+                        "as hardware broadcasts: AMD INVLPGB with a global ASID, no handler on "
+                        "the targets, the initiator waits for its TLBSYNC (default ipi)")
+    g.add_argument("--timing", choices=list(pol.TIMINGS), default=d.timing,
+                   help="wall: latencies are what the simulator took; virtual: every CPU has a "
+                        "clock the cost model advances, work is issued in virtual-time order, "
+                        "and the answers are deterministic under a seed (default wall)")
     g.add_argument("--asids", type=int, default=d.asids,
                    help="ASIDs (PCIDs) each CPU keeps, as x86's TLB_NR_DYN_ASIDS (default "
                         f"{d.asids}): switching back to an mm that still has one keeps its "
@@ -89,7 +97,8 @@ def policy_from(args: argparse.Namespace, scenario: str | None = None) -> pol.Po
                       deadline_s=args.deadline, mqtt_qos=args.mqtt_qos, fork=values["fork"],
                       shared_flush=args.shared_flush, frames=values["frames"],
                       reclaim_batch=args.reclaim_batch, asids=args.asids,
-                      zero_page=args.zero_page == "on",
+                      zero_page=args.zero_page == "on", hw_broadcast=args.broadcast == "hw",
+                      timing=args.timing,
                       cost_model=costmodel.load(args.cost_model))
 
 

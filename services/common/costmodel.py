@@ -41,7 +41,13 @@ DEFAULT_PRESET = "x86"
 
 # The per-event costs a model prices, in ns (a TOML file may give KEY_ns or KEY_cycles).
 COSTS = ("tlb_hit", "walk_level", "fault", "invlpg", "full_flush", "ipi_send", "ipi_receive",
-         "broadcast_page", "broadcast_full", "broadcast_sync", "lock")
+         "broadcast_page", "broadcast_full", "broadcast_sync", "lock",
+         # Virtual time only (--timing virtual, services/common/vtime.py): what the work of
+         # an operation costs where the summed model above counts events, and what a
+         # contended resource costs to hand over.
+         "syscall", "flush_call", "page_alloc", "page_zero", "page_copy", "pte_install",
+         "pte_clear", "pte_copy", "table_alloc", "lock_handoff", "lock_handoff_waiter",
+         "rwsem", "rwsem_handoff_waiter", "broadcast_contention", "ack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +67,21 @@ class CostModel:
     broadcast_full_ns: float = 0.0
     broadcast_sync_ns: float = 0.0
     lock_ns: float = 0.0
+    syscall_ns: float = 0.0              # system call entry and exit
+    flush_call_ns: float = 0.0           # flush_tlb_mm_range's own work, per call
+    page_alloc_ns: float = 0.0           # allocating a data frame (outside the lock)
+    page_zero_ns: float = 0.0            # zero-filling it (outside the lock)
+    page_copy_ns: float = 0.0            # copying a page (COW)
+    pte_install_ns: float = 0.0          # setting a PTE and the rmap (under the PTE lock)
+    pte_clear_ns: float = 0.0            # clearing one PTE into the gather (under the lock)
+    pte_copy_ns: float = 0.0             # fork copying one PTE
+    table_alloc_ns: float = 0.0          # allocating and hooking a page table
+    lock_handoff_ns: float = 0.0         # a contended lock's cache line to the next holder
+    lock_handoff_waiter_ns: float = 0.0  # ... and more per request already queued
+    rwsem_ns: float = 0.0                # mmap_lock taken for read (the counter's atomic)
+    rwsem_handoff_waiter_ns: float = 0.0  # ... per CPU bouncing that line at once
+    broadcast_contention_ns: float = 0.0  # the invalidation fabric, per sender queued ahead
+    ack_ns: float = 0.0                   # a target's ack reaching the initiator
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -42,6 +42,7 @@ MIN_FRAMES = 64
 MAX_UINT32 = (1 << 32) - 1  # ceiling and batch travel as uint32 (common.proto Policy)
 DEFAULT_RECLAIM_BATCH = 32  # SWAP_CLUSTER_MAX (include/linux/swap.h)
 DEFAULT_ASIDS = 6  # TLB_NR_DYN_ASIDS (arch/x86/include/asm/tlbflush.h)
+TIMINGS = {"wall": pb.TIMING_WALL, "virtual": pb.TIMING_VIRTUAL}
 MAX_ASIDS = 4094   # MAX_ASID_AVAILABLE: 12 PCID bits, less two
 
 
@@ -77,6 +78,10 @@ class Policy:
     # Read faults map the shared zero page read-only; the first write copies it (a COW
     # with a one-page flush to the mm's other CPUs). Off: a read allocates a page.
     zero_page: bool = True
+    # Shootdowns of an mm active on 4+ CPUs as hardware broadcasts (INVLPGB, global ASID).
+    hw_broadcast: bool = False
+    # "wall" or "virtual" (--timing): services/common/vtime.py.
+    timing: str = "wall"
     # What each event costs on hardware (modelled time, services/common/costmodel.py).
     cost_model: CostModel = dataclasses.field(default_factory=lambda: preset(DEFAULT_PRESET))
 
@@ -96,6 +101,9 @@ class Policy:
             raise InvalidArgument(f"batch {self.batch}: must be 1..{MAX_UINT32} pages")
         if not 0 <= self.ceiling <= MAX_UINT32:
             raise InvalidArgument(f"ceiling {self.ceiling}: must be 0..{MAX_UINT32} pages")
+        if self.timing not in TIMINGS:
+            raise InvalidArgument(f"unknown timing {self.timing!r}: choose from "
+                                  f"{', '.join(TIMINGS)}")
         if not 0 <= self.asids <= MAX_ASIDS:
             raise InvalidArgument(f"asids {self.asids}: must be 0..{MAX_ASIDS} (0: no PCID)")
         if not 0 <= self.reclaim_batch <= MAX_UINT32:
@@ -122,7 +130,8 @@ class Policy:
                          fork=FORKS[self.fork], shared_flush=SHARED_FLUSHES[self.shared_flush],
                          frames=self.frames, cost_model=self.cost_model.to_proto(),
                          reclaim_batch=self.reclaim_batch, asids=self.asids,
-                         zero_page=self.zero_page)
+                         zero_page=self.zero_page, hw_broadcast=self.hw_broadcast,
+                         timing=TIMINGS[self.timing])
 
     @classmethod
     def from_proto(cls, p: pb.Policy) -> "Policy":
@@ -137,7 +146,8 @@ class Policy:
                    reclaim_batch=p.reclaim_batch if p.HasField("reclaim_batch")
                    else DEFAULT_RECLAIM_BATCH,
                    asids=p.asids if p.HasField("asids") else DEFAULT_ASIDS,
-                   zero_page=p.zero_page if p.HasField("zero_page") else True)
+                   zero_page=p.zero_page if p.HasField("zero_page") else True,
+                   hw_broadcast=p.hw_broadcast, timing=_name(TIMINGS, p.timing, "timing"))
 
     def as_dict(self) -> dict:
         """Flat values (build-info labels, the report's config): the model by its name."""

@@ -22,8 +22,10 @@ from array import array
 from typing import Awaitable, Callable, Protocol, Sequence
 
 from services.common.addresses import PAGE_SHIFT
+from services.common.costmodel import DEFAULT_PRESET, CostModel, preset
 from services.common.errors import FailedPrecondition
-from services.cpu.tlb import FULL, NOT_LOADED, TLB_NR_DYN_ASIDS, Entry, Tlb
+from services.common.vtime import Interrupts
+from services.cpu.tlb import FULL, NOT_LOADED, RANGE, TLB_NR_DYN_ASIDS, Entry, Tlb
 
 
 class Translation(Protocol):
@@ -32,6 +34,7 @@ class Translation(Protocol):
     writable: bool
     tid: int
     local_flushes: list
+    vt: int | None  # virtual time the memory service answered at (None: wall clock)
 
 
 class FlushLike(Protocol):
@@ -43,7 +46,8 @@ class FlushLike(Protocol):
     all_mms: bool
 
 
-MissHandler = Callable[[int, bool], Awaitable[Translation]]
+# (vpn, write, the CPU's virtual time or None) -> the walk's or the fault's answer
+MissHandler = Callable[[int, bool, "int | None"], Awaitable[Translation]]
 Pte = tuple[int, bool, int] | None  # (pfn, writable, tid) of a present PTE
 Walker = Callable[[list[int]], Awaitable[list[Pte]]]
 Pause = Callable[[], Awaitable[None]]
@@ -68,6 +72,48 @@ FENCE_REASONS = {
 
 
 @dataclasses.dataclass
+class VirtualCpu:
+    """The CPU's side of virtual time (services/common/vtime.py): its clock, where the
+    time went, and the interrupts it has yet to take."""
+    clock: int = 0
+    idle: int = 0           # jumped over, waiting for the next work
+    handler: int = 0        # taking IPIs: the victim's cost of shootdowns
+    interrupts_taken: int = 0
+    late_flush_hits: int = 0  # accesses served from an entry after its flush's arrival
+    interrupts: Interrupts = dataclasses.field(default_factory=Interrupts)
+    # The last batch's runs of accesses: (first access's time, ns each, mm, vpns), so a
+    # flush arriving in their virtual past can count the hits it came too late for.
+    recent: list[tuple[int, float, int, list[int]]] = dataclasses.field(default_factory=list)
+
+    @property
+    def busy(self) -> int:
+        return self.clock - self.idle
+
+    def start(self, at: int | None) -> None:
+        """Work for the CPU from virtual time `at` (its own clock if later)."""
+        if at is not None and at > self.clock:
+            taken = sum(cost for when, cost in self.interrupts.pending if when < at)
+            self.idle += max(0, at - self.clock - taken)
+            self.interrupts.idle_until(at)
+            self.clock = at
+
+    def advance(self, ns: float) -> None:
+        """The CPU works `ns`; interrupts arriving meanwhile are taken during it."""
+        self.clock = self.interrupts.run(self.clock + round(ns))
+
+    def late_hits(self, mm: int, first_vpn: int, pages: int, arrival: int) -> int:
+        """Accesses of the recent runs after `arrival` to pages a flush covers."""
+        late = 0
+        for first, each, run_mm, vpns in self.recent:
+            if run_mm != mm or first + each * len(vpns) <= arrival:
+                continue
+            skip = 0 if each <= 0 or first > arrival else int((arrival - first) // each) + 1
+            late += sum(1 for v in vpns[skip:]
+                        if not pages or first_vpn <= v < first_vpn + pages)
+        return late
+
+
+@dataclasses.dataclass
 class AccessStats:
     accesses: int = 0
     hits: int = 0
@@ -82,6 +128,8 @@ class CpuCore:
         self.id = cpu_id
         self.clock = clock
         self.tlb = Tlb(tlb_entries, tlb_ways, asids)
+        self.costs: CostModel = preset(DEFAULT_PRESET)  # what events cost in virtual time
+        self.v = VirtualCpu()
         self.loaded_mm = 0
         self.lazy = False
         self.fenced = False
@@ -92,8 +140,11 @@ class CpuCore:
         self._hit_words = array("Q")
         self._hit_runs = array("q")  # (hits, first_ns, last_ns) per run
 
-    def reset(self, tlb_entries: int, tlb_ways: int, asids: int = TLB_NR_DYN_ASIDS) -> None:
+    def reset(self, tlb_entries: int, tlb_ways: int, asids: int = TLB_NR_DYN_ASIDS,
+              costs: CostModel | None = None) -> None:
         self.tlb = Tlb(tlb_entries, tlb_ways, asids)
+        self.costs = costs or preset(DEFAULT_PRESET)
+        self.v = VirtualCpu()
         self.loaded_mm = 0
         self.lazy = False
         self.take_hits()
@@ -155,6 +206,62 @@ class CpuCore:
             return self._not_loaded()
         return tlb.apply_flush(f.mm, f.start_vpn, f.pages, f.new_tlb_gen, f.mm_tlb_gen)
 
+    def take_flush(self, f: FlushLike, arrival: int | None,
+                   hardware: bool = False) -> tuple[str, int, int | None]:
+        """A flush from another CPU (an IPI), or a hardware broadcast's invalidation.
+        In virtual time (`arrival` given) the IPI interrupts this CPU at `arrival`: the
+        handler (receive, invalidations) runs on its timeline, now if its clock is past
+        the arrival, else when its work gets there; a broadcast costs it nothing.
+        Returns (outcome, entries removed, when the handler finished)."""
+        outcome, removed = self.invalidate(f) if hardware else self.apply_flush(f)
+        if arrival is None:
+            return outcome, removed, None
+        v, cm = self.v, self.costs
+        if arrival < v.clock:  # served accesses in its virtual past that it now undoes
+            v.late_flush_hits += v.late_hits(f.mm, f.start_vpn, f.pages, arrival)
+        if hardware:
+            return outcome, removed, arrival
+        cost = round(cm.ipi_receive_ns + self._invalidation_ns(outcome, f.pages))
+        v.clock = v.interrupts.take(v.clock, arrival, cost)
+        v.handler += cost
+        v.interrupts_taken += 1
+        return outcome, removed, arrival + cost
+
+    def local_flush(self, f: FlushLike, virtual: bool) -> tuple[str, int]:
+        """The initiator's own invalidation, which it pays for in virtual time."""
+        outcome, removed = self.apply_flush(f)
+        if virtual:
+            self.v.advance(self._invalidation_ns(outcome, f.pages))
+        return outcome, removed
+
+    def _invalidation_ns(self, outcome: str, pages: int) -> float:
+        cm = self.costs
+        if outcome == RANGE:
+            return pages * cm.invlpg_ns
+        return cm.full_flush_ns if outcome == FULL else 0.0
+
+    def invalidate(self, f: FlushLike) -> tuple[str, int]:
+        """A hardware broadcast (INVLPGB for a global ASID): the range, or the whole mm,
+        is invalidated on this CPU by the hardware, whatever it runs; no generation rule
+        (the ASID is the same everywhere, so the mm's generation is current here)."""
+        tlb = self.tlb
+        tlb.counters.flush_requests += 1
+        tlb.flushes_applied += 1
+        gen = tlb.announce_gen(f.mm, max(f.mm_tlb_gen, f.new_tlb_gen))
+        if f.pages:
+            removed = sum(tlb.invalidate_page(f.mm, vpn)
+                          for vpn in range(f.start_vpn, f.start_vpn + f.pages))
+            tlb.counters.flush_range += 1
+            tlb.counters.flush_page += f.pages
+            outcome = RANGE
+        else:
+            removed = tlb.invalidate_mm(f.mm)
+            tlb.counters.flush_full += 1
+            outcome = FULL
+        if tlb.local_gen.get(f.mm, 0) >= f.new_tlb_gen - 1:
+            tlb.local_gen[f.mm] = gen
+        return outcome, removed
+
     def _not_loaded(self) -> tuple[str, int]:
         self.tlb.counters.flush_requests += 1
         self.tlb.counters.flush_not_loaded += 1
@@ -167,22 +274,37 @@ class CpuCore:
     async def run_accesses(self, addresses: Sequence[int], writes: Sequence[int],
                            miss: MissHandler, walk: Walker | None = None,
                            stop_on_segv: bool = False,
-                           pause: Pause | None = None) -> AccessStats:
+                           pause: Pause | None = None, vt: int | None = None,
+                           until: int | None = None) -> AccessStats:
         """Execute accesses (user-space byte addresses) in order. A TLB miss is served
         from a batched walk of the pages ahead when possible (valid only while no flush
         reached this CPU since), else by the memory service's fault handler. `pause`
         gives the caller's event loop a turn every PAUSE_EVERY_NS (flushes and
         heartbeats are served then, between runs). Raises FailedPrecondition, with the
-        hits served so far recorded, once the CPU is fenced or its lease runs out."""
+        hits served so far recorded, once the CPU is fenced or its lease runs out.
+
+        In virtual time (`vt`: when the batch starts) each hit, walk and fault advances
+        the CPU's clock, and the batch stops once the clock reaches `until` (the
+        quantum: stats.accesses says how many ran)."""
         mm = self.require_runnable()
         stats = AccessStats()
+        virtual = vt is not None
+        v, hit_ns, walk_ns = self.v, self.costs.tlb_hit_ns, self.costs.walk_ns
+        if virtual:
+            v.start(vt)
+            v.recent = []
+            limit = until if until is not None else 1 << 62
         walked: dict[int, Pte] = {}
         walked_at = -1  # flushes_applied when `walked` was read
         tlb, words, runs, clock = self.tlb, self._hit_words, self._hit_runs, self.clock
         i, n, span = 0, len(addresses), FIRST_RUN
         paused_ns = clock()
         while i < n:
+            if virtual and i and v.clock >= limit:
+                break
             stop = min(n, i + span)
+            if virtual and hit_ns > 0:  # no run past the quantum
+                stop = min(stop, i + max(1, int((limit - v.clock) / hit_ns) + 1))
             first_ns = clock()
             if pause is not None and first_ns - paused_ns >= PAUSE_EVERY_NS:
                 await pause()
@@ -193,6 +315,10 @@ class CpuCore:
                 runs.extend((j - i, first_ns, clock()))
                 stats.hits += j - i
                 stats.accesses += j - i
+                if virtual:
+                    v.recent.append((v.clock, hit_ns, mm,
+                                     [a >> PAGE_SHIFT for a in addresses[i:j]]))
+                    v.advance((j - i) * hit_ns)
                 i = j
             if j == stop:
                 span = min(2 * span, RUN_HITS)
@@ -203,6 +329,8 @@ class CpuCore:
             stats.accesses += 1
             i += 1
             tlb.lookup(mm, vpn)  # not a usable hit: counted, and a dead slot dropped
+            if virtual:
+                v.advance(walk_ns)  # the page walk, in hardware
             if walk is not None:
                 if walked_at != tlb.flushes_applied or vpn not in walked:
                     ahead = list(dict.fromkeys(
@@ -215,22 +343,25 @@ class CpuCore:
                     stats.misses += 1
                     self._fill(mm, vpn, Entry(*pte), bool(write))
                     continue
-            segv = await self._miss(mm, vpn, bool(write), miss, stats)
+            segv = await self._miss(mm, vpn, bool(write), miss, stats, virtual)
             if segv and stop_on_segv:
                 break
         return stats
 
     async def _miss(self, mm: int, vpn: int, write: bool, miss: MissHandler,
-                    stats: AccessStats) -> bool:
+                    stats: AccessStats, virtual: bool = False) -> bool:
         """Walk (and fault); fill the TLB unless a flush overtook the walk, then retry:
         on hardware the fill and the invalidation cannot pass each other."""
+        v = self.v
         while True:
             stats.misses += 1
             before = self.tlb.flushes_applied
-            t = await miss(vpn, write)
+            t = await miss(vpn, write, v.clock if virtual else None)
+            if virtual and t.vt is not None and t.vt > v.clock:
+                v.advance(t.vt - v.clock)  # the fault's time, interrupts taken during it
             overtaken = self.tlb.flushes_applied != before
             for f in t.local_flushes:
-                self.apply_flush(f)
+                self.local_flush(f, virtual)
             if t.outcome in FAULTED:
                 stats.faults += 1
             if t.outcome in SEGV:

@@ -23,22 +23,28 @@ class Faults:
         self.k, self.tables, self.flusher = k, tables, flusher
         self.sharing, self.reclaimer = sharing, reclaimer
 
-    async def handle_miss(self, cpu: int, mm: Mm, vpn: int, write: bool) -> MissResult:
+    async def handle_miss(self, cpu: int, mm: Mm, vpn: int, write: bool,
+                          vt: int | None = None) -> MissResult:
+        """The walk the CPU's miss needs; a fault when it finds no usable PTE. `vt`: the
+        CPU's virtual time (the walk itself is the CPU's to price)."""
         if not 0 <= vpn < USER_VPN_END:
             raise OutOfRange(f"vpn {vpn:#x} is past the 47-bit user address space")
         pte = self.tables.hw_pte(mm, vpn)  # the hardware walker: no lock
         if pte is not None and (not write or pte[1]):
-            return MissResult("walked", *pte)
+            return MissResult("walked", *pte, vt=vt)
         k = self.k
         t0 = k.clock()
-        result = await self._fault(cpu, mm, vpn, write)
+        ctx = k.ctx(vt)
+        ctx.spend(k.policy.cost_model.fault_ns)  # the trap, the handler's entry and exit
+        result = await self._fault(ctx, cpu, mm, vpn, write)
+        result.vt = ctx.vt
         k.stats.faults[result.outcome] += 1
         k.stats.fault_latency_s.append((k.clock() - t0) / 1e9)
         return result
 
-    async def _fault(self, cpu: int, mm: Mm, vpn: int, write: bool) -> MissResult:
+    async def _fault(self, ctx: OpContext, cpu: int, mm: Mm, vpn: int,
+                     write: bool) -> MissResult:
         k = self.k
-        ctx = k.ctx()
         local: list[FlushOrder] = []
         async with mm.mmap_lock.read(ctx):
             k.alive(mm)
@@ -86,8 +92,8 @@ class Faults:
                     return None
                 k.frames.get(k.zero_pfn)
                 k.stats.zero_page_maps += 1
-                return self.install(mm, table, vpn, k.zero_pfn, False, "anon")
-        fresh = await self.reclaimer.alloc_page(ctx, cpu)  # allocate outside the lock
+                return self.install(mm, table, vpn, k.zero_pfn, False, "anon", ctx=ctx)
+        fresh = await self.reclaimer.alloc_page(ctx, cpu, zero=True)  # outside the lock
         async with self.tables.pte_locked(ctx, mm, table):
             pmd = self.tables.pmd_of(mm, vpn)  # still this mm's table (not unshared)?
             if table.entries[slot] == before and pmd.entries[pmd.slot(vpn)] is table:
@@ -96,16 +102,19 @@ class Faults:
                     table.present -= 1
                     k.stats.swap_ins += 1
                 return self.install(mm, table, vpn, fresh, vma.writable,
-                                    "anon" if before == 0 else "swapin")
+                                    "anon" if before == 0 else "swapin", ctx=ctx)
         k.frames.put(fresh)  # lost the race: back out
         k.frames.free(fresh)
         return None
 
     def install(self, mm: Mm, table: PteTable, vpn: int, pfn: int, writable: bool,
-                outcome: str, replaces: int = 0) -> MissResult:
-        """Map `pfn` at `vpn`; `replaces`: the translation a COW copy takes the place of,
-        which must be dead already (the oracle's coherence check)."""
+                outcome: str, replaces: int = 0, ctx: OpContext | None = None) -> MissResult:
+        """Map `pfn` at `vpn` (under the PTE lock: `ctx` pays for it in virtual time);
+        `replaces`: the translation a COW copy takes the place of, which must be dead
+        already (the oracle's coherence check)."""
         k = self.k
+        if ctx is not None:
+            ctx.spend(k.policy.cost_model.pte_install_ns)
         slot = table.slot(vpn)
         if replaces:
             k.oracle.superseded(replaces, k.clock())
@@ -128,7 +137,8 @@ class Faults:
         k = self.k
         slot = table.slot(vpn)
         fresh = await self.reclaimer.alloc_page(ctx, cpu)  # may reclaim: even the page itself
-        zap = self.flusher.zap(mm, "cow", pages=1)
+        ctx.spend(k.policy.cost_model.page_copy_ns)  # copied outside the lock
+        zap = self.flusher.zap(mm, "cow", ctx, pages=1)
         async with self.tables.pte_locked(ctx, mm, table):
             pte = table.entries[slot]
             if pte > 0 and table.writable(pte):  # another CPU broke the COW first
@@ -147,7 +157,7 @@ class Faults:
                     result = MissResult("cow", old_pfn, True, tid)
                 else:
                     if k.rules.breaks(Rule.COW_CLEAR_FIRST):  # the copy goes in first
-                        result = self.install(mm, table, vpn, fresh, True, "cow", old_tid)
+                        result = self.install(mm, table, vpn, fresh, True, "cow", old_tid, ctx)
                     else:
                         table.entries[slot] = 0  # ptep_clear_flush: clear ...
                     table.present -= 1
@@ -155,7 +165,7 @@ class Faults:
                     zap.gather.clear_pte(vpn, old_tid, old_pfn)
                     await self.flusher.flush(mm, cpu, zap, Rule.COW_FLUSH)  # ... flush, then
                     if k.rules.keeps(Rule.COW_CLEAR_FIRST):
-                        result = self.install(mm, table, vpn, fresh, True, "cow", old_tid)
+                        result = self.install(mm, table, vpn, fresh, True, "cow", old_tid, ctx)
                     fresh = 0
         if fresh:
             k.frames.put(fresh)
@@ -173,11 +183,12 @@ class Faults:
         while vpn < end:
             stop = min(end, vpn - vpn % PTRS_PER_TABLE + PTRS_PER_TABLE)
             table = await self.tables.ensure_pte(ctx, mm, vpn)
-            fresh = [await self.reclaimer.alloc_page(ctx, cpu) for _ in range(stop - vpn)]
+            fresh = [await self.reclaimer.alloc_page(ctx, cpu, zero=True)
+                     for _ in range(stop - vpn)]
             async with self.tables.pte_locked(ctx, mm, table):
                 for v in range(vpn, stop):
                     if table.entries[table.slot(v)] == 0:
-                        self.install(mm, table, v, fresh.pop(), writable, "anon")
+                        self.install(mm, table, v, fresh.pop(), writable, "anon", ctx=ctx)
             for pfn in fresh:  # slots populated meanwhile: back out
                 k.frames.put(pfn)
                 k.frames.free(pfn)

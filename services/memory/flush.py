@@ -14,6 +14,7 @@ import itertools
 from typing import Iterable, Iterator
 
 from services.memory.gather import FlushSpec, Gather, capacity
+from services.memory.locks import OpContext
 from services.memory.mm import Mm
 from services.memory.oracle import Revokes
 from services.memory.pagetable import PageTable
@@ -25,8 +26,9 @@ class Zap:
     """The running state of one operation's flushing: its gather, what to free, the
     initiator's own flushes, the count of shootdowns."""
 
-    def __init__(self, gather: Gather, reason: str):
+    def __init__(self, gather: Gather, reason: str, ctx: OpContext | None = None):
         self.gather = gather
+        self.ctx = ctx  # the operation's: its virtual clock, in virtual time
         self.reason = reason  # the operation, for the shootdowns' metrics label
         self.to_free: list[int] = []
         self.tables: list[PageTable] = []
@@ -71,8 +73,9 @@ class Flusher:
             pages = 1 if k.policy.flush == "per-page" else capacity(k.policy.batch)
         return Gather(pages, k.policy.ceiling, lambda: k.oracle.batch([mm.id]), k.clock, fullmm)
 
-    def zap(self, mm: Mm, reason: str, fullmm: bool = False, pages: int = 0) -> Zap:
-        return Zap(self.gather(mm, fullmm, pages), reason)
+    def zap(self, mm: Mm, reason: str, ctx: OpContext | None = None, fullmm: bool = False,
+            pages: int = 0) -> Zap:
+        return Zap(self.gather(mm, fullmm, pages), reason, ctx)
 
     @staticmethod
     @contextlib.contextmanager
@@ -152,7 +155,7 @@ class Flusher:
         pending = mm.tlb_batch_pending
         if pending == mm.tlb_batch_flushed or self.k.rules.breaks(Rule.BATCHED_PENDING):
             return
-        extra = self.zap(mm, "batched-pending")
+        extra = self.zap(mm, "batched-pending", zap.ctx)
         extra.gather.whole_mm()  # flush_tlb_mm: freed_tables, so lazy CPUs too
         await self.flush(mm, initiator, extra, Rule.BATCHED_PENDING)
         zap.local.extend(extra.local)
@@ -163,10 +166,15 @@ class Flusher:
 
     async def shoot(self, mm: Mm, initiator: int, spec: FlushSpec, zap: Zap) -> None:
         k = self.k
+        ctx = zap.ctx
+        vt = None
+        if ctx is not None and ctx.vt is not None:
+            ctx.spend(k.policy.cost_model.flush_call_ns)
+            vt = ctx.vt
         mm.tlb_gen += 1  # after changing the tables, before sending: x86 tlb_gen
         order = FlushOrder(next(k.shootdown_ids), mm.id, spec.start_vpn, spec.pages,
                            mm.tlb_gen, mm.tlb_gen, spec.freed_tables, initiator,
-                           reason=zap.reason)
+                           reason=zap.reason, sent_vt=vt, hardware=self._broadcasts(mm))
         if k.runs(initiator, mm):
             zap.local.append(order)
         running = {c for c in mm.cpumask if k.runs(c, mm)}
@@ -184,10 +192,22 @@ class Flusher:
         k.stats.range_pages += spec.pages  # 0 for a full flush (the cost model's input)
         if not targets:
             return
-        k.stats.ipis += len(targets)
+        if order.hardware:
+            k.stats.broadcasts += 1
+        else:
+            k.stats.ipis += len(targets)
         result = await k.port(order, targets)
         k.stats.fenced.update(result.fenced)
+        if ctx is not None and ctx.vt is not None and result.done_vt is not None:
+            k.stats.shootdown_vt_ns.append(result.done_vt - ctx.vt)
+            ctx.vt = max(ctx.vt, result.done_vt)  # the initiator waits for the last ack
         self.not_loaded(mm, targets)
+
+    def _broadcasts(self, mm: Mm) -> bool:
+        """--broadcast hw: INVLPGB, for an mm with a global ASID — active on 4 or more
+        CPUs at once (consider_global_asid, mm_active_cpus_exceeds(mm, 3)); else IPIs."""
+        k = self.k
+        return k.policy.hw_broadcast and sum(1 for c in mm.cpumask if k.runs(c, mm)) >= 4
 
     def not_loaded(self, mm: Mm, targets: list[int]) -> None:
         """What the targets that did not run `mm` did on receiving its flush

@@ -150,14 +150,15 @@ class Kernel:
         """The hardware walker for several pages at one instant: (pfn, writable, tid) or None."""
         return self.tables.hw_walk(self.k.running(cpu, mm_id), vpns)
 
-    async def handle_miss(self, cpu: int, mm_id: int, vpn: int, write: bool) -> MissResult:
+    async def handle_miss(self, cpu: int, mm_id: int, vpn: int, write: bool,
+                          vt: int | None = None) -> MissResult:
         if not 0 <= vpn < USER_VPN_END:
             raise OutOfRange(f"vpn {vpn:#x} is past the 47-bit user address space")
-        return await self.faults.handle_miss(cpu, self.k.running(cpu, mm_id), vpn, write)
+        return await self.faults.handle_miss(cpu, self.k.running(cpu, mm_id), vpn, write, vt)
 
     # --- system calls ------------------------------------------------------------------------
     async def mmap(self, cpu: int, mm_id: int, pages: int, writable: bool,
-                   populate: bool = False) -> SyscallResult:
+                   populate: bool = False, vt: int | None = None) -> SyscallResult:
         k = self.k
         mm = k.running(cpu, mm_id)
         if pages <= 0:
@@ -168,7 +169,8 @@ class Kernel:
         if populate and pages > k.frames.budget:
             raise OutOfRange(f"mmap of {pages} populated pages: the machine has "
                              f"{k.frames.budget} frames")
-        ctx = k.ctx()
+        ctx = k.ctx(vt)
+        ctx.spend(k.policy.cost_model.syscall_ns)
         async with mm.mmap_lock.write(ctx) as mmap_lock:
             k.alive(mm)
             if mm.next_vpn + pages + PTRS_PER_TABLE > USER_VPN_END:
@@ -176,39 +178,42 @@ class Kernel:
             start = mm.place(pages)
             mm.insert(Vma(start, start + pages, writable))
             if populate:
-                await mmap_lock.downgrade()
+                await mmap_lock.downgrade(ctx)
                 await self.faults.populate_range(ctx, cpu, mm, start, start + pages, writable)
-        return SyscallResult(address=start << 12, local_flushes=self.take_local_flushes(cpu))
+        return SyscallResult(address=start << 12, local_flushes=self.take_local_flushes(cpu),
+                             vt=ctx.vt)
 
-    async def munmap(self, cpu: int, mm_id: int, address: int, pages: int) -> SyscallResult:
+    async def munmap(self, cpu: int, mm_id: int, address: int, pages: int, vt: int | None = None) -> SyscallResult:
         k = self.k
         start, end = page_range(address, pages)
         mm = k.running(cpu, mm_id)
         t0 = k.clock()
-        ctx = k.ctx()
-        zap = self.flusher.zap(mm, "munmap")
+        ctx = k.ctx(vt)
+        ctx.spend(k.policy.cost_model.syscall_ns)
+        zap = self.flusher.zap(mm, "munmap", ctx)
         async with mm.mmap_lock.write(ctx) as mmap_lock:
             k.alive(mm)
             if mm.remove(start, end):
                 # As Linux does, the VMA change needs the lock exclusive; the zap only
                 # shared, so faults elsewhere in the mm go on while the shootdown waits.
-                await mmap_lock.downgrade()
+                await mmap_lock.downgrade(ctx)
                 await self.zapper.zap(ctx, cpu, mm, start, end, zap, free_tables=True)
         freed = zap.freed + self.flusher.release(zap.to_free, zap.tables)
         self.flusher.returned(mm, start, end, Revokes.ALL)
         latency = (k.clock() - t0) / 1e9
         k.stats.munmap_latency_s.append(latency)
         return SyscallResult(shootdowns=zap.shootdowns, pages_freed=freed, latency_s=latency,
-                             local_flushes=zap.local)
+                             local_flushes=zap.local, vt=ctx.vt)
 
     async def madvise_dontneed(self, cpu: int, mm_id: int, address: int,
-                               pages: int) -> SyscallResult:
+                               pages: int, vt: int | None = None) -> SyscallResult:
         k = self.k
         start, end = page_range(address, pages)
         mm = k.running(cpu, mm_id)
         t0 = k.clock()
-        ctx = k.ctx()
-        zap = self.flusher.zap(mm, "madvise")
+        ctx = k.ctx(vt)
+        ctx.spend(k.policy.cost_model.syscall_ns)
+        zap = self.flusher.zap(mm, "madvise", ctx)
         async with mm.mmap_lock.read(ctx):
             k.alive(mm)
             if not mm.covered(start, end):
@@ -217,16 +222,18 @@ class Kernel:
         freed = zap.freed + self.flusher.release(zap.to_free, zap.tables)
         self.flusher.returned(mm, start, end, Revokes.ALL)
         return SyscallResult(shootdowns=zap.shootdowns, pages_freed=freed,
-                             latency_s=(k.clock() - t0) / 1e9, local_flushes=zap.local)
+                             latency_s=(k.clock() - t0) / 1e9, local_flushes=zap.local,
+                             vt=ctx.vt)
 
     async def mprotect(self, cpu: int, mm_id: int, address: int, pages: int,
-                       writable: bool) -> SyscallResult:
+                       writable: bool, vt: int | None = None) -> SyscallResult:
         k = self.k
         start, end = page_range(address, pages)
         mm = k.running(cpu, mm_id)
         t0 = k.clock()
-        ctx = k.ctx()
-        zap = self.flusher.zap(mm, "mprotect", pages=1 << 62)  # no frees: one flush
+        ctx = k.ctx(vt)
+        ctx.spend(k.policy.cost_model.syscall_ns)
+        zap = self.flusher.zap(mm, "mprotect", ctx, pages=1 << 62)  # no frees: one flush
         async with mm.mmap_lock.write(ctx):
             k.alive(mm)
             if not mm.covered(start, end):
@@ -240,9 +247,9 @@ class Kernel:
         if not writable:
             self.flusher.returned(mm, start, end, Revokes.WRITES)
         return SyscallResult(shootdowns=zap.shootdowns, latency_s=(k.clock() - t0) / 1e9,
-                             local_flushes=zap.local)
+                             local_flushes=zap.local, vt=ctx.vt)
 
-    async def fork(self, cpu: int, mm_id: int) -> SyscallResult:
+    async def fork(self, cpu: int, mm_id: int, vt: int | None = None) -> SyscallResult:
         """fork: `copy` copies every PTE read-only for COW; `share` points the child's pmd
         entries at the parent's PTE tables and write-protects each table as a whole —
         O(tables), not O(pages). Either way it ends, as dup_mmap does, with a flush of
@@ -250,8 +257,9 @@ class Kernel:
         k = self.k
         parent = k.running(cpu, mm_id)
         t0 = k.clock()
-        ctx = k.ctx()
-        zap = self.flusher.zap(parent, "fork", pages=1 << 62)
+        ctx = k.ctx(vt)
+        ctx.spend(k.policy.cost_model.syscall_ns)
+        zap = self.flusher.zap(parent, "fork", ctx, pages=1 << 62)
         async with parent.mmap_lock.write(ctx):
             k.alive(parent)
             child_id = self.create_mm(family=parent.family)
@@ -270,9 +278,9 @@ class Kernel:
         latency = (k.clock() - t0) / 1e9
         k.stats.fork_latency_s.append(latency)
         return SyscallResult(child_mm=child_id, shootdowns=zap.shootdowns, latency_s=latency,
-                             local_flushes=zap.local)
+                             local_flushes=zap.local, vt=ctx.vt)
 
-    async def exit(self, cpu: int, mm_id: int) -> SyscallResult:
+    async def exit(self, cpu: int, mm_id: int, vt: int | None = None) -> SyscallResult:
         """exit_mmap: tear down everything with one full flush, then free. Shared tables
         are dropped, not cleared; the last sharer frees them (clear -> flush -> free).
         It runs once: a CPU of the mm that exits while another's exit holds the lock
@@ -280,12 +288,13 @@ class Kernel:
         k = self.k
         mm = k.running(cpu, mm_id)
         t0 = k.clock()
-        ctx = k.ctx()
-        zap = self.flusher.zap(mm, "exit", fullmm=True)
+        ctx = k.ctx(vt)
+        ctx.spend(k.policy.cost_model.syscall_ns)
+        zap = self.flusher.zap(mm, "exit", ctx, fullmm=True)
         async with mm.mmap_lock.write(ctx):
             if mm.exited:
                 k.cpu_mm[cpu] = 0
-                return SyscallResult()
+                return SyscallResult(vt=ctx.vt)
             mm.vmas = []
             await self.zapper.zap(ctx, cpu, mm, 0, USER_VPN_END, zap, free_tables=True,
                                   free_pgd=True)
@@ -297,7 +306,8 @@ class Kernel:
             del k.lazy_mm[c]
         mm.cpumask.clear()
         return SyscallResult(shootdowns=zap.shootdowns, pages_freed=freed,
-                             latency_s=(k.clock() - t0) / 1e9, local_flushes=zap.local)
+                             latency_s=(k.clock() - t0) / 1e9, local_flushes=zap.local,
+                             vt=ctx.vt)
 
     # --- the oracle and the audit -------------------------------------------------------------
     def report_accesses(self, words: Sequence[int], runs: Sequence[int], mm: int = 0) -> int:

@@ -17,6 +17,7 @@ from typing import AsyncIterator
 from services.common.clock import Clock, monotonic
 from services.common.errors import Aborted
 from services.common.stats import Samples
+from services.common.vtime import Handoff, RwServer, Server
 
 
 class LockClass(enum.IntEnum):
@@ -36,6 +37,7 @@ class ClassStats:
     contended: int = 0
     wait_s: Samples = dataclasses.field(default_factory=Samples)
     hold_s: Samples = dataclasses.field(default_factory=Samples)
+    vwait_ns: Samples = dataclasses.field(default_factory=Samples)  # virtual time
 
 
 class LockStats:
@@ -44,6 +46,9 @@ class LockStats:
 
     def all_waits(self) -> Samples:
         return Samples.merged(s.wait_s for s in self.by_class.values())
+
+    def all_vwaits(self) -> Samples:
+        return Samples.merged(s.vwait_ns for s in self.by_class.values())
 
     @property
     def contended(self) -> int:
@@ -75,13 +80,32 @@ class LockValidator:
 
 class OpContext:
     """The locks one operation holds, in acquisition order; `clock` times the waits
-    and holds (the kernel's clock)."""
+    and holds (the kernel's clock). In virtual time (`vt` not None) it is also the
+    operation's clock: `spend` advances it by a cost, and every lock is a FIFO server
+    (services/common/vtime.py) that grants it at its virtual time; `handoff` and
+    `rwsem` price a contended lock's and mmap_lock's cache-line transfers."""
 
-    def __init__(self, validator: LockValidator, stats: LockStats, clock: Clock = monotonic):
+    def __init__(self, validator: LockValidator, stats: LockStats, clock: Clock = monotonic,
+                 vt: int | None = None, handoff: Handoff = Handoff(),
+                 rwsem: Handoff = Handoff()):
         self.validator = validator
         self.stats = stats
         self.clock = clock
         self.held: list[SimLock] = []
+        self.vt = vt
+        self.handoff = handoff
+        self.rwsem = rwsem
+
+    def spend(self, ns: float) -> None:
+        """The operation does `ns` of work (virtual time only)."""
+        if self.vt is not None:
+            self.vt += round(ns)
+
+    def _granted(self, cls: LockClass, request: int, grant: int, contended: bool) -> None:
+        stats = self.stats.by_class[cls]
+        stats.vwait_ns.append(grant - request)
+        stats.contended += contended
+        self.vt = grant
 
     def locked(self, lock: "SimLock") -> "_Locked":
         return _Locked(self, lock)
@@ -116,22 +140,28 @@ class SimLock:
         self.key = key
         self._lock = asyncio.Lock()
         self._since = 0
+        self.server = Server()  # the lock in virtual time
 
     async def acquire(self, ctx: OpContext) -> None:
         ctx.validator.check(ctx.held, self)
         stats = ctx.stats.by_class[self.cls]
         stats.acquisitions += 1
-        if self._lock.locked():
+        if self._lock.locked() and ctx.vt is None:
             stats.contended += 1
         t0 = ctx.clock()
         await self._lock.acquire()
         self._since = ctx.clock()
         stats.wait_s.append((self._since - t0) / 1e9)
         ctx.held.append(self)
+        if ctx.vt is not None:
+            contended = self.server.free_at > ctx.vt
+            ctx._granted(self.cls, ctx.vt, self.server.acquire(ctx.vt, ctx.handoff), contended)
 
     def release(self, ctx: OpContext) -> None:
         ctx.held.remove(self)
         ctx.stats.by_class[self.cls].hold_s.append((ctx.clock() - self._since) / 1e9)
+        if ctx.vt is not None:
+            self.server.release(ctx.vt)
         self._lock.release()
 
 
@@ -145,6 +175,7 @@ class RwLock:
         self._readers = 0
         self._writer = False
         self._cond = asyncio.Condition()
+        self.server = RwServer()  # the lock in virtual time
 
     @contextlib.asynccontextmanager
     async def read(self, ctx: OpContext) -> AsyncIterator[None]:
@@ -164,7 +195,9 @@ class RwLock:
         finally:
             await self._release(ctx, write=self._held_write)
 
-    async def downgrade(self) -> None:
+    async def downgrade(self, ctx: OpContext | None = None) -> None:
+        if ctx is not None and ctx.vt is not None:
+            self.server.write_done(ctx.vt)
         async with self._cond:
             self._writer = False
             self._readers += 1
@@ -188,9 +221,21 @@ class RwLock:
                 self._readers += 1
         stats.wait_s.append((ctx.clock() - t0) / 1e9)
         ctx.held.append(self)  # type: ignore[arg-type]
+        if ctx.vt is not None:
+            request = ctx.vt
+            busy = (self.server.writer_free_at > request if not write else
+                    max(self.server.writer_free_at, self.server.readers_until) > request)
+            grant = (self.server.write(request, ctx.handoff) if write else
+                     self.server.read(request, ctx.rwsem))
+            ctx._granted(self.cls, request, grant, busy)
 
     async def _release(self, ctx: OpContext, write: bool) -> None:
         ctx.held.remove(self)  # type: ignore[arg-type]
+        if ctx.vt is not None:
+            if write:
+                self.server.write_done(ctx.vt)
+            else:
+                self.server.read_done(ctx.vt)
         async with self._cond:
             if write:
                 self._writer = False

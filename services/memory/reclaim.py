@@ -51,9 +51,12 @@ class Reclaimer:
                 out.append((mm, table))
         return out
 
-    async def alloc_page(self, ctx: OpContext, cpu: int) -> int:
-        """A data frame; below the low watermark, reclaim first (direct reclaim)."""
+    async def alloc_page(self, ctx: OpContext, cpu: int, zero: bool = False) -> int:
+        """A data frame (`zero`: zero-filled); below the low watermark, reclaim first
+        (direct reclaim)."""
         k = self.k
+        cm = k.policy.cost_model
+        ctx.spend(cm.page_alloc_ns + (cm.page_zero_ns if zero else 0))
         if k.frames.free_count <= k.low_watermark:
             async with k.reclaiming:
                 if k.frames.free_count <= k.low_watermark:
@@ -96,6 +99,7 @@ class Reclaimer:
                     if pte <= 0 or pte_pfn(pte) != pfn:
                         continue  # changed while we waited for the lock
                     sharers = [m for m, _ in table.sharers or [(mm.id, 0)]]
+                    ctx.spend(k.policy.cost_model.pte_clear_ns)
                     ends.mms.update(sharers)
                     ends.clear(vpn, table.tids[slot])
                     table.entries[slot] = -k.swap.store()
@@ -108,11 +112,12 @@ class Reclaimer:
                     for m in sharers:
                         k.mms[m].tlb_batch_pending += 1
         if pages:
-            await self._flush_and_free(initiator, pages, ends, union, walked, shared)
+            await self._flush_and_free(ctx, initiator, pages, ends, union, walked, shared)
         self._keep_mapped(victims)
 
-    async def _flush_and_free(self, initiator: int, pages: list[int], ends: Batch,
-                              union: set[int], walked: set[int], shared: bool) -> None:
+    async def _flush_and_free(self, ctx: OpContext, initiator: int, pages: list[int],
+                              ends: Batch, union: set[int], walked: set[int],
+                              shared: bool) -> None:
         """try_to_unmap_flush, then free: one flush of every affected mm's entries."""
         k = self.k
         k.stats.swap_outs += len(pages)
@@ -131,9 +136,10 @@ class Reclaimer:
         for mm in mms:
             mm.tlb_gen += 1
         first = mms[0]
+        ctx.spend(k.policy.cost_model.flush_call_ns)
         order = FlushOrder(next(k.shootdown_ids), first.id, 0, 0, first.tlb_gen,
                            first.tlb_gen, False, initiator, all_mms=True, reason="reclaim",
-                           mm_gens={mm.id: mm.tlb_gen for mm in mms})
+                           mm_gens={mm.id: mm.tlb_gen for mm in mms}, sent_vt=ctx.vt)
         local = [order] if initiator in cpus else []
         targets = sorted(cpus - {initiator})
         k.stats.shootdowns += 1
@@ -144,6 +150,8 @@ class Reclaimer:
             k.stats.reclaim_ipis += len(targets)
             result = await k.port(order, targets)
             k.stats.fenced.update(result.fenced)
+            if ctx.vt is not None and result.done_vt is not None:
+                ctx.vt = max(ctx.vt, result.done_vt)
         k.unflushed -= collections.Counter(pages)
         k.oracle.flushed(ends, k.clock())
         k.pending_local.setdefault(initiator, []).extend(local)

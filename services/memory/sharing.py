@@ -34,6 +34,7 @@ class Sharing:
                         gather.protect_table(table)
                 pmd = await self.tables.ensure_pmd(ctx, child, table.base_vpn)  # upper levels
                 self._share_into(parent, child, pmd, table)
+                ctx.spend(self.k.policy.cost_model.pte_install_ns)  # one pmd entry
 
     async def copy_table(self, ctx: OpContext, parent: Mm, child: Mm, src: PteTable,
                          vma: Vma, gather: Gather) -> None:
@@ -53,6 +54,7 @@ class Sharing:
                 dst.present += 1
                 k.frames.get(pfn)
                 k.frames.mapcount[pfn] += 1
+                ctx.spend(k.policy.cost_model.pte_copy_ns)
             for vpn, slot, swap_slot in swapped_ptes(src, vma.start, vma.end):
                 dst.entries[slot] = -swap_slot
                 dst.present += 1
@@ -86,7 +88,8 @@ class Sharing:
         entries are untouched, so other sharers need no flush."""
         k, tables = self.k, self.tables
         fresh = tables.alloc_pte(table.base_vpn)
-        zap = self.flusher.zap(mm, "unshare")
+        ctx.spend(k.policy.cost_model.table_alloc_ns)
+        zap = self.flusher.zap(mm, "unshare", ctx)
         async with tables.sharers_locked(ctx, mm, [table]), ctx.locked_once(mm.page_table_lock):
             pmd = tables.pmd_of(mm, table.base_vpn)
             slot = pmd.slot(table.base_vpn)
@@ -100,6 +103,7 @@ class Sharing:
                     fresh.tids[i] = fresh.new_tid()
                     k.frames.get(pfn)
                     k.frames.mapcount[pfn] += 1
+                    ctx.spend(k.policy.cost_model.pte_copy_ns)
                 for vpn, i, swap_slot in swapped_ptes(table, 0, USER_VPN_END):
                     fresh.entries[i] = -swap_slot
                     k.swap.dup(swap_slot)

@@ -16,6 +16,7 @@ from services.common.clock import Clock
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.policy import Policy
 from services.common.stats import COUNT_BUCKETS, Samples
+from services.common.vtime import Handoff
 from services.memory.frames import Frames
 from services.memory.locks import LockStats, LockValidator, OpContext
 from services.memory.mm import Mm
@@ -39,12 +40,15 @@ class FlushOrder:
     reason: str = "other"  # the operation that shot down (munmap, cow, reclaim, ...)
     # all_mms: the generation each mm whose PTEs it cleared reached (arch_tlbbatch_add_pending)
     mm_gens: dict[int, int] = dataclasses.field(default_factory=dict)
+    sent_vt: int | None = None  # virtual time it was sent at (--timing virtual)
+    hardware: bool = False      # a hardware broadcast (INVLPGB): no handler on the targets
 
 
 @dataclasses.dataclass
 class ShootdownResult:
     acked: list[int]
     fenced: list[int]
+    done_vt: int | None = None  # virtual time the last target's ack arrived
 
 
 # Delivers a shootdown to its targets; returns once every one acked or was fenced.
@@ -58,6 +62,7 @@ class MissResult:
     writable: bool = False
     tid: int = 0
     local_flushes: list[FlushOrder] = dataclasses.field(default_factory=list)
+    vt: int | None = None  # virtual time the fault returned at
 
 
 @dataclasses.dataclass
@@ -68,6 +73,7 @@ class SyscallResult:
     pages_freed: int = 0
     latency_s: float = 0.0
     local_flushes: list[FlushOrder] = dataclasses.field(default_factory=list)
+    vt: int | None = None  # virtual time the call returned at
 
 
 @dataclasses.dataclass
@@ -105,6 +111,9 @@ class KernelStats:
     flush_pages: Samples = dataclasses.field(default_factory=lambda: Samples(COUNT_BUCKETS))
     range_pages: int = 0          # pages named by ranged shootdowns (broadcast invalidations)
     zero_page_maps: int = 0       # read faults that mapped the shared zero page
+    broadcasts: int = 0           # shootdowns sent as hardware broadcasts (no IPIs)
+    # --timing virtual: each shootdown's virtual latency, sent to the last ack (ns).
+    shootdown_vt_ns: Samples = dataclasses.field(default_factory=Samples)
 
 
 class KernelState:
@@ -145,9 +154,13 @@ class KernelState:
         self.table_uids = itertools.count(1)
         self.shootdown_ids = itertools.count(1)
 
-    def ctx(self) -> OpContext:
-        """The locks of one operation, checked against the lock order."""
-        return OpContext(self.validator, self.lock_stats, self.clock)
+    def ctx(self, vt: int | None = None) -> OpContext:
+        """The locks of one operation, checked against the lock order; `vt`: the
+        operation's virtual start (None: wall-clock time)."""
+        cm = self.policy.cost_model
+        return OpContext(self.validator, self.lock_stats, self.clock, vt,
+                         Handoff(cm.lock_ns, cm.lock_handoff_ns, cm.lock_handoff_waiter_ns),
+                         Handoff(cm.rwsem_ns, cm.rwsem_ns, cm.rwsem_handoff_waiter_ns))
 
     def mm(self, mm_id: int) -> Mm:
         mm = self.mms.get(mm_id)

@@ -73,6 +73,7 @@ class Tables:
             if child is None:
                 span = PTRS_PER_TABLE ** (table.level - 1)
                 fresh = self.alloc(table.level - 1, vpn - vpn % span)
+                ctx.spend(self.k.policy.cost_model.table_alloc_ns)
                 async with ctx.locked_once(mm.page_table_lock):
                     child = table.entries[slot]
                     if child is None:  # nobody populated it while we allocated

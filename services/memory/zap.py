@@ -76,6 +76,8 @@ class Zapper:
     def _clear_pte(self, table: PteTable, vpn: int, slot: int, pte: int, zap: Zap) -> None:
         """ptep_get_and_clear into the gather (the page is freed after its flush)."""
         k = self.k
+        if zap.ctx is not None:
+            zap.ctx.spend(k.policy.cost_model.pte_clear_ns)
         if k.rules.breaks(Rule.CLEAR_BEFORE_FLUSH):  # walkers see it until the flush
             k.ghosts[table.uid, slot] = (pte, table.tids[slot], table.writable(pte))
             zap.deferred.append((table.uid, slot))
@@ -94,13 +96,18 @@ class Zapper:
                 for table in tables.pte_tables(mm, start, end):
                     async with tables.pte_locked(ctx, mm, table):
                         await flusher.batched_pending(mm, cpu, zap)
-                        _write_protect(table, start, end, zap.gather)
+                        changed = _write_protect(table, start, end, zap.gather)
+                        ctx.spend(changed * self.k.policy.cost_model.pte_clear_ns)
                 await flusher.finish(mm, cpu, zap, Rule.MPROTECT_FLUSH)
 
 
-def _write_protect(table: PteTable, start: int, end: int, gather: Gather) -> None:
+def _write_protect(table: PteTable, start: int, end: int, gather: Gather) -> int:
+    """Returns how many PTEs it changed."""
+    changed = 0
     for vpn, slot, pte in present_ptes(table, start, end):
         if pte_writable(pte):
             table.entries[slot] = make_pte(pte_pfn(pte), False)
             old, table.tids[slot] = table.tids[slot], table.new_tid()
             gather.protect_pte(vpn, old, table.tids[slot])
+            changed += 1
+    return changed

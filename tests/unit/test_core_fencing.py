@@ -36,7 +36,7 @@ def handlers(m, cpu: int, before_reply=None):
     request is out (what happens to the CPU meanwhile)."""
     core = m.cpus[cpu]
 
-    async def miss(vpn, write):
+    async def miss(vpn, write, vt=None):
         r = await m.kernel.handle_miss(cpu, core.loaded_mm, vpn, write)
         if before_reply:
             before_reply()

@@ -138,7 +138,7 @@ async def test_lease_expiry_during_an_access_stops_it_before_the_lease_ends():
     core.take_hits()
     clock.step = 1_000  # now 1 us per reading
 
-    async def miss(vpn, write):
+    async def miss(vpn, write, vt=None):
         return await machine.kernel.handle_miss(0, mm, vpn, write)
 
     with pytest.raises(FailedPrecondition, match="lease ran out"):
@@ -166,7 +166,7 @@ async def test_fence_during_a_batched_walk_fills_nothing():
         m.told_fenced(FenceNotice(9, "deadline"))  # the heartbeat's answer, mid-walk
         return ptes
 
-    async def miss(vpn, write):  # the fence made the walk's answer stale: asked again
+    async def miss(vpn, write, vt=None):  # the fence made the walk's answer stale: asked again
         return await machine.kernel.handle_miss(0, mm, vpn, write)
 
     with pytest.raises(FailedPrecondition, match="missed a shootdown deadline"):
