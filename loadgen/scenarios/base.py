@@ -17,8 +17,8 @@ from loadgen.cluster import Cluster, Cpu
 from services.common.addresses import PAGE_SIZE
 from services.common.costmodel import Events
 from services.common.chaos import MACHINE_LOST
-from services.common.errors import REASON_CPU_FENCED, REASON_MACHINE_LOST, REASON_RUN_RESET, \
-    FailedPrecondition
+from services.common.errors import (REASON_CPU_FENCED, REASON_CPU_LEFT, REASON_MACHINE_LOST,
+                                    REASON_RUN_RESET, FailedPrecondition)
 from services.common.policy import Policy
 from services.common.server import reason_of
 from tlbsim.v1 import common_pb2, cpu_pb2, memory_pb2
@@ -37,11 +37,19 @@ class CpuLeft(FailedPrecondition):
     """A CPU a scenario's step needed left the run (killed, unreachable, or fenced and
     not back in time)."""
 
+    def __init__(self, message: str):
+        super().__init__(message, REASON_CPU_LEFT)
+
 
 def machine_lost(e: grpc.aio.AioRpcError) -> bool:
     """The memory service restarted (or another run reset it): the run cannot go on. Said
     by the reason the memory service attaches (relayed by a CPU), not by the wording."""
     return reason_of(e) in (REASON_MACHINE_LOST, REASON_RUN_RESET)
+
+
+def run_lost(e: grpc.aio.AioRpcError) -> FailedPrecondition:
+    """The error that ends a run whose machine is gone, with the service's reason."""
+    return FailedPrecondition(e.details() or "the simulated machine was lost", reason_of(e))
 
 
 @dataclasses.dataclass
@@ -170,7 +178,7 @@ class Driver:
                 return await self._attempt(method, request, timeout or self.call_timeout_s)
             except grpc.aio.AioRpcError as e:
                 if machine_lost(e):
-                    raise FailedPrecondition(e.details()) from None
+                    raise run_lost(e) from None
                 if e.code() not in CPU_LOST:
                     raise
                 if reason_of(e) == REASON_CPU_FENCED:
@@ -205,9 +213,9 @@ class Driver:
                                                     wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
             raise FailedPrecondition(f"the memory service is unreachable ({e.code().name}): "
-                                     f"{MACHINE_LOST}") from None
+                                     f"{MACHINE_LOST}", REASON_MACHINE_LOST) from None
         if self.cluster.epoch and stats.epoch >> 32 != self.cluster.epoch >> 32:
-            raise FailedPrecondition(MACHINE_LOST)
+            raise FailedPrecondition(MACHINE_LOST, REASON_MACHINE_LOST)
 
     async def access(self, cpu: Cpu, addresses: list[int], write: bool = False,
                      stop_on_segv: bool = False,
@@ -255,7 +263,7 @@ class Driver:
                                 metadata=self.cluster.meta(), wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
             if machine_lost(e):
-                raise FailedPrecondition(e.details()) from None
+                raise run_lost(e) from None
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 await self._machine_still_there()
             raise

@@ -49,6 +49,10 @@ class LockStats:
     def contended(self) -> int:
         return sum(s.contended for s in self.by_class.values())
 
+    @property
+    def acquisitions(self) -> int:
+        return sum(s.acquisitions for s in self.by_class.values())
+
 
 class LockValidator:
     """Like lockdep, it learns which class orders occur; every acquisition must come
