@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 GENERATED := gen/.stamp
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: setup gen test demo bench clean
+.PHONY: setup gen typecheck test demo bench clean
 
 setup: $(INSTALLED) $(GENERATED)
 
@@ -30,7 +30,11 @@ gen: $(INSTALLED)
 	$(BIN)/python tools/gen_proto.py
 	touch $(GENERATED)
 
-test: setup
+# mypy (pinned in the test extras) on services/ and loadgen/ ([tool.mypy] in pyproject.toml).
+typecheck: setup
+	$(BIN)/python -m mypy
+
+test: typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: setup

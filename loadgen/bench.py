@@ -25,7 +25,8 @@ from loadgen import costbench, output
 from loadgen.cluster import Cluster
 from loadgen.runner import run
 from loadgen.scenarios import RunConfig
-from services.common.policy import TRANSPORTS, Policy
+from services.common import wire
+from services.common.policy import FlushMode, ForkMode, Policy, Transport
 from services.common.stats import p50_p99
 from services.cpu.core import CpuCore
 from services.cpu.tlb import Entry
@@ -80,7 +81,7 @@ async def tlb_hits_vs_floor(cluster: Cluster, rounds: int) -> dict:
             "ratio": service / alone if alone else 0.0}
 
 
-async def _no_miss(vpn: int, write: bool):
+async def _no_miss(vpn: int, write: bool, vt: int | None):
     raise AssertionError(f"the floor's TLB missed page {vpn:#x}")
 
 
@@ -93,7 +94,8 @@ async def faults_vs_floor(cluster: Cluster, pages: int, rounds: int) -> dict:
     cpu = cluster.cpus[0]
     mm = await _process_on(cluster)
     memory = cluster.memory
-    fault_rates, walk_rates = [], []
+    fault_rates: list[float] = []
+    walk_rates: list[float] = []
     for _ in range(rounds):
         base = (await cpu.stub.Syscall(common_pb2.SyscallRequest(
             mmap=common_pb2.MmapArgs(pages=pages, writable=True)))).address
@@ -144,7 +146,7 @@ async def memory_rss_per_page(cluster: Cluster, pid: int, sizes=RSS_PAGES) -> di
     return {"empty_rss_mib": empty / 2**20, "rows": rows}
 
 
-async def shootdown_vs_floor(cluster: Cluster, transport: str, targets: int,
+async def shootdown_vs_floor(cluster: Cluster, transport: Transport, targets: int,
                              rounds: int) -> dict:
     """Interleave one single-page munmap (one shootdown) with one ping fan-out."""
     policy = Policy(transport=transport)
@@ -157,7 +159,8 @@ async def shootdown_vs_floor(cluster: Cluster, transport: str, targets: int,
     anchor = (await initiator.Syscall(common_pb2.SyscallRequest(
         mmap=common_pb2.MmapArgs(pages=512, writable=True)))).address
     ping = coordinator_pb2.PingFanoutRequest(targets=[c.id for c in cpus[1:]],
-                                             transport=TRANSPORTS[transport], rounds=1)
+                                             transport=wire.transport_to_proto(transport),
+                                             rounds=1)
     floor: list[float] = []
     for i in range(rounds):
         address = anchor + (i % 511 + 1) * 4096  # page 0 keeps the table alive
@@ -179,15 +182,16 @@ async def _has_broker(cluster: Cluster) -> bool:
     """Does the coordinator have an MQTT broker that reaches the CPUs?"""
     try:
         await cluster.coordinator.PingFanout(coordinator_pb2.PingFanoutRequest(
-            targets=[c.id for c in cluster.cpus], transport=TRANSPORTS["mqtt"], rounds=1))
+            targets=[c.id for c in cluster.cpus],
+            transport=wire.transport_to_proto(Transport.MQTT), rounds=1))
         return True
     except grpc.aio.AioRpcError:
         return False
 
 
 async def munmap_per_page_vs_gather(cluster: Cluster, rounds: int) -> dict:
-    out = {}
-    for flush in ("per-page", "gather"):
+    out: dict[str, dict] = {}
+    for flush in FlushMode:  # per-page, then gather
         cfg = RunConfig("munmap", Policy(flush=flush), cpus=4, pages=512, rounds=rounds,
                         readers=False)
         out[flush] = (await run(cluster, cfg))["results"]
@@ -200,8 +204,8 @@ async def fork_share_vs_copy(cluster: Cluster, resident: int = 65536,
                              children: int = 10) -> dict:
     """On-Demand-Fork's measurement: fork a large process, copying its PTEs vs sharing
     its PTE tables (memory-side fork latency; the same cluster, one after the other)."""
-    out = {}
-    for mode in ("copy", "share"):
+    out: dict[str, dict] = {}
+    for mode in ForkMode:  # copy, then share
         cfg = RunConfig("fork", Policy(fork=mode, deadline_s=10.0), cpus=4, rounds=1,
                         resident=resident, children=children)
         out[mode] = (await run(cluster, cfg))["results"]
@@ -223,8 +227,8 @@ async def bench(coordinator: str, rounds: int, munmap_rounds: int,
         hits = await tlb_hits_vs_floor(cluster, rounds=10)
         faults = await faults_vs_floor(cluster, pages=1000, rounds=3)
         shootdowns, skipped = [], []
-        for transport in TRANSPORTS:
-            if transport == "mqtt" and not await _has_broker(cluster):
+        for transport in Transport:
+            if transport is Transport.MQTT and not await _has_broker(cluster):
                 skipped.append(transport)
                 continue
             for targets in TARGETS:

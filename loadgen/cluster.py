@@ -10,6 +10,7 @@ import grpc
 from services.common.chaos import epoch_metadata
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.liveness import Liveness
+from services.common import wire
 from services.common.policy import Policy
 from services.common.server import channel
 from tlbsim.v1 import (coordinator_pb2, coordinator_pb2_grpc, cpu_pb2, cpu_pb2_grpc, memory_pb2,
@@ -30,12 +31,19 @@ class Cluster:
         self.coordinator_address = coordinator
         self._channels: list[grpc.aio.Channel] = []
         self.coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(self._open(coordinator))
-        self.memory: memory_pb2_grpc.MemoryServiceStub | None = None
+        self._memory: memory_pb2_grpc.MemoryServiceStub | None = None
         self.cpus: list[Cpu] = []
         self.epoch = 0  # the memory epoch of the last reset: sent with calls to memory
         # The coordinator's heartbeat and lease settings (from its listing): how long a
         # fenced CPU may take to come back follows from them.
         self.liveness = Liveness.for_cluster(1)
+
+    @property
+    def memory(self) -> memory_pb2_grpc.MemoryServiceStub:
+        """The memory service, found by `discover` (which every run starts with)."""
+        if self._memory is None:
+            raise FailedPrecondition("no memory service yet: discover the cluster first")
+        return self._memory
 
     def meta(self) -> tuple[tuple[str, str], ...]:
         """Metadata for calls to the memory service about this run's machine."""
@@ -87,8 +95,8 @@ class Cluster:
                     f"{'' if listing.memory_address else ' and no memory service'}; "
                     f"this run needs {want_cpus}")
             await asyncio.sleep(0.1)
-        if self.memory is None:
-            self.memory = memory_pb2_grpc.MemoryServiceStub(self._open(listing.memory_address))
+        if self._memory is None:
+            self._memory = memory_pb2_grpc.MemoryServiceStub(self._open(listing.memory_address))
         self.cpus = [Cpu(c.cpu, cpu_pb2_grpc.CpuServiceStub(self._open(c.address)))
                      for c in sorted(ready, key=lambda c: c.cpu)[:want_cpus]]
         return self.cpus
@@ -96,15 +104,13 @@ class Cluster:
     async def reset(self, policy: Policy, cpus: int) -> int:
         """A clean machine under `policy`: returns the memory service's new epoch."""
         await self.discover(cpus)
-        pb = policy.to_proto()
+        pb = wire.policy_to_proto(policy)
         reply = await self.memory.Reset(memory_pb2.MemoryResetRequest(policy=pb),
                                         timeout=RPC_TIMEOUT_S)
         self.epoch = reply.epoch
         # The coordinator hands the epoch to CPUs that (re)start during the run.
         await self.coordinator.Reset(coordinator_pb2.CoordinatorResetRequest(
             policy=pb, epoch=reply.epoch), timeout=RPC_TIMEOUT_S)
-        await asyncio.gather(*(c.stub.Reset(cpu_pb2.CpuResetRequest(
-            tlb_entries=policy.tlb_entries, tlb_ways=policy.tlb_ways, epoch=reply.epoch,
-            cost_model=pb.cost_model, asids=policy.asids),
-            timeout=RPC_TIMEOUT_S) for c in self.cpus))
+        reset = wire.cpu_reset_request(policy, reply.epoch)
+        await asyncio.gather(*(c.stub.Reset(reset, timeout=RPC_TIMEOUT_S) for c in self.cpus))
         return reply.epoch

@@ -112,8 +112,9 @@ async def sweep(cluster: Cluster, key: str, values: list[str],
     interrupted = False
     for value in values:
         a, b = sides(value)
-        result = await compare(cluster, a, b, repeat,
-                               lambda side, i, v=value: on_run(f"{key}={v} {side}", i))
+        def on_side(side: str, i: int, v: str = value) -> None:
+            on_run(f"{key}={v} {side}", i)
+        result = await compare(cluster, a, b, repeat, on_side)
         points.append({"value": value, **result})
         if result["interrupted"]:
             interrupted = True

@@ -8,7 +8,7 @@ from loadgen import output
 from loadgen.cluster import Cluster
 from loadgen.runner import run
 from loadgen.scenarios import HEADLINES, RunConfig
-from services.common.policy import Policy
+from services.common.policy import FlushMode, ForkMode, LockMode, Policy, SharedFlush
 
 # Each comparison shows its scenario's headline, then the oracle's verdict.
 SAFETY = ["stale_accesses", "audit_violations"]
@@ -22,13 +22,13 @@ def comparisons(cpus: int, rounds: int) -> list[tuple[str, list[tuple[str, RunCo
     base = Policy()
     return [
         (f"munmap of 512 pages on {cpus} CPUs: one shootdown per page vs mmu_gather",
-         [("A: per-page", RunConfig("munmap", dataclasses.replace(base, flush="per-page"),
+         [("A: per-page", RunConfig("munmap", dataclasses.replace(base, flush=FlushMode.PER_PAGE),
                                     cpus=cpus, pages=512, rounds=rounds)),
           ("B: gather", RunConfig("munmap", base, cpus=cpus, pages=512, rounds=rounds))],
          MUNMAP_ROWS),
         (f"faults on {cpus - max(1, cpus // 2)} CPUs while {max(1, cpus // 2)} madvise: "
          "page_table_lock vs split PTE locks",
-         [("A: lock=mm", RunConfig("fault-scaling", dataclasses.replace(base, lock="mm"),
+         [("A: lock=mm", RunConfig("fault-scaling", dataclasses.replace(base, lock=LockMode.MM),
                                    cpus=cpus, pages=512, rounds=rounds)),
           ("B: lock=split", RunConfig("fault-scaling", base, cpus=cpus, pages=512,
                                       rounds=rounds))],
@@ -36,14 +36,14 @@ def comparisons(cpus: int, rounds: int) -> list[tuple[str, list[tuple[str, RunCo
         ("fork of a process with 8192 resident pages, 3 children: copy PTEs vs share tables",
          [(f"{ab}: fork={mode}", RunConfig("fork", dataclasses.replace(base, fork=mode),
                                           cpus=cpus, rounds=1, resident=8192, children=3))
-          for ab, mode in (("A", "copy"), ("B", "share"))],
+          for ab, mode in (("A", ForkMode.COPY), ("B", ForkMode.SHARE))],
          FORK_ROWS),
     ] + ([] if cpus < 4 else [
         ("reclaim through shared tables: flush every CPU vs the sharers' CPUs",
          [(f"{ab}: {flush}", RunConfig("swapout", dataclasses.replace(
-             base, fork="share", frames=2048, shared_flush=flush), cpus=cpus, pages=512,
+             base, fork=ForkMode.SHARE, frames=2048, shared_flush=flush), cpus=cpus, pages=512,
              rounds=rounds, resident=1536, children=1))
-          for ab, flush in (("A", "all-cpus"), ("B", "sharer-union"))],
+          for ab, flush in (("A", SharedFlush.ALL_CPUS), ("B", SharedFlush.SHARER_UNION))],
          SWAPOUT_ROWS)])
 
 

@@ -3,37 +3,38 @@ service, priced by the run's cost model (services/common/costmodel.py), and attr
 to operations so a report shows it next to wall time."""
 from __future__ import annotations
 
+from collections.abc import Set
+
 import grpc
 
 from loadgen.cluster import Cluster
-from services.common.costmodel import CostModel, Events
+from services.common.costmodel import (CostModel, Events, delivery_events, memory_events,
+                                       tlb_events)
 from tlbsim.v1 import coordinator_pb2, cpu_pb2, memory_pb2
 
 FLUSH_COMPONENTS = ("invalidate", "ipi")  # what a shootdown costs (refills are walks)
 
 
-async def machine_events(cluster: Cluster, lost: set[int] = frozenset(),
+async def machine_events(cluster: Cluster, lost: Set[int] = frozenset(),
                          mem: memory_pb2.MemoryStats | None = None,
                          coord: coordinator_pb2.CoordinatorStats | None = None) -> Events:
-    """Every service's counts since the run's reset: the CPUs' TLB counters, the
-    coordinator's deliveries, the memory service's shootdowns, faults and locks."""
+    """Every service's counts since the run's reset, as cost-model events (the mapping of
+    services/common/costmodel.py, which the services' metrics use too): the CPUs' TLB
+    counters, the coordinator's deliveries, the memory service's shootdowns, faults and
+    locks."""
     mem = mem or await cluster.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=30)
     coord = coord or await cluster.coordinator.Stats(coordinator_pb2.CoordinatorStatsRequest(),
                                                      timeout=30)
-    e = Events(ipis=coord.ipis, shootdowns=mem.shootdowns, full_shootdowns=mem.full_flushes,
-               range_shootdown_pages=mem.range_pages, lock_acquisitions=mem.lock_acquisitions,
-               faults=sum(n for kind, n in mem.faults.items() if kind != "walked"))
+    e = delivery_events(coord.ipis) + memory_events(
+        mem.faults, mem.shootdowns, mem.full_flushes, mem.range_pages, mem.lock_acquisitions)
     for cpu in cluster.cpus:
         if cpu.id in lost:
             continue
         try:
-            c = (await cpu.stub.DumpTlb(cpu_pb2.DumpTlbRequest(), timeout=10)).counters
+            dump = await cpu.stub.DumpTlb(cpu_pb2.DumpTlbRequest(), timeout=10)
         except grpc.aio.AioRpcError:
             continue  # a CPU that left the run: its counts are lost with it
-        e.hits += c.hits
-        e.misses += c.misses
-        e.pages_invalidated += c.flush_page
-        e.full_flushes += c.flush_full
+        e += tlb_events(dump.counters)
     return e
 
 

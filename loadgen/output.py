@@ -61,7 +61,7 @@ def key_row(results: dict, key: str, label: str | None = None,
 
 
 def lookup_dict(results: dict, key: str):
-    value = results
+    value: object = results
     for part in key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return value

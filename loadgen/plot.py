@@ -362,7 +362,7 @@ def report_figure(report: dict):
     ax = axes[0][-1]
     ax.axis("off")
     from loadgen.output import report_blocks
-    lines = []
+    lines: list[tuple[str, str | None]] = []
     for title, rows in report_blocks(report):
         lines.append((title, None))
         lines += [(label, value) for label, value in rows]

@@ -9,7 +9,9 @@ import time
 
 from loadgen.cluster import Cluster
 from loadgen.modelled import machine_events, modelled_results
-from loadgen.scenarios import SCENARIOS, Driver, Measurements, Progress, RunConfig
+from loadgen.scenarios import SCENARIOS, VIRTUAL, Driver, Measurements, Progress, RunConfig
+from loadgen.vsched import VirtualScheduler
+from services.common.errors import InvalidArgument
 from services.common.stats import p50_p99
 from tlbsim.v1 import coordinator_pb2, memory_pb2
 
@@ -35,9 +37,13 @@ def _ms_from(p) -> dict:
 async def run(cluster: Cluster, cfg: RunConfig, progress: Progress = lambda n: None) -> dict:
     """Reset the cluster under the run's policy, drive the scenario, audit, report."""
     scenario = SCENARIOS[cfg.scenario]
+    virtual = VirtualScheduler(cfg.quantum_ns) if cfg.policy.virtual else None
+    if virtual is not None and cfg.scenario not in VIRTUAL:
+        raise InvalidArgument(f"{cfg.scenario} has no virtual-time mode yet: --timing virtual "
+                              f"runs {', '.join(sorted(VIRTUAL))}")
     epoch = await cluster.reset(cfg.policy, cfg.cpus)
     m = Measurements()
-    d = Driver(cluster, m)
+    d = Driver(cluster, m, virtual)
     t0 = time.perf_counter()
     interrupted = False
     task = asyncio.ensure_future(scenario(d, cfg, progress))
@@ -48,7 +54,7 @@ async def run(cluster: Cluster, cfg: RunConfig, progress: Progress = lambda n: N
             interrupted = True  # still report what was measured
     interrupted |= d.stopping
     duration = time.perf_counter() - t0
-    return await collect(cluster, cfg, m, duration, epoch, interrupted)
+    return await collect(cluster, cfg, m, duration, epoch, interrupted, virtual)
 
 
 @contextlib.contextmanager
@@ -82,13 +88,15 @@ def _ctrl_c(d: Driver, task: asyncio.Future):
 
 
 async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: float,
-                  epoch: int, interrupted: bool = False) -> dict:
+                  epoch: int, interrupted: bool = False,
+                  virtual: VirtualScheduler | None = None) -> dict:
     mem = await cluster.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=30)
     coord = await cluster.coordinator.Stats(coordinator_pb2.CoordinatorStatsRequest(), timeout=30)
     events = await machine_events(cluster, m.lost_cpus, mem, coord)
     if m.modelled_from is not None:
         events = events - m.modelled_from
-    await Driver(cluster, m).audit()  # the final audit; a CPU that died since is skipped
+    audit = Driver(cluster, m)
+    await audit.audit()  # the final audit; a CPU that died since is skipped
     unmaps = m.munmap_latency_s or (m.syscall_latency_s.get("munmap", [])
                                     + m.syscall_latency_s.get("madvise_dontneed", []))
     results = {
@@ -139,11 +147,43 @@ async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: f
                                      from_warm=m.modelled_from is not None),
         **m.extra,
     }
+    if virtual is not None:
+        results["virtual"] = virtual_results(virtual, m, mem, audit.dumps)
     return {"version": REPORT_VERSION, "scenario": cfg.scenario, "config": cfg.as_dict(),
             "epoch": epoch, "interrupted": interrupted, "results": results,
             "violations": m.violations[:20],
             "samples": {"munmap_latency_ms": _samples_ms(unmaps),
                         "fault_latency_ms": _samples_ms(m.fault_latency_s)}}
+
+
+def _ns(samples) -> dict:
+    p50, p99, _ = p50_p99(samples)
+    return {"p50": round(p50), "p99": round(p99)}
+
+
+def virtual_results(vs: VirtualScheduler, m: Measurements, mem, dumps) -> dict:
+    """results.virtual: the run's answers in virtual (modelled hardware) time. Rates are
+    per virtual second of the makespan (the last CPU's clock)."""
+    makespan = vs.makespan_ns
+    cpus = {d.cpu: d.virtual for d in dumps}
+    per_s = (lambda n: round(n * 1e9 / makespan, 1)) if makespan else (lambda n: 0.0)
+    return {
+        "makespan_ns": makespan,
+        "ops_per_s": per_s(m.ops),
+        "faults_per_s": per_s(m.faults),
+        "latency_ns": {kind: _ns(v) for kind, v in sorted(m.vlatency_ns.items()) if v},
+        "lock_wait_ns": {"p50": round(mem.lock_wait_vtime_ns.p50),
+                         "p99": round(mem.lock_wait_vtime_ns.p99)},
+        "shootdown_ns": {"p50": round(mem.shootdown_vtime_ns.p50),
+                         "p99": round(mem.shootdown_vtime_ns.p99)},
+        "ipi_handler_ns": sum(v.handler_ns for v in cpus.values()),
+        "interrupts": sum(v.interrupts for v in cpus.values()),
+        "cpu_busy_ns": {str(c): v.busy_ns for c, v in sorted(cpus.items())},
+        "late_flush_hits": sum(v.late_flush_hits for v in cpus.values()),
+        "lock_inversions": mem.lock_inversions,
+        "quantum_ns": vs.quantum_ns,
+        **m.vextra,
+    }
 
 
 def failed(report: dict) -> bool:

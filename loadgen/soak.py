@@ -25,13 +25,13 @@ import grpc
 
 from loadgen import output
 from loadgen.cluster import Cluster
-from loadgen.faults import Injector
+from loadgen.injector import Injector, Settings, lasting
 from loadgen.runner import collect, on_sigint
 from loadgen.scenarios import mixed
 from loadgen.scenarios.base import Driver, Measurements, RunConfig
-from services.common.chaos import SOAK_KINDS, FaultPlan
+from services.common.chaos import CPU_KINDS, SOAK_KINDS
 from services.common.errors import FailedPrecondition, SimError
-from services.common.policy import Policy
+from services.common.policy import Policy, Transport
 from services.launcher import LocalCluster, mosquitto_binary
 from tlbsim.v1 import coordinator_pb2, memory_pb2
 
@@ -60,7 +60,7 @@ class SoakConfig:
         return dataclasses.asdict(self)
 
 
-class FaultSchedule:
+class ChaosSchedule:
     """Which fault comes next: the kinds in a seeded shuffled cycle (each kind once per
     cycle, so a short soak still sees every kind), and a seeded target CPU."""
 
@@ -85,7 +85,7 @@ class Tally:
     ops: int = 0
     syscalls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     shootdowns: int = 0
-    faults: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    injected: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     stale_accesses: int = 0
     audit_violations: int = 0
     audit_entries_checked: int = 0
@@ -150,15 +150,16 @@ class SoakDriver(Driver):
 class Soak:
     def __init__(self, cfg: SoakConfig, local: LocalCluster, cluster: Cluster):
         self.cfg, self.local, self.cluster = cfg, local, cluster
-        self.faults = Injector(local)
+        self.injector = Injector(local)
         self.tally = Tally()
         self.quiet = asyncio.Lock()  # held by a fault, and by a segment's reset/setup/audit
         self.stopping = False
         self.started = 0.0
         self.current = Measurements()
-        kinds = [k for k in SOAK_KINDS if k != "stop-broker" or local.info.mqtt]
-        self.schedule = FaultSchedule(kinds, self.faults.cpus()[:cfg.cpus], cfg.seed)
-        self.transports = ["grpc", "stream"] + (["mqtt"] if local.info.mqtt else [])
+        kinds = [k for k in SOAK_KINDS if k != "stop-broker" or self.injector.info.mqtt]
+        self.schedule = ChaosSchedule(kinds, self.injector.cpus()[:cfg.cpus], cfg.seed)
+        self.transports = [Transport.GRPC, Transport.STREAM] + ([Transport.MQTT] if self.injector.info.mqtt
+                                                                else [])
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -266,24 +267,17 @@ class Soak:
         watch = asyncio.create_task(self._watch(seen))
         log.warning("chaos: %s (cpu %d)", kind, cpu)
         try:
+            # Every CPU kind draws a seed (only drop-flushes uses it): the seeded cycle
+            # of faults stays what it was.
+            seed = self.schedule.rng.randrange(1 << 30) if kind in CPU_KINDS else 0
+            await self.injector.inject(kind, cpu, Settings(
+                ack_delay_s=self.cfg.deadline_s + 1.0, drop_fraction=0.5, seed=seed))
             if kind == "kill-cpu":
-                await self.faults.restart(f"cpu{cpu}")
                 seen.add(cpu)
-            elif kind == "restart-coordinator":
-                await self.faults.restart("coordinator")
-            elif kind == "stop-broker":
-                await self.faults.stop_broker()
+            if lasting(kind):
                 await asyncio.sleep(hold)
-                await self.faults.start_broker()
-            else:
-                plan = {"delay-acks": FaultPlan(ack_delay_s=self.cfg.deadline_s + 1.0),
-                        "drop-flushes": FaultPlan(drop_fraction=0.5,
-                                             seed=self.schedule.rng.randrange(1 << 30)),
-                        "partition": FaultPlan(partitioned=True)}[kind]
-                await self.faults.set_plan(cpu, plan)
-                await asyncio.sleep(hold)
-                await self.faults.set_plan(cpu, FaultPlan())
-            self.tally.faults[kind] += 1
+                await self.injector.heal(kind, cpu)
+            self.tally.injected[kind] += 1
             t0 = time.monotonic()
             if await self._rejoined():
                 self.tally.rejoin_s.append(time.monotonic() - t0)
@@ -306,7 +300,7 @@ class Soak:
 
     async def _watch(self, seen: set[int]) -> None:
         """While a fault lasts: which CPUs were ever fenced or unregistered."""
-        want = set(self.faults.cpus()[:self.cfg.cpus])
+        want = set(self.injector.cpus()[:self.cfg.cpus])
         while True:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 listing = await self._listing()
@@ -318,7 +312,7 @@ class Soak:
         return max(REJOIN_TIMEOUT_S, self.cluster.liveness.rejoin_s)
 
     async def _rejoined(self) -> bool:
-        want = set(self.faults.cpus()[:self.cfg.cpus])
+        want = set(self.injector.cpus()[:self.cfg.cpus])
         give_up = time.monotonic() + self.rejoin_timeout()
         while time.monotonic() < give_up:
             with contextlib.suppress(grpc.aio.AioRpcError):
@@ -357,7 +351,7 @@ class Soak:
                         await task
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError, SimError):
-                    await self.faults.heal_all()
+                    await self.injector.heal_all()
         return self.report(interrupted)
 
     def report(self, interrupted: bool = False) -> dict:
@@ -370,8 +364,8 @@ class Soak:
             "results": {
                 "duration_s": round(self.elapsed(), 1), "segments": t.segments,
                 "ops": t.ops, "syscalls": dict(sorted(t.syscalls.items())),
-                "shootdowns": t.shootdowns, "faults": dict(sorted(t.faults.items())),
-                "faults_injected": sum(t.faults.values()),
+                "shootdowns": t.shootdowns, "faults": dict(sorted(t.injected.items())),
+                "faults_injected": sum(t.injected.values()),
                 "stale_accesses": t.stale_accesses, "audit_violations": t.audit_violations,
                 "audit_entries_checked": t.audit_entries_checked,
                 "frames_freed_without_ack": t.frames_freed_without_ack,
@@ -407,15 +401,16 @@ def run_soak(cfg: SoakConfig, state: str | None = None, log_dir=None) -> dict:
     own = state is None
     if own:
         local = LocalCluster()
-        local.start(cfg.cpus, log_dir, mqtt=mosquitto_binary() is not None)
+        info = local.start(cfg.cpus, log_dir, mqtt=mosquitto_binary() is not None)
     else:
-        local = LocalCluster.adopt(load_state(state))
-        if len(local.info.cpus) < cfg.cpus:
-            raise FailedPrecondition(f"the cluster has {len(local.info.cpus)} CPUs; the soak "
+        info = load_state(state)
+        local = LocalCluster.adopt(info)
+        if len(info.cpus) < cfg.cpus:
+            raise FailedPrecondition(f"the cluster has {len(info.cpus)} CPUs; the soak "
                                      f"needs {cfg.cpus}")
     try:
         async def main() -> dict:
-            async with Cluster(local.info.coordinator) as cluster:
+            async with Cluster(info.coordinator) as cluster:
                 soak = Soak(cfg, local, cluster)
                 with output.progress(int(cfg.duration_s), "soak") as advance:
                     return await soak.run(advance)
@@ -424,4 +419,4 @@ def run_soak(cfg: SoakConfig, state: str | None = None, log_dir=None) -> dict:
         if own:
             local.stop()
         else:
-            write_state(state_path(state), local.info)  # restarted processes: new pids
+            write_state(state_path(state), info)  # restarted processes: new pids

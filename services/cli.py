@@ -1,6 +1,9 @@
-"""The `tlbsim` command: serve a service, run a local cluster, drive load.
+"""`python -m services serve SERVICE`: one service in the foreground, and the options
+every tlbsim command line shares (--log-level, the security flags, liveness).
 
-Every subcommand returns an exit code; errors are one line on stderr."""
+This parses only `serve`, so a CPU, memory or coordinator process loads nothing of the
+load generator; the `tlbsim` command (loadgen/cli/main.py) adds `serve` to its own root.
+Errors are one line on stderr."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +11,6 @@ import asyncio
 import logging
 import os
 import sys
-
-import grpc
 
 from services.common import exitcodes
 from services.common.errors import SimError
@@ -19,7 +20,7 @@ def _env(name: str, default=None):
     return os.environ.get(f"TLBSIM_{name}", default)
 
 
-def _add_serve(sub) -> None:
+def add_serve(sub) -> None:
     p = sub.add_parser(
         "serve", help="run one service (cpu, memory or coordinator) in the foreground",
         description="Run one tlbsim service until SIGTERM/SIGINT. When ready it prints one "
@@ -84,13 +85,14 @@ def liveness_from(args, cpus: int):
 
 
 def _serve(args) -> int:
-    from services.common.server import serve
+    from services.common.server import Node, serve
 
     metrics_port = int(args.metrics_port)
     if not -1 <= metrics_port <= 65535:
         args.parser.error(f"--metrics-port {metrics_port}: a port 1..65535, 0 for a free one, "
                           "or -1 for none")
     liveness = liveness_from(args, args.cluster_size)
+    node: Node
     if args.service == "cpu":
         from services.cpu.service import CpuNode
         if args.id is None or not 0 <= int(args.id) < 1024:
@@ -138,7 +140,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _add_globals(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
+def add_globals(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
     """--log-level and the security flags. On a subcommand (`inherited`) they are hidden
     and default to nothing, so a flag after the subcommand overrides the top-level one
     and an absent one leaves it alone."""
@@ -188,18 +190,18 @@ GLOBALS_EPILOG = ("--log-level and the security options of `tlbsim --help` (--to
                   "command.")
 
 
-def _share_globals(parser: argparse.ArgumentParser) -> None:
+def share_globals(parser: argparse.ArgumentParser) -> None:
     """Accept the global flags after every subcommand, at every depth."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in dict.fromkeys(action.choices.values()):
-                _add_globals(sub, inherited=True)
+                add_globals(sub, inherited=True)
                 sub.epilog = f"{sub.epilog}\n\n{GLOBALS_EPILOG}" if sub.epilog \
                     else GLOBALS_EPILOG
-                _share_globals(sub)
+                share_globals(sub)
 
 
-def _export_security(args) -> None:
+def export_security(args) -> None:
     """Flags become the variables every server and client here, and every service `up`
     starts, read (services/common/security.py, services/common/mqtt.py)."""
     for attr, var in SECURITY_FLAGS.items():
@@ -210,72 +212,29 @@ def _export_security(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loadgen import cli as load_cli
-    from services import launcher
-
-    parser = Parser(
-        prog="tlbsim",
-        description="Simulate how a multi-CPU machine keeps TLBs coherent with its page "
-                    "tables: CPU services with TLBs, a memory service with page tables and "
-                    "per-table locks, a shootdown coordinator, and a load generator.")
-    _add_globals(parser)
+    parser = Parser(prog="python -m services",
+                    description="Run one tlbsim service (the `tlbsim` command has the rest).")
+    add_globals(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_serve(sub)
-    launcher.add_commands(sub)
-    load_cli.add_commands(sub)
-    from loadgen import chaos_cli
-    chaos_cli.add_commands(sub)
-    _share_globals(parser)
+    add_serve(sub)
+    share_globals(parser)
     return parser
 
 
-def exit_code_of(exc: BaseException) -> int:
-    """The one exit code (services/common/exitcodes.py) of what stopped a command."""
-    from loadgen.scenarios.base import CpuLeft
-    from services.common.errors import (InvalidArgument, NotFound, OutOfRange,
-                                        Unavailable)
-    from services.launcher import LauncherError
-
-    if isinstance(exc, LauncherError):  # before SimError: it is one (an Unavailable)
-        from services.launcher import UsageError
-        return exitcodes.USAGE if isinstance(exc, UsageError) else exitcodes.NO_CLUSTER
-    if isinstance(exc, SimError):
-        if isinstance(exc, (Unavailable, CpuLeft)) or exitcodes.machine_lost(exc.message):
-            return exitcodes.NO_CLUSTER
-        if isinstance(exc, (InvalidArgument, NotFound, OutOfRange)):
-            return exitcodes.USAGE
-        return exitcodes.REFUSED
-    if isinstance(exc, grpc.RpcError):
-        code = exc.code() if callable(getattr(exc, "code", None)) else None
-        details = exc.details() if callable(getattr(exc, "details", None)) else ""
-        return exitcodes.for_status(getattr(code, "name", ""), details or "")
-    return exitcodes.INTERNAL
+def setup(args) -> None:
+    """What every tlbsim command does with the global flags before it runs."""
+    export_security(args)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _export_security(args)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    setup(args)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return exitcodes.INTERRUPTED
-    except SimError as e:
+    except SimError as e:  # a bad --mqtt-url, contradicting liveness options, ...
         print(f"tlbsim: {e.message}", file=sys.stderr)
-        return exit_code_of(e)
-    except grpc.RpcError as e:  # a call the cluster refused: say why in one line
-        code = e.code() if callable(getattr(e, "code", None)) else None
-        details = e.details() if callable(getattr(e, "details", None)) else str(e)
-        print(f"tlbsim: {getattr(code, 'name', 'RPC failed')}: {details}", file=sys.stderr)
-        return exit_code_of(e)
-    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
-        from services.launcher import LauncherError
-        if isinstance(e, LauncherError):
-            print(f"tlbsim: {e}", file=sys.stderr)
-            return exit_code_of(e)
-        logging.getLogger("tlbsim").debug("internal error", exc_info=True)
-        print(f"tlbsim: internal error (a bug; --log-level DEBUG shows the traceback): "
-              f"{type(e).__name__}: {e}", file=sys.stderr)
-        return exitcodes.INTERNAL
+        return exitcodes.for_error(e.code.value, e.reason)

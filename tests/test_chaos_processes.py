@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def tlbsim(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "loadgen", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
@@ -145,7 +145,7 @@ def test_memory_restart_is_a_clear_error_and_a_new_run_recovers(tmp_path: Path) 
     with LocalCluster() as local:
         info = local.start(2, tmp_path)
         load = subprocess.Popen(
-            [sys.executable, "-m", "services", "load", "run", "mixed", "--cluster",
+            [sys.executable, "-m", "loadgen", "load", "run", "mixed", "--cluster",
              info.coordinator, "--cpus", "2", "--duration", "60", "--pages", "32"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             stdin=subprocess.DEVNULL)

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from services.cli import build_parser, main
+from loadgen.cli.main import build_parser, main
 from services.common import exitcodes
 from services.common.errors import InvalidArgument
 from services.common.paths import check_writable_dir, check_writable_file

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
+from loadgen.cli.main import exit_code_of
 from services.common import exitcodes
+from services.common.errors import InvalidArgument
 from tests.harness import InProcessCluster
 from tlbsim.v1 import memory_pb2
 
@@ -19,7 +21,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 # Restore SIGINT's default before exec: a shell that started the tests in the background
 # may have set it to "ignore", which children inherit (as tests/loadgen/test_interrupt.py).
 EXEC_WITH_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-                    "os.execv(sys.executable, [sys.executable, '-m', 'services', *sys.argv[1:]])")
+                    "os.execv(sys.executable, [sys.executable, '-m', 'loadgen', *sys.argv[1:]])")
 
 
 async def tlbsim(*argv: str, cwd=ROOT) -> tuple[int, str, str]:
@@ -133,12 +135,12 @@ async def test_a_failing_traced_command_is_5_and_its_trace_is_written(tmp_path):
 
 
 def test_a_bug_is_one_line_and_70(monkeypatch, capsys):
-    import loadgen.cli
-    from services.cli import main
+    import loadgen.cli.load
+    from loadgen.cli.main import main
 
     def bug(args):
         raise ZeroDivisionError("a bug")
-    monkeypatch.setattr(loadgen.cli, "_run", bug)
+    monkeypatch.setattr(loadgen.cli.load, "_run", bug)
     assert main(["load", "run", "munmap"]) == exitcodes.INTERNAL
     err = capsys.readouterr().err
     assert one_line(err) == ("tlbsim: internal error (a bug; --log-level DEBUG shows the "
@@ -150,6 +152,22 @@ def test_grpc_statuses_map_to_refused_or_no_cluster():
     assert exitcodes.for_status("INVALID_ARGUMENT") == exitcodes.REFUSED
     assert exitcodes.for_status("UNAVAILABLE") == exitcodes.NO_CLUSTER
     assert exitcodes.for_status("DEADLINE_EXCEEDED") == exitcodes.NO_CLUSTER
+    from services.common.errors import REASON_CPU_FENCED, REASON_MACHINE_LOST, REASON_RUN_RESET
+    for lost in (REASON_MACHINE_LOST, REASON_RUN_RESET):  # by the reason, not the words
+        assert exitcodes.for_status("FAILED_PRECONDITION", lost) == exitcodes.NO_CLUSTER
+    assert exitcodes.for_status("FAILED_PRECONDITION", REASON_CPU_FENCED) == exitcodes.REFUSED
+    assert exitcodes.for_status("FAILED_PRECONDITION") == exitcodes.REFUSED
+
+
+def test_local_errors_map_by_their_code_and_reason():
+    from loadgen.scenarios.base import CpuLeft
     from services.common.chaos import MACHINE_LOST
-    assert exitcodes.for_status("FAILED_PRECONDITION", MACHINE_LOST) == exitcodes.NO_CLUSTER
-    assert exitcodes.for_status("FAILED_PRECONDITION", "no broker") == exitcodes.REFUSED
+    from services.common.errors import REASON_MACHINE_LOST, FailedPrecondition
+    from services.launcher import LauncherError, UsageError
+    assert exit_code_of(InvalidArgument("bad --pages")) == exitcodes.USAGE
+    assert exit_code_of(UsageError("a folder, not a state file")) == exitcodes.USAGE
+    assert exit_code_of(LauncherError("no cluster state")) == exitcodes.NO_CLUSTER
+    assert exit_code_of(CpuLeft("cpu 1 left")) == exitcodes.NO_CLUSTER
+    assert exit_code_of(FailedPrecondition(MACHINE_LOST)) == exitcodes.REFUSED  # words alone
+    assert exit_code_of(FailedPrecondition(MACHINE_LOST, REASON_MACHINE_LOST)) == \
+        exitcodes.NO_CLUSTER

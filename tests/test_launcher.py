@@ -14,7 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import exitcodes
-from services.launcher import ClusterInfo, LauncherError, LocalCluster, add_commands, load_state
+from services.launcher import ClusterInfo, LauncherError, LocalCluster, load_state
+from services.launcher.commands import add_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def health(address: str) -> str:
 
 def tlbsim(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services", *args],
+        [sys.executable, "-m", "loadgen", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL,
     )
 
@@ -135,7 +136,7 @@ def test_a_child_that_dies_before_it_is_ready_is_one_line_with_its_last_words(
 
 def test_bench_whose_cluster_cannot_start_is_a_one_line_error_not_a_traceback() -> None:
     bench = subprocess.run(
-        [sys.executable, "-m", "services", "bench", "--quick"], cwd=ROOT, capture_output=True,
+        [sys.executable, "-m", "loadgen", "bench", "--quick"], cwd=ROOT, capture_output=True,
         text=True, timeout=120, stdin=subprocess.DEVNULL,
         env={**os.environ, "TLBSIM_READY_TIMEOUT": "0.01"})
     assert bench.returncode == exitcodes.NO_CLUSTER, bench.stderr

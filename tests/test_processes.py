@@ -45,7 +45,7 @@ def cmdline(pid: int) -> str:
 
 
 def tlbsim(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "loadgen", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 

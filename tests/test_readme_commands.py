@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from loadgen.cli import config_from
-from loadgen.commands import plan_compare
-from services.cli import build_parser
+from loadgen.cli.options import config_from
+from loadgen.cli.load import plan_compare
+from loadgen.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_a_minute_of_chaos_on_four_cpus(tmp_path: Path) -> None:
     report = tmp_path / "soak.json"
     done = subprocess.run(
-        [sys.executable, "-m", "services", "load", "soak", "--duration", "60s", "--chaos",
+        [sys.executable, "-m", "loadgen", "load", "soak", "--duration", "60s", "--chaos",
          "--chaos-every", "2s", "--segment", "15s", "--cpus", "4", "--seed", "1",
          "--log-dir", str(tmp_path / "logs"), "--json", str(report)],
         cwd=ROOT, capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)

@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Awaitable, Callable
 
 from loadgen.metrics import Metric, expand
-from loadgen.scenarios import (fault_scaling, flush_ceiling, fork, mixed, mprotect, munmap,
-                               replay, shared_write, swapout, tlb_flush)
+from loadgen.scenarios import (fault_scaling, fault_storm, flush_ceiling, fork, mixed,
+                               mprotect, munmap, replay, shared_write, swapout, tlb_flush)
 from loadgen.scenarios.base import Driver, Measurements, Progress, RunConfig
 
 Scenario = Callable[[Driver, RunConfig, Progress], Awaitable[None]]
 _MODULES = {"munmap": munmap, "tlb-flush": tlb_flush, "fault-scaling": fault_scaling,
+            "fault-storm": fault_storm,
             "mprotect": mprotect, "mixed": mixed, "fork": fork, "shared-write": shared_write,
             "swapout": swapout, "flush-ceiling": flush_ceiling,
             "replay": replay}  # replay: a recorded trace (`--trace FILE`)
@@ -29,6 +30,9 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 HEADLINES: dict[str, list[str]] = {name: module.HEADLINE for name, module in _MODULES.items()}
 LABELS: dict[str, dict[str, str]] = {
     name: getattr(module, "LABELS", {}) for name, module in _MODULES.items()}
+# The scenarios that run in virtual time (--timing virtual): their threads go through
+# Driver.gather / Driver.pause (loadgen/vsched.py).
+VIRTUAL = {name for name, module in _MODULES.items() if getattr(module, "VIRTUAL", False)}
 # A scenario's `check(cfg)` refuses (InvalidArgument) a configuration it cannot run,
 # before the cluster is touched.
 CHECKS: dict[str, Callable[[RunConfig], None]] = {
@@ -45,5 +49,5 @@ def headline(scenario: str) -> list[Metric]:
     return expand(HEADLINES[scenario], LABELS[scenario])
 
 
-__all__ = ["SCENARIOS", "DOCS", "OPTIONS", "HEADLINES", "LABELS", "CHECKS", "check",
+__all__ = ["SCENARIOS", "DOCS", "VIRTUAL", "OPTIONS", "HEADLINES", "LABELS", "CHECKS", "check",
            "Driver", "Measurements", "Progress", "RunConfig", "Scenario", "headline"]

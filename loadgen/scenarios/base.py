@@ -9,16 +9,17 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 import grpc
 
 from loadgen.cluster import Cluster, Cpu
+from loadgen.vsched import DEFAULT_QUANTUM_NS, VirtualScheduler
 from services.common.addresses import PAGE_SIZE
 from services.common.costmodel import Events
 from services.common.chaos import MACHINE_LOST
-from services.common.errors import REASON_CPU_FENCED, REASON_MACHINE_LOST, REASON_RUN_RESET, \
-    FailedPrecondition
+from services.common.errors import (REASON_CPU_FENCED, REASON_CPU_LEFT, REASON_MACHINE_LOST,
+                                    REASON_RUN_RESET, FailedPrecondition)
 from services.common.policy import Policy
 from services.common.server import reason_of
 from tlbsim.v1 import common_pb2, cpu_pb2, memory_pb2
@@ -37,11 +38,19 @@ class CpuLeft(FailedPrecondition):
     """A CPU a scenario's step needed left the run (killed, unreachable, or fenced and
     not back in time)."""
 
+    def __init__(self, message: str):
+        super().__init__(message, REASON_CPU_LEFT)
+
 
 def machine_lost(e: grpc.aio.AioRpcError) -> bool:
     """The memory service restarted (or another run reset it): the run cannot go on. Said
     by the reason the memory service attaches (relayed by a CPU), not by the wording."""
     return reason_of(e) in (REASON_MACHINE_LOST, REASON_RUN_RESET)
+
+
+def run_lost(e: grpc.aio.AioRpcError) -> FailedPrecondition:
+    """The error that ends a run whose machine is gone, with the service's reason."""
+    return FailedPrecondition(e.details() or "the simulated machine was lost", reason_of(e))
 
 
 @dataclasses.dataclass
@@ -60,6 +69,7 @@ class RunConfig:
     speed: float = 0.0             # replay: 0 = as fast as possible, 1 = the recorded pace
     children: int = 2              # fork, shared-write, swapout: processes forked
     resident: int = 4096           # ...: pages the parent has resident before forking
+    quantum_ns: int = DEFAULT_QUANTUM_NS  # --timing virtual: an access batch's longest turn
 
     def as_dict(self) -> dict:
         return {"cpus": self.cpus, "pages": self.pages, "rounds": self.rounds,
@@ -92,12 +102,17 @@ class Measurements:
     syscall_latency_s: dict[str, list[float]] = dataclasses.field(
         default_factory=lambda: collections.defaultdict(list))
     extra: dict = dataclasses.field(default_factory=dict)  # scenario-specific results
+    vextra: dict = dataclasses.field(default_factory=dict)  # ... in virtual time
     # Shootdowns each kind of system call issued (modelled time attributes flush costs).
     syscall_shootdowns: collections.Counter = dataclasses.field(
         default_factory=collections.Counter)
     # The machine's events at the end of a scenario's warm-up (loadgen/modelled.py): when
     # set, modelled time covers only what followed.
     modelled_from: Events | None = None
+    # --timing virtual: each operation's virtual duration, by kind (fault, munmap,
+    # madvise_dontneed, mprotect, fork, access_batch, ...), in ns.
+    vlatency_ns: dict[str, list[int]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(list))
 
     def add(self, r: cpu_pb2.AccessResponse) -> None:
         self.ops += r.accesses
@@ -106,6 +121,7 @@ class Measurements:
         self.faults += r.faults
         self.segv += r.segv
         self.fault_latency_s.extend(r.fault_latency_s)
+        self.vlatency_ns["fault"].extend(r.fault_vtime_ns)
 
 
 Progress = Callable[[int], None]  # called with the number of rounds completed
@@ -117,9 +133,11 @@ class Driver:
 
     call_timeout_s = CALL_TIMEOUT_S  # every call's deadline (the soak sets its own)
 
-    def __init__(self, cluster: Cluster, m: Measurements):
+    def __init__(self, cluster: Cluster, m: Measurements,
+                 virtual: VirtualScheduler | None = None):
         self.cluster = cluster
         self.m = m
+        self.virtual = virtual  # --timing virtual: work is issued in virtual-time order
         self.rejoin_s = cluster.liveness.rejoin_s  # a fenced CPU is waited for this long
         self.started = time.perf_counter()
         self.stopping = False  # Ctrl-C: finish the calls in flight, start no more rounds
@@ -170,7 +188,7 @@ class Driver:
                 return await self._attempt(method, request, timeout or self.call_timeout_s)
             except grpc.aio.AioRpcError as e:
                 if machine_lost(e):
-                    raise FailedPrecondition(e.details()) from None
+                    raise run_lost(e) from None
                 if e.code() not in CPU_LOST:
                     raise
                 if reason_of(e) == REASON_CPU_FENCED:
@@ -205,31 +223,102 @@ class Driver:
                                                     wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
             raise FailedPrecondition(f"the memory service is unreachable ({e.code().name}): "
-                                     f"{MACHINE_LOST}") from None
+                                     f"{MACHINE_LOST}", REASON_MACHINE_LOST) from None
         if self.cluster.epoch and stats.epoch >> 32 != self.cluster.epoch >> 32:
-            raise FailedPrecondition(MACHINE_LOST)
+            raise FailedPrecondition(MACHINE_LOST, REASON_MACHINE_LOST)
+
+    # --- concurrency, in wall-clock or virtual time ---------------------------------------
+    async def gather(self, *coros: Awaitable[Any]) -> list[Any]:
+        """Run a scenario's threads concurrently (in virtual time, one operation at a
+        time, in virtual-time order: loadgen/vsched.py)."""
+        if self.virtual is not None:
+            return await self.virtual.gather(*coros)
+        return list(await asyncio.gather(*coros))
+
+    async def pause(self, cpu: Cpu, seconds: float) -> None:
+        """The thread on `cpu` waits `seconds` (of virtual time, in a virtual run)."""
+        if self.virtual is not None:
+            self.virtual.pause(cpu.id, seconds)
+        else:
+            await asyncio.sleep(seconds)
+
+    def start_together(self, cpus: list[Cpu], vt: int) -> None:
+        """Virtual time: the threads on `cpus` start their next work no earlier than `vt`
+        (they waited for each other)."""
+        if self.virtual is not None:
+            for c in cpus:
+                self.virtual.reached(c.id, vt)
+
+    @staticmethod
+    def wall() -> float:
+        return time.perf_counter()
+
+    def now(self, cpu: Cpu) -> int:
+        """The CPU's virtual clock, ns (0 in a wall-clock run)."""
+        return self.virtual.clock[cpu.id] if self.virtual is not None else 0
+
+    async def _timed(self, cpu: Cpu, method, request):
+        """A call in the run's time: in virtual time it waits for its turn, starts at the
+        CPU's clock and moves the clock to the answer's."""
+        vs = self.virtual
+        if vs is None:
+            return await self._call(cpu, method, request)
+        request.vtime_ns = await vs.turn(cpu.id)
+        r = await self._call(cpu, method, request)
+        if r is not None and r.HasField("vtime_ns"):
+            vs.reached(cpu.id, r.vtime_ns)
+        return r
 
     async def access(self, cpu: Cpu, addresses: list[int], write: bool = False,
                      stop_on_segv: bool = False,
                      writes: bytes = b"") -> cpu_pb2.AccessResponse | None:
-        """`write` makes every access a write; `writes` gives one flag per address."""
-        req = cpu_pb2.AccessRequest(addresses=addresses, stop_on_segv=stop_on_segv,
-                                    writes=writes or (b"\x01" * len(addresses) if write else b""))
-        r = await self._call(cpu, cpu.stub.Access, req)
-        if r is not None:
+        """`write` makes every access a write; `writes` gives one flag per address. In
+        virtual time the batch runs a quantum at a time (each one a turn)."""
+        writes = writes or (b"\x01" * len(addresses) if write else b"")
+        vs = self.virtual
+        if vs is None:
+            req = cpu_pb2.AccessRequest(addresses=addresses, stop_on_segv=stop_on_segv,
+                                        writes=writes)
+            r = await self._call(cpu, cpu.stub.Access, req)
+            if r is not None:
+                self.m.add(r)
+            return r
+        total, done, start = cpu_pb2.AccessResponse(), 0, None
+        while done < len(addresses):
+            vt = await vs.turn(cpu.id)
+            start = vt if start is None else start
+            req = cpu_pb2.AccessRequest(addresses=addresses[done:], writes=writes[done:],
+                                        stop_on_segv=stop_on_segv, vtime_ns=vt,
+                                        until_vtime_ns=vt + vs.quantum_ns)
+            r = await self._call(cpu, cpu.stub.Access, req)
+            if r is None:
+                return None
             self.m.add(r)
-        return r
+            vs.reached(cpu.id, r.vtime_ns)
+            for f in ("accesses", "hits", "misses", "faults", "segv"):
+                setattr(total, f, getattr(total, f) + getattr(r, f))
+            total.fault_latency_s.extend(r.fault_latency_s)
+            total.fault_vtime_ns.extend(r.fault_vtime_ns)
+            done += r.accesses
+            if r.segv and stop_on_segv:
+                break
+        total.vtime_ns = vs.clock[cpu.id]
+        self.m.vlatency_ns["access_batch"].append(total.vtime_ns - (start or 0))
+        return total
 
     async def switch(self, cpu: Cpu, mm: int) -> None:
-        await self._call(cpu, cpu.stub.SwitchMm, cpu_pb2.SwitchMmRequest(mm=mm))
+        await self._timed(cpu, cpu.stub.SwitchMm, cpu_pb2.SwitchMmRequest(mm=mm))
 
     async def syscall(self, cpu: Cpu, **call) -> common_pb2.SyscallResponse:
         """A system call on a CPU the scenario cannot do without."""
         kind = next(iter(call))
         t0 = time.perf_counter()
-        r = await self._call(cpu, cpu.stub.Syscall, common_pb2.SyscallRequest(**call))
+        request = common_pb2.SyscallRequest(**call)
+        r = await self._timed(cpu, cpu.stub.Syscall, request)
         if r is None:
             raise CpuLeft(f"cpu {cpu.id}, which drives this scenario, left the run")
+        if r.HasField("vtime_ns"):
+            self.m.vlatency_ns[kind].append(r.vtime_ns - request.vtime_ns)
         self.m.syscall_latency_s[kind].append(time.perf_counter() - t0)
         self.m.syscalls[kind] += 1
         self.m.syscall_shootdowns[kind] += r.shootdowns
@@ -238,7 +327,8 @@ class Driver:
 
     async def audit(self) -> None:
         """At a quiescent point: every TLB entry of every CPU against the page tables."""
-        dumps = []
+        self.dumps: list[cpu_pb2.DumpTlbResponse] = []
+        dumps = self.dumps
         for cpu in self.live(self.cluster.cpus):
             dump = await self._call(cpu, cpu.stub.DumpTlb, cpu_pb2.DumpTlbRequest(), timeout=10)
             if dump is not None:
@@ -255,7 +345,7 @@ class Driver:
                                 metadata=self.cluster.meta(), wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
             if machine_lost(e):
-                raise FailedPrecondition(e.details()) from None
+                raise run_lost(e) from None
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 await self._machine_still_there()
             raise
@@ -263,7 +353,7 @@ class Driver:
     async def new_process(self, cpus: list[Cpu]) -> int:
         mm = (await self._memory(self.cluster.memory.CreateMm,
                                  memory_pb2.CreateMmRequest())).mm
-        await asyncio.gather(*(self.switch(c, mm) for c in cpus))
+        await self.gather(*(self.switch(c, mm) for c in cpus))
         return mm
 
 

@@ -15,7 +15,6 @@ only (`results.modelled.ns_per_round`); compare --ceiling 64 with --ceiling 0 an
 """
 from __future__ import annotations
 
-import asyncio
 
 from loadgen.modelled import machine_events
 from loadgen.scenarios.base import Driver, Progress, RunConfig, pages_at
@@ -27,6 +26,7 @@ OPTIONS = ('cpus', 'pages', 'rounds', 'resident')
 # The trade-off: a ranged flush costs per page, a full one costs refills (per access).
 HEADLINE = ["modelled.ns_per_round", "modelled.flush_ns_per_shootdown", "modelled.access_ns",
             "full_flushes"]
+VIRTUAL = True
 
 DEFAULT_WORKING_SET = 512  # pages: 2 MiB, one PTE table, a third of a 1536-entry TLB
 
@@ -41,7 +41,7 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
                                                                 writable=True))).address
     pages = pages_at(base, working_set)
     await d.access(initiator, pages, write=True)
-    await asyncio.gather(*(d.access(c, pages) for c in cpus[1:]))
+    await d.gather(*(d.access(c, pages) for c in cpus[1:]))
     d.m.modelled_from = await machine_events(d.cluster, d.m.lost_cpus)  # after the warm-up
 
     for _ in d.rounds(cfg, progress):
@@ -50,7 +50,7 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
         await d.access(initiator, pages[:flushed], write=True)
         await d.syscall(initiator, mprotect=common_pb2.MprotectArgs(
             address=base, pages=flushed, writable=False))
-        await asyncio.gather(*(d.access(c, pages) for c in d.live(cpus)))
+        await d.gather(*(d.access(c, pages) for c in d.live(cpus)))
         await d.syscall(initiator, mprotect=common_pb2.MprotectArgs(
             address=base, pages=flushed, writable=True))
     d.m.extra["working_set_pages"] = working_set

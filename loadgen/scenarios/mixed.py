@@ -11,7 +11,6 @@ latency and the share of IPIs that found nothing to do, per policy.
 """
 from __future__ import annotations
 
-import asyncio
 import random
 
 from loadgen.scenarios.base import Cpu, CpuLeft, Driver, Progress, RunConfig, pages_at
@@ -23,6 +22,7 @@ from tlbsim.v1 import common_pb2
 OPTIONS = ('cpus', 'pages', 'rounds')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["ops_per_s", "ipis", "ipis_elided", "munmap_latency_ms"]
+VIRTUAL = True
 LABELS = {"munmap_latency_ms": "munmap / madvise latency"}
 
 DEFAULT_MIX = "mmap=4,munmap=3,madvise=1,mprotect=1,read=6,write=3"
@@ -101,5 +101,5 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
                 return  # its thread ends; the others go on
 
     for _ in d.rounds(cfg, progress):
-        await asyncio.gather(*(thread(c) for c in d.live(cpus)))
+        await d.gather(*(thread(c) for c in d.live(cpus)))
     await d.audit()

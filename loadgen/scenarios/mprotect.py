@@ -21,6 +21,7 @@ from tlbsim.v1 import common_pb2
 OPTIONS = ('cpus', 'pages', 'rounds')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["syscall_latency_ms.mprotect", "shootdowns", "full_flushes", "ipis"]
+VIRTUAL = True
 
 CHUNK = 16               # pages per mprotect: below the ceiling, a ranged flush
 READER_SAMPLE = 64       # pages a reader touches per request
@@ -35,7 +36,7 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
                                                              writable=True))).address
     addresses = pages_at(base, cfg.pages)
     await d.access(writer, addresses, write=True)
-    await asyncio.gather(*(d.access(c, addresses) for c in others))
+    await d.gather(*(d.access(c, addresses) for c in others))
     await d.audit()
     sample = addresses[::max(1, len(addresses) // READER_SAMPLE)]
     chunk = min(CHUNK, cfg.pages)
@@ -47,21 +48,22 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
             while not done.is_set():
                 if await d.access(cpu, sample) is None:
                     return
-                await asyncio.sleep(READER_PAUSE_S)
+                await d.pause(cpu, READER_PAUSE_S)
 
-        readers = [asyncio.create_task(reader(c)) for c in d.live(others)] \
-            if cfg.readers else []
-        try:
-            for first in range(0, cfg.pages - chunk + 1, chunk):
-                if not d.time_left(cfg):
-                    break
-                address = base + first * PAGE_SIZE
-                await d.access(writer, pages_at(address, chunk), write=True)
-                await d.syscall(writer, mprotect=common_pb2.MprotectArgs(
-                    address=address, pages=chunk, writable=False))
-                await d.syscall(writer, mprotect=common_pb2.MprotectArgs(
-                    address=address, pages=chunk, writable=True))
-        finally:
-            done.set()
-            await asyncio.gather(*readers)
+        async def write_protect() -> None:
+            try:
+                await d.pause(writer, 0)  # the readers are under way
+                for first in range(0, cfg.pages - chunk + 1, chunk):
+                    if not d.time_left(cfg):
+                        break
+                    address = base + first * PAGE_SIZE
+                    await d.access(writer, pages_at(address, chunk), write=True)
+                    await d.syscall(writer, mprotect=common_pb2.MprotectArgs(
+                        address=address, pages=chunk, writable=False))
+                    await d.syscall(writer, mprotect=common_pb2.MprotectArgs(
+                        address=address, pages=chunk, writable=True))
+            finally:
+                done.set()
+
+        await d.gather(*(reader(c) for c in d.live(others) if cfg.readers), write_protect())
         await d.audit()  # quiescent: readers stopped, every flush acknowledged

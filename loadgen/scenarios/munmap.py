@@ -17,6 +17,7 @@ from tlbsim.v1 import common_pb2
 OPTIONS = ('cpus', 'pages', 'rounds')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["shootdowns", "ipis", "munmap_latency_ms"]
+VIRTUAL = True
 
 READER_SAMPLE = 64       # pages a concurrent reader touches per request
 READER_PAUSE_S = 0.0005  # between a reader's requests
@@ -31,7 +32,7 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
         addresses = pages_at(r.address, cfg.pages)
         await d.access(initiator, addresses, write=True)  # fault every page in
         others = d.live(cpus[1:])
-        await asyncio.gather(*(d.access(c, addresses) for c in others))
+        await d.gather(*(d.access(c, addresses) for c in others))
         await d.audit()  # quiescent: every CPU holds the range
         done = asyncio.Event()
 
@@ -45,13 +46,14 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
                 r = await d.access(cpu, sample, stop_on_segv=True)
                 if r is None or r.segv:
                     return
-                await asyncio.sleep(READER_PAUSE_S)
+                await d.pause(cpu, READER_PAUSE_S)
 
-        readers = [asyncio.create_task(reader(c)) for c in others] if cfg.readers else []
-        await asyncio.sleep(0)
-        t0 = time.perf_counter()
-        await d.syscall(initiator, munmap=common_pb2.RangeArgs(address=r.address,
-                                                               pages=cfg.pages))
-        d.m.munmap_latency_s.append(time.perf_counter() - t0)
-        done.set()
-        await asyncio.gather(*readers)
+        async def unmap() -> None:
+            await d.pause(initiator, 0)  # the readers are under way
+            t0 = time.perf_counter()
+            await d.syscall(initiator, munmap=common_pb2.RangeArgs(address=r.address,
+                                                                   pages=cfg.pages))
+            d.m.munmap_latency_s.append(time.perf_counter() - t0)
+            done.set()
+
+        await d.gather(*(reader(c) for c in others if cfg.readers), unmap())

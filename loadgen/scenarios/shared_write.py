@@ -11,7 +11,6 @@ lock every sharer in the wrong order: the validator refuses, the write fails cle
 """
 from __future__ import annotations
 
-import asyncio
 import random
 
 import grpc
@@ -23,6 +22,7 @@ from loadgen.scenarios.base import Driver, Progress, RunConfig
 OPTIONS = ('cpus', 'pages', 'rounds', 'resident', 'children', 'fork')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["unshares", "aborted_writes", "lock_order_violations", "ipis"]
+VIRTUAL = True
 
 
 async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
@@ -48,7 +48,7 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
         # Children on distinct CPUs write concurrently; more children than CPUs take turns.
         for i in range(0, len(children), len(writers)):
             batch = children[i:i + len(writers)]
-            await asyncio.gather(*(write(c, child, sharing.sample(cfg, base, cfg.pages, rnd))
+            await d.gather(*(write(c, child, sharing.sample(cfg, base, cfg.pages, rnd))
                                    for c, child in zip(writers, batch)))
         await d.access(cpus[0], sharing.sample(cfg, base, 64, rnd))
     d.m.extra.update(aborted_writes=aborted, children=len(children))

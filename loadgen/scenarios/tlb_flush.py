@@ -12,7 +12,6 @@ sends one shootdown to the other threads' CPUs. Look at madvise ops/s
 """
 from __future__ import annotations
 
-import asyncio
 import time
 
 from loadgen.scenarios.base import Cpu, Driver, Progress, RunConfig
@@ -23,6 +22,7 @@ from tlbsim.v1 import common_pb2
 OPTIONS = ('cpus', 'pages', 'rounds')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["madvise_per_s", "ipis", "munmap_latency_ms"]
+VIRTUAL = True
 LABELS = {"munmap_latency_ms": "madvise latency"}
 
 
@@ -48,6 +48,6 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
 
     t0 = time.perf_counter()
     for _ in d.rounds(cfg, progress):
-        await asyncio.gather(*(thread(c) for c in d.live(cpus)))
+        await d.gather(*(thread(c) for c in d.live(cpus)))
     elapsed = time.perf_counter() - t0
     d.m.extra["madvise_per_s"] = round(madvises / elapsed, 1) if elapsed else 0.0

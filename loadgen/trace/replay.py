@@ -133,12 +133,13 @@ class Replayer:
         self._next_cpu = 0
         self._spaces = 0
         self.spaces: list[Space] = []
-        self.calls = collections.Counter()     # by strace's name, as read from the trace
-        self.replayed = collections.Counter()
-        self.failed = collections.Counter()    # failed in the trace: skipped
-        self.no_effect = collections.Counter()
-        self.advice = collections.Counter()    # madvise advice without a simulated effect
-        self.counters = collections.Counter()  # implicit_munmaps, implicit_mappings, ...
+        Counts = collections.Counter[str]
+        self.calls: Counts = collections.Counter()     # by strace's name, as read from the trace
+        self.replayed: Counts = collections.Counter()
+        self.failed: Counts = collections.Counter()    # failed in the trace: skipped
+        self.no_effect: Counts = collections.Counter()
+        self.advice: Counts = collections.Counter()    # madvise advice without a simulated effect
+        self.counters: Counts = collections.Counter()  # implicit_munmaps, implicit_mappings, ...
 
     # --- tasks, CPUs and mms ---------------------------------------------------------------
     def _space(self) -> Space:
@@ -352,6 +353,7 @@ class Replayer:
                 addresses, writes = [], bytearray()
                 await self._map(task, lo, hi - lo, True, implicit=True)
                 seg = task.space.pages.lookup(page)
+                assert seg is not None, "the page was just mapped"
                 self.counters["accesses_outside_mappings"] += 1
             addresses.append((seg.sim + page - seg.start) << PAGE_SHIFT)
             writes.append(write)

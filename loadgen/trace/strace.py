@@ -33,7 +33,9 @@ UNFINISHED = " <unfinished ...>"
 def _split_args(text: str, n: int) -> tuple[list[str], str]:
     """Split `a, b, [c, d], "e)"...) = 3` at top-level commas up to the closing paren;
     return the arguments and what follows the paren."""
-    args, depth, cur, i, quote = [], 0, [], 0, False
+    args: list[str] = []
+    cur: list[str] = []
+    depth, i, quote = 0, 0, False
     while i < len(text):
         ch = text[i]
         if quote:

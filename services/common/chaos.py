@@ -1,6 +1,7 @@
-"""Fault injection: what a CPU does to itself, the memory epoch, and the fault kinds.
+"""Chaos: the faults tlbsim injects into itself on purpose (not page faults), what a CPU
+does wrong under them, and the memory epoch.
 
-A `FaultPlan` is pure: the CPU service consults it on every flush delivery and every
+A `ChaosPlan` is pure: the CPU service consults it on every flush delivery and every
 call (services/cpu/service.py); the `Chaos` admin RPC replaces it. Process-level faults
 (killing and restarting a service, stopping the broker) belong to whoever owns the
 processes: services/launcher.py's LocalCluster.
@@ -44,6 +45,10 @@ KINDS = {
                       "machine is lost (a new epoch); every call of the old run fails "
                       "with a clear error until a new run starts",
 }
+# Kinds that stay until healed (the CPU's plan cleared, the broker started again); the
+# others are done when injected (a process killed and started again).
+CPU_KINDS = ("delay-acks", "drop-flushes", "partition")
+LASTING_KINDS = (*CPU_KINDS, "stop-broker")
 # The soak's periodic faults: the kinds a running load survives (a memory restart ends it).
 SOAK_KINDS = ("kill-cpu", "delay-acks", "drop-flushes", "partition", "restart-coordinator",
               "stop-broker")
@@ -54,7 +59,7 @@ MACHINE_LOST = ("memory service restarted: the simulated machine was lost; start
 
 
 @dataclasses.dataclass
-class FaultPlan:
+class ChaosPlan:
     """What a CPU does wrong, on purpose. The zero plan is a healthy CPU."""
     ack_delay_s: float = 0.0    # hold every flush ack this long (the flush applies at once)
     drop_fraction: float = 0.0  # lose this share of flush deliveries, before applying them
@@ -91,8 +96,8 @@ class FaultPlan:
 
 
 @dataclasses.dataclass
-class FaultCounts:
-    """What a CPU's plans did, since the process started."""
+class ChaosCounts:
+    """What a CPU's chaos plans did, since the process started."""
     acks_delayed: int = 0
     deliveries_dropped: int = 0
     calls_refused: int = 0

@@ -32,11 +32,12 @@ import math
 import os
 import tomllib
 from pathlib import Path
+from typing import Mapping, Protocol
 
 from services.common.errors import InvalidArgument
 
 PRESET_DIR = Path(__file__).with_name("costmodels")
-PRESETS = ("x86", "invlpgb")
+PRESETS = ("x86", "invlpgb", "altix-2005")
 DEFAULT_PRESET = "x86"
 
 # The per-event costs a model prices, in ns (a TOML file may give KEY_ns or KEY_cycles).
@@ -106,18 +107,6 @@ class CostModel:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    # --- the proto mapping (the model travels with the run's Policy) -------------------
-    def to_proto(self):
-        from tlbsim.v1 import common_pb2 as pb
-        return pb.CostModel(**self.as_dict())
-
-    @classmethod
-    def from_proto(cls, p) -> "CostModel":
-        """A Policy without a model (an older client) gets the default preset."""
-        if not p.name:
-            return preset(DEFAULT_PRESET)
-        return cls(**{f.name: getattr(p, f.name) for f in dataclasses.fields(cls)})
-
     # --- pricing ---------------------------------------------------------------------
     def breakdown(self, e: "Events") -> dict[str, float]:
         """Modelled ns of every component for these event counts."""
@@ -154,6 +143,49 @@ class Events:
     def __sub__(self, other: "Events") -> "Events":
         return Events(**{f.name: getattr(self, f.name) - getattr(other, f.name)
                          for f in dataclasses.fields(self)})
+
+    def __add__(self, other: "Events") -> "Events":
+        return Events(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                         for f in dataclasses.fields(self)})
+
+
+# --- which service counter is which event: the one mapping, for the metrics each service
+# exports (services/common/metrics.py) and for a run's report (loadgen/modelled.py). Every
+# event is counted by exactly one service, so the machine's events are the sum.
+class TlbCounts(Protocol):
+    """A CPU's TLB counters: services/cpu/tlb.py Counters, or the TlbCounters proto."""
+    @property
+    def hits(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
+    @property
+    def flush_page(self) -> int: ...
+    @property
+    def flush_full(self) -> int: ...
+
+
+def tlb_events(c: TlbCounts) -> Events:
+    """A CPU: its hits and misses (page walks), pages invalidated one by one, full flushes
+    (switch_mm catch-up included)."""
+    return Events(hits=c.hits, misses=c.misses, pages_invalidated=c.flush_page,
+                  full_flushes=c.flush_full)
+
+
+def delivery_events(ipis: int) -> Events:
+    """The coordinator: every flush delivered to a target CPU is an IPI."""
+    return Events(ipis=ipis)
+
+
+SPURIOUS_FAULT = "walked"  # a miss whose PTE was there when locked: a walk, not a fault
+
+
+def memory_events(faults: Mapping[str, int], shootdowns: int, full_shootdowns: int,
+                  range_pages: int, lock_acquisitions: int) -> Events:
+    """The memory service: faults by kind (a spurious one is no fault), the shootdowns it
+    issued, of them the full ones, the pages the ranged ones named, lock acquisitions."""
+    return Events(faults=sum(n for kind, n in faults.items() if kind != SPURIOUS_FAULT),
+                  shootdowns=shootdowns, full_shootdowns=full_shootdowns,
+                  range_shootdown_pages=range_pages, lock_acquisitions=lock_acquisitions)
 
 
 # --- loading ------------------------------------------------------------------------------

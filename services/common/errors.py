@@ -21,6 +21,7 @@ REASON_KEY = "tlbsim-reason"
 REASON_MACHINE_LOST = "machine-lost"  # memory restarted: the simulated machine is gone
 REASON_RUN_RESET = "run-reset"        # another run reset the cluster: this run's state is gone
 REASON_CPU_FENCED = "cpu-fenced"      # the CPU is fenced: it flushes, re-registers, runs again
+REASON_CPU_LEFT = "cpu-left"          # a CPU the run could not do without left it (loadgen)
 
 
 class SimError(Exception):

@@ -1,7 +1,11 @@
 """What a `tlbsim` exit code means: one meaning per code (README "Exit codes").
 
-Pure: the CLI maps what went wrong to a code here; gRPC status codes arrive by name."""
+Pure: the CLI maps what went wrong to a code here, by the error's status code (by name)
+and its machine-readable reason (services/common/errors.py), never by its wording."""
 from __future__ import annotations
+
+from services.common.errors import (REASON_CPU_LEFT, REASON_MACHINE_LOST, REASON_RUN_RESET,
+                                    Code)
 
 OK = 0
 UNSAFE = 1       # the oracle counted a stale access, an audit found a stale TLB entry
@@ -26,17 +30,24 @@ TABLE = {
 
 # Statuses that mean the cluster (or the part of it a call needed) is not there.
 UNREACHABLE_STATUSES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
-# The memory service's words when a restart lost the simulated machine
-# (services/common/chaos.py MACHINE_LOST), and when another run reset it.
-MACHINE_LOST_WORDS = ("memory service restarted", "reset by another run")
+# Reasons that mean the run lost what it ran on: the simulated machine (a memory restart,
+# or another run's reset), or a CPU it could not do without.
+LOST_REASONS = {REASON_MACHINE_LOST, REASON_RUN_RESET, REASON_CPU_LEFT}
+# Local errors that mean the command itself was wrong: nothing ran.
+USAGE_CODES = {Code.INVALID_ARGUMENT.value, Code.NOT_FOUND.value, Code.OUT_OF_RANGE.value}
 
 
-def machine_lost(details: str) -> bool:
-    return any(words in details for words in MACHINE_LOST_WORDS)
-
-
-def for_status(status: str, details: str = "") -> int:
-    """The exit code of a call the cluster failed with gRPC status `status` (its name)."""
-    if status in UNREACHABLE_STATUSES or machine_lost(details):
+def for_status(status: str, reason: str = "") -> int:
+    """The exit code of a call the cluster failed with gRPC status `status` (its name)
+    and the reason the service attached."""
+    if status in UNREACHABLE_STATUSES or reason in LOST_REASONS:
         return NO_CLUSTER
     return REFUSED
+
+
+def for_error(code: str, reason: str = "") -> int:
+    """The exit code of a tlbsim error raised here (a SimError: its code's name, its
+    reason): a bad option is usage; what the cluster said, as `for_status`."""
+    if code in USAGE_CODES and reason not in LOST_REASONS:
+        return USAGE
+    return for_status(code, reason)

@@ -25,60 +25,29 @@ Sample = tuple[str, str, str, float]  # kind ("counter" | "gauge"), name, help, 
 
 class NodeCollector(Collector):
     """Reads plain numbers from the domain when Prometheus scrapes, and prices the
-    events among them with the run's cost model (`modelled_time`)."""
+    service's events (services/common/costmodel.py, the one counter-to-event mapping)
+    with the run's cost model (`modelled_time`)."""
 
     def __init__(self, read: Callable[[], Iterable[Sample]],
-                 policy: Callable[[], object] = lambda: None):
+                 policy: Callable[[], object] = lambda: None,
+                 events: Callable[[], Events] = Events):
         self._read = read
         self._policy = policy
+        self._events = events
 
     def collect(self):
-        families = []
         for item in self._read():
             if isinstance(item, tuple):
                 kind, name, help_text, value = item
                 family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                 item = family(name, help_text, value=value)
-            families.append(item)
             yield item
         model = getattr(self._policy(), "cost_model", None)
         if model is not None:
-            yield modelled_time(model, families)
+            yield modelled_time(model, self._events())
 
 
-# Which exported samples are which cost-model events. Every event is exported by exactly
-# one service (TLB events by the CPUs, IPIs by the coordinator, shootdowns, faults and
-# locks by the memory service), so summing the metric over services gives the machine's.
-_EVENTS: dict[str, tuple[str, dict[str, str]]] = {
-    "tlbsim_tlb_lookups_total": ("hits", {"result": "hit"}),
-    "tlbsim_tlb_page_invalidations_total": ("pages_invalidated", {}),
-    "tlbsim_ipis_total": ("ipis", {}),
-    "tlbsim_memory_shootdowns_total": ("shootdowns", {}),
-    "tlbsim_full_flushes_total": ("full_shootdowns", {}),
-    "tlbsim_shootdown_range_pages_total": ("range_shootdown_pages", {}),
-    "tlbsim_lock_acquisitions_total": ("lock_acquisitions", {}),
-}
-
-
-def _events(families) -> Events:
-    e = Events()
-    for family in families:
-        for sample in family.samples:
-            name, labels = sample.name, sample.labels
-            if name == "tlbsim_tlb_lookups_total" and labels.get("result") == "miss":
-                e.misses += int(sample.value)
-            elif name == "tlbsim_tlb_flushes_total" and labels.get("kind") == "full":
-                e.full_flushes += int(sample.value)
-            elif name == "tlbsim_faults_total" and labels.get("kind") != "spurious":
-                e.faults += int(sample.value)
-            elif name in _EVENTS:
-                field, want = _EVENTS[name]
-                if all(labels.get(k) == v for k, v in want.items()):
-                    setattr(e, field, getattr(e, field) + int(sample.value))
-    return e
-
-
-def modelled_time(model: CostModel, families) -> CounterMetricFamily:
+def modelled_time(model: CostModel, events: Events) -> CounterMetricFamily:
     """`tlbsim_modelled_seconds_total{component,cost_model}`: what this service's events
     would cost on the modelled hardware (walk, fault, invalidate, ipi, lock)."""
     family = CounterMetricFamily(
@@ -86,7 +55,7 @@ def modelled_time(model: CostModel, families) -> CounterMetricFamily:
         "Modelled hardware time of the events this service counted, by component "
         "(services/common/costmodel.py); sum over services for the machine",
         labels=["component", "cost_model"])
-    for component, ns in model.breakdown(_events(families)).items():
+    for component, ns in model.breakdown(events).items():
         family.add_metric([component, model.name], ns * 1e-9)
     return family
 
@@ -183,11 +152,12 @@ def histogram(name: str, help_text: str, labelnames: Sequence[str], registry,
 
 
 def node_registry(enabled: bool, service: str, policy: Callable[[], object],
-                  read: Callable[[], Iterable]) -> CollectorRegistry:
+                  read: Callable[[], Iterable], events: Callable[[], Events]) -> CollectorRegistry:
     """A service instance's own registry (so several services share one process):
-    build info and the scrape-time collector, or nothing when metrics are off."""
+    build info and the scrape-time collector, or nothing when metrics are off. `events`:
+    the service's counts as cost-model events (services/common/costmodel.py)."""
     registry = CollectorRegistry()
     if enabled:
         build_info(registry, service, policy)
-        registry.register(NodeCollector(read, policy))
+        registry.register(NodeCollector(read, policy, events))
     return registry

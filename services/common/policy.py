@@ -1,27 +1,63 @@
-"""The per-run policy (DESIGN.md §3-§5) as a plain value, with its proto mapping.
+"""The per-run policy (DESIGN.md §3-§5) as a plain value: what it is and what it means.
 
-Names are the CLI's spellings (`--lock split`, `--flush gather`); the proto
-carries enums. Validation lives here so every service rejects the same things."""
+The choices are enums whose values are the CLI's spellings (`--lock split`, `--flush
+gather`), so a report's JSON and a metric's label show them as they are typed. The rest
+of the code asks the policy questions (`pte_lock_only`, `free_before_flush`, ...)
+rather than comparing spellings: those live here only. The proto mapping is in
+services/common/wire.py. Validation lives here so every service rejects the same things."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 from services.common.costmodel import DEFAULT_PRESET, CostModel, preset
 from services.common.errors import InvalidArgument
-from tlbsim.v1 import common_pb2 as pb
 
-LOCKS = {"mm": pb.LOCK_MODE_MM, "split": pb.LOCK_MODE_SPLIT,
-         "lock-all-sharers": pb.LOCK_MODE_LOCK_ALL_SHARERS,
-         "lock-all-sharers-unordered": pb.LOCK_MODE_LOCK_ALL_SHARERS_UNORDERED}
-FORKS = {"copy": pb.FORK_MODE_COPY, "share": pb.FORK_MODE_SHARE}
-SHARED_FLUSHES = {"all-cpus": pb.SHARED_FLUSH_ALL_CPUS,
-                  "sharer-union": pb.SHARED_FLUSH_SHARER_UNION,
-                  "unsafe-mm-only": pb.SHARED_FLUSH_UNSAFE_MM_ONLY}
-FLUSHES = {"per-page": pb.FLUSH_MODE_PER_PAGE, "gather": pb.FLUSH_MODE_GATHER}
-TRANSPORTS = {"grpc": pb.TRANSPORT_GRPC, "stream": pb.TRANSPORT_STREAM,
-              "mqtt": pb.TRANSPORT_MQTT}
-UNSAFE = {"none": pb.UNSAFE_NONE, "free-before-flush": pb.UNSAFE_FREE_BEFORE_FLUSH}
-SPLIT_LOCKS = ("split", "lock-all-sharers", "lock-all-sharers-unordered")  # PTE tables: own ptl
+
+class LockMode(enum.StrEnum):
+    MM = "mm"                  # one page_table_lock per mm guards every table
+    SPLIT = "split"            # upper levels: page_table_lock; PTE tables: their own ptl
+    LOCK_ALL_SHARERS = "lock-all-sharers"  # split; a shared table: every sharer's, by id
+    LOCK_ALL_SHARERS_UNORDERED = "lock-all-sharers-unordered"  # the same, deadlock-prone
+
+
+class FlushMode(enum.StrEnum):
+    PER_PAGE = "per-page"  # one shootdown per cleared PTE
+    GATHER = "gather"      # mmu_gather: clear a batch, one shootdown, then free
+
+
+class Transport(enum.StrEnum):
+    GRPC = "grpc"      # one unary Flush call per target CPU
+    STREAM = "stream"  # one long-lived stream per CPU
+    MQTT = "mqtt"      # one broadcast, acks on an ack topic, a gRPC fallback
+
+
+class Unsafe(enum.StrEnum):
+    NONE = "none"
+    FREE_BEFORE_FLUSH = "free-before-flush"  # deliberately wrong: frees before the flush
+
+
+class ForkMode(enum.StrEnum):
+    COPY = "copy"    # copy every PTE, write-protecting both sides
+    SHARE = "share"  # the child's pmd entries point at the parent's PTE tables
+
+
+class Timing(enum.StrEnum):
+    WALL = "wall"        # measured: Python and gRPC on this machine
+    VIRTUAL = "virtual"  # modelled hardware time per CPU, deterministic (vtime.py)
+
+
+class SharedFlush(enum.StrEnum):
+    """Who is flushed when a table that is still shared changes in place (reclaim)."""
+    ALL_CPUS = "all-cpus"              # Linus 2002: "any pmd with count > 1 ... all CPU's"
+    SHARER_UNION = "sharer-union"      # the OR of every sharer's mm_cpumask
+    UNSAFE_MM_ONLY = "unsafe-mm-only"  # only the mm that made the change: wrong on purpose
+
+
+def choices(kind: type[enum.StrEnum]) -> list[str]:
+    """An enum's spellings, in order (the CLI's `choices`)."""
+    return [member.value for member in kind]
+
 
 # Linux's own defaults: tlb_single_page_flush_ceiling, MAX_GATHER_BATCH; a TLB
 # shaped like a recent x86 second-level TLB (1536 entries, 12 ways).
@@ -42,32 +78,25 @@ MIN_FRAMES = 64
 MAX_UINT32 = (1 << 32) - 1  # ceiling and batch travel as uint32 (common.proto Policy)
 DEFAULT_RECLAIM_BATCH = 32  # SWAP_CLUSTER_MAX (include/linux/swap.h)
 DEFAULT_ASIDS = 6  # TLB_NR_DYN_ASIDS (arch/x86/include/asm/tlbflush.h)
-TIMINGS = {"wall": pb.TIMING_WALL, "virtual": pb.TIMING_VIRTUAL}
 MAX_ASIDS = 4094   # MAX_ASID_AVAILABLE: 12 PCID bits, less two
-
-
-def _name(table: dict[str, int], value: int, what: str) -> str:
-    for name, v in table.items():
-        if v == value:
-            return name
-    raise InvalidArgument(f"{what} is unspecified or unknown ({value})")
 
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    lock: str = "split"
-    flush: str = "gather"
+    """A run's choices. Enum fields also take their spellings (`Policy(lock="mm")`)."""
+    lock: LockMode = LockMode.SPLIT
+    flush: FlushMode = FlushMode.GATHER
     ceiling: int = DEFAULT_CEILING
     batch: int = DEFAULT_BATCH
     lazy_tlb: bool = True
-    transport: str = "grpc"
+    transport: Transport = Transport.GRPC
     tlb_entries: int = DEFAULT_TLB_ENTRIES
     tlb_ways: int = DEFAULT_TLB_WAYS
-    unsafe: str = "none"
+    unsafe: Unsafe = Unsafe.NONE
     deadline_s: float = DEFAULT_DEADLINE_S
     mqtt_qos: int = DEFAULT_MQTT_QOS
-    fork: str = "copy"
-    shared_flush: str = "all-cpus"
+    fork: ForkMode = ForkMode.COPY
+    shared_flush: SharedFlush = SharedFlush.ALL_CPUS
     frames: int = 0  # 0: the memory service's default
     # Pages reclaim unmaps per flush (shrink_folio_list: SWAP_CLUSTER_MAX); 0: everything it
     # frees between the watermarks in one flush (tlbsim before it followed Linux).
@@ -80,18 +109,19 @@ class Policy:
     zero_page: bool = True
     # Shootdowns of an mm active on 4+ CPUs as hardware broadcasts (INVLPGB, global ASID).
     hw_broadcast: bool = False
-    # "wall" or "virtual" (--timing): services/common/vtime.py.
-    timing: str = "wall"
+    # What answers are timed in (--timing): services/common/vtime.py.
+    timing: Timing = Timing.WALL
     # What each event costs on hardware (modelled time, services/common/costmodel.py).
     cost_model: CostModel = dataclasses.field(default_factory=lambda: preset(DEFAULT_PRESET))
 
     def __post_init__(self) -> None:
-        for value, table, what in ((self.lock, LOCKS, "lock"), (self.flush, FLUSHES, "flush"),
-                                   (self.transport, TRANSPORTS, "transport"),
-                                   (self.unsafe, UNSAFE, "unsafe"), (self.fork, FORKS, "fork"),
-                                   (self.shared_flush, SHARED_FLUSHES, "shared-flush")):
-            if value not in table:
-                raise InvalidArgument(f"unknown {what} {value!r}: choose from {', '.join(table)}")
+        for name, kind in ENUM_FIELDS.items():
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                raise InvalidArgument(f"unknown {name.replace('_', '-')} {value!r}: choose "
+                                      f"from {', '.join(choices(kind))}") from None
         if self.frames and not MIN_FRAMES <= self.frames <= MAX_FRAMES:
             raise InvalidArgument(
                 f"frames {self.frames}: must be between {MIN_FRAMES} and {MAX_FRAMES} (0 = the "
@@ -101,9 +131,6 @@ class Policy:
             raise InvalidArgument(f"batch {self.batch}: must be 1..{MAX_UINT32} pages")
         if not 0 <= self.ceiling <= MAX_UINT32:
             raise InvalidArgument(f"ceiling {self.ceiling}: must be 0..{MAX_UINT32} pages")
-        if self.timing not in TIMINGS:
-            raise InvalidArgument(f"unknown timing {self.timing!r}: choose from "
-                                  f"{', '.join(TIMINGS)}")
         if not 0 <= self.asids <= MAX_ASIDS:
             raise InvalidArgument(f"asids {self.asids}: must be 0..{MAX_ASIDS} (0: no PCID)")
         if not 0 <= self.reclaim_batch <= MAX_UINT32:
@@ -121,36 +148,74 @@ class Policy:
         if self.mqtt_qos not in MQTT_QOS:
             raise InvalidArgument(f"mqtt QoS {self.mqtt_qos}: choose 0 or 1")
 
-    def to_proto(self) -> pb.Policy:
-        return pb.Policy(lock=LOCKS[self.lock], flush=FLUSHES[self.flush], ceiling=self.ceiling,
-                         batch=self.batch, lazy_tlb=self.lazy_tlb,
-                         transport=TRANSPORTS[self.transport], tlb_entries=self.tlb_entries,
-                         tlb_ways=self.tlb_ways, unsafe=UNSAFE[self.unsafe],
-                         deadline_s=self.deadline_s, mqtt_qos=self.mqtt_qos,
-                         fork=FORKS[self.fork], shared_flush=SHARED_FLUSHES[self.shared_flush],
-                         frames=self.frames, cost_model=self.cost_model.to_proto(),
-                         reclaim_batch=self.reclaim_batch, asids=self.asids,
-                         zero_page=self.zero_page, hw_broadcast=self.hw_broadcast,
-                         timing=TIMINGS[self.timing])
+    # --- what the policy means (the only place its spellings are compared) --------------
+    @property
+    def pte_lock_only(self) -> bool:
+        """A PTE table's entries are guarded by its own ptl alone (split locks), not also
+        by the mm's page_table_lock; a zap then holds no lock across its flush."""
+        return self.lock is not LockMode.MM
 
-    @classmethod
-    def from_proto(cls, p: pb.Policy) -> "Policy":
-        return cls(lock=_name(LOCKS, p.lock, "lock"), flush=_name(FLUSHES, p.flush, "flush"),
-                   ceiling=p.ceiling, batch=p.batch, lazy_tlb=p.lazy_tlb,
-                   transport=_name(TRANSPORTS, p.transport, "transport"),
-                   tlb_entries=p.tlb_entries, tlb_ways=p.tlb_ways,
-                   unsafe=_name(UNSAFE, p.unsafe, "unsafe"), deadline_s=p.deadline_s,
-                   mqtt_qos=p.mqtt_qos, fork=_name(FORKS, p.fork, "fork"),
-                   shared_flush=_name(SHARED_FLUSHES, p.shared_flush, "shared-flush"),
-                   frames=p.frames, cost_model=CostModel.from_proto(p.cost_model),
-                   reclaim_batch=p.reclaim_batch if p.HasField("reclaim_batch")
-                   else DEFAULT_RECLAIM_BATCH,
-                   asids=p.asids if p.HasField("asids") else DEFAULT_ASIDS,
-                   zero_page=p.zero_page if p.HasField("zero_page") else True,
-                   hw_broadcast=p.hw_broadcast, timing=_name(TIMINGS, p.timing, "timing"))
+    @property
+    def locks_all_sharers(self) -> bool:
+        """Changing a shared table takes every sharer mm's page_table_lock, not the
+        tables' sharer-list (rmap) locks."""
+        return self.lock in (LockMode.LOCK_ALL_SHARERS, LockMode.LOCK_ALL_SHARERS_UNORDERED)
+
+    @property
+    def sharers_locked_in_id_order(self) -> bool:
+        """lock-all-sharers takes the sharers' locks in mm-id order; the unordered mode
+        this mm's first, then the sharer lists' order (which the validator refuses)."""
+        return self.lock is LockMode.LOCK_ALL_SHARERS
+
+    @property
+    def per_page_flush(self) -> bool:
+        """One shootdown per cleared PTE instead of a gathered batch."""
+        return self.flush is FlushMode.PER_PAGE
+
+    @property
+    def shares_tables_at_fork(self) -> bool:
+        """fork points the child at the parent's PTE tables instead of copying them."""
+        return self.fork is ForkMode.SHARE
+
+    @property
+    def free_before_flush(self) -> bool:
+        """The deliberately unsafe order: frames are freed before their shootdown."""
+        return self.unsafe is Unsafe.FREE_BEFORE_FLUSH
+
+    @property
+    def shared_change_flushes_every_cpu(self) -> bool:
+        """A still-shared table changed: flush every CPU that ever ran anything."""
+        return self.shared_flush is SharedFlush.ALL_CPUS
+
+    @property
+    def shared_change_flushes_changer_only(self) -> bool:
+        """A still-shared table changed: flush only the changing mm's CPUs (wrong)."""
+        return self.shared_flush is SharedFlush.UNSAFE_MM_ONLY
+
+    @property
+    def virtual(self) -> bool:
+        """Answers in virtual (modelled hardware) time, issued in virtual-time order."""
+        return self.timing is Timing.VIRTUAL
+
+    @property
+    def uses_mqtt(self) -> bool:
+        return self.transport is Transport.MQTT
+
+    @property
+    def uses_streams(self) -> bool:
+        return self.transport is Transport.STREAM
 
     def as_dict(self) -> dict:
-        """Flat values (build-info labels, the report's config): the model by its name."""
-        d = dataclasses.asdict(self)
+        """Flat values (build-info labels, the report's config): enums by their spelling,
+        the model by its name."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ENUM_FIELDS:
+            d[name] = d[name].value
         d["cost_model"] = self.cost_model.name
         return d
+
+
+# The fields that are choices, and their enums (Policy coerces spellings to members).
+ENUM_FIELDS: dict[str, type[enum.StrEnum]] = {
+    "lock": LockMode, "flush": FlushMode, "transport": Transport, "unsafe": Unsafe,
+    "fork": ForkMode, "shared_flush": SharedFlush, "timing": Timing}

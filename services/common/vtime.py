@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.common.costmodel import CostModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,27 @@ def serial_sends(start: int, targets: int, send_ns: float) -> list[int]:
     return [start + round((i + 1) * send_ns) for i in range(targets)]
 
 
+def ipi_done(sends: list[int], handlers_done: list[int], ack_ns: float) -> int:
+    """An IPI shootdown completes when the initiator has sent the last IPI and the last
+    target's ack (its handler's end, plus the ack's trip) has reached it."""
+    last_send = sends[-1] if sends else 0
+    return max([last_send] + [round(d + ack_ns) for d in handlers_done])
+
+
+def broadcast(fabric: Server, sent: int, pages: int, page_ns: float, full_ns: float,
+              sync_ns: float, contention_ns: float) -> tuple[int, int]:
+    """A hardware broadcast (INVLPGB + TLBSYNC, TLBI IS + DSB) through the invalidation
+    fabric, one sender at a time: it waits for the broadcasts ahead of it, pays
+    `contention_ns` per sender queued ahead (Arcangeli 2020: the broadcast's latency
+    grows almost linearly with concurrent senders), invalidates on every CPU at once,
+    and completes with the sync. Returns (when the targets are invalidated, done)."""
+    grant = fabric.acquire(sent, Handoff(0.0, contention_ns, contention_ns))
+    invalidated = grant + round(pages * page_ns if pages else full_ns)
+    done = invalidated + round(sync_ns)
+    fabric.release(done)
+    return invalidated, done
+
+
 @dataclasses.dataclass
 class Interrupts:
     """A CPU's pending interrupts in virtual time: an IPI arriving at a moment the
@@ -135,3 +160,30 @@ class Interrupts:
         while self.pending and self.pending[0][0] < now:
             self.pending.pop(0)
         return now
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One shootdown in virtual time: when it reaches each target, and how the
+    initiator's wait ends."""
+    arrivals: dict[int, int]
+    sends: list[int]          # IPIs: when each was sent (empty for a broadcast)
+    hardware_done: int | None  # a broadcast: done at its TLBSYNC, whatever the targets do
+    ack_ns: float
+
+    def done(self, handlers_done: list[int]) -> int:
+        if self.hardware_done is not None:
+            return self.hardware_done
+        return ipi_done(self.sends, handlers_done, self.ack_ns)
+
+
+def deliver(sent: int, targets: list[int], hardware: bool, pages: int, cm: "CostModel",
+            fabric: Server) -> Delivery:
+    """IPIs go out one after another in the targets' order (flush_tlb_multi's loop); a
+    hardware broadcast reaches every target at once, through the shared fabric."""
+    if hardware:
+        at, done = broadcast(fabric, sent, pages, cm.broadcast_page_ns, cm.broadcast_full_ns,
+                             cm.broadcast_sync_ns, cm.broadcast_contention_ns)
+        return Delivery({c: at for c in targets}, [], done, cm.ack_ns)
+    sends = serial_sends(sent, len(targets), cm.ipi_send_ns)
+    return Delivery(dict(zip(targets, sends)), sends, None, cm.ack_ns)

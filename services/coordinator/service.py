@@ -21,12 +21,15 @@ import grpc
 
 from services.common.chaos import new_boot
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.costmodel import Events, delivery_events
 from services.common.liveness import Liveness
 from services.common.metrics import histogram, labelled, node_registry
 from services.common.mqtt import MqttLink, MqttUnavailable, MqttUrl
-from services.common.policy import TRANSPORTS, Policy
+from services.common import wire
+from services.common.policy import Policy, Transport
 from services.common.server import channel, rpc
 from services.common.stats import COUNT_BUCKETS, Samples, p50_p99
+from services.common import vtime
 from services.coordinator.fencing import DEADLINE, Fencing
 from tlbsim.v1 import common_pb2, coordinator_pb2 as pb, coordinator_pb2_grpc, cpu_pb2, cpu_pb2_grpc
 
@@ -97,12 +100,14 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.epoch = 0
         self.configured = False
         self._arrivals: dict[int, asyncio.Event] = {}  # unknown targets awaited
+        self.fabric = vtime.Server()  # --timing virtual: the broadcast invalidation fabric
         self._acks: dict[tuple[int, int], asyncio.Future] = {}  # (shootdown id, cpu)
         self._ping_ids = iter(range(1 << 62, 1 << 63))
         # Metrics: labelled counts for the process's lifetime (runs reset `stats`, not
         # these), plus two histograms observed once per shootdown.
         self.counts: collections.Counter = collections.Counter()
-        self.registry = node_registry(metrics, "coordinator", lambda: self.policy, self._metrics)
+        self.registry = node_registry(metrics, "coordinator", lambda: self.policy, self._metrics,
+                                      self._events)
         on = self.registry if metrics else None
         self._latency = histogram("tlbsim_shootdown_duration_seconds",
                                   "Shootdown latency: sent to every target until each acked "
@@ -130,12 +135,13 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
     # --- membership --------------------------------------------------------------------
     @rpc
     async def Reset(self, request, context):
-        policy = Policy.from_proto(request.policy)
-        if policy.transport == "mqtt" and self.mqtt is None:
+        policy = wire.policy_from_proto(request.policy)
+        if policy.uses_mqtt and self.mqtt is None:
             raise FailedPrecondition("the mqtt transport needs a coordinator started with "
                                      "--mqtt-url (or `tlbsim up --mqtt`)")
         self.policy = policy
         self.stats = CoordinatorStats()
+        self.fabric = vtime.Server()
         self.epoch, self.configured = request.epoch, True
         return pb.CoordinatorResetResponse()
 
@@ -179,7 +185,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         reply = pb.RegisterMemoryResponse(settle_s=self.liveness.settle_s)
         if not self.configured and request.HasField("policy"):
             # We restarted and lost the run's policy: the memory service still has it.
-            self.policy = Policy.from_proto(request.policy)
+            self.policy = wire.policy_from_proto(request.policy)
             self.epoch, self.configured = request.epoch, True
             log.warning("adopted the running policy and epoch %d from the memory service",
                         request.epoch)
@@ -205,10 +211,12 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if first is None or first.WhichOneof("msg") != "hello_cpu":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "attach: the first message must say which CPU is attaching")
+            return  # (abort raises)
         link = self.links.get(first.hello_cpu)
         if link is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"attach: cpu {first.hello_cpu} must register first")
+            return
         queue: asyncio.Queue = asyncio.Queue()
         link.stream = queue
 
@@ -263,6 +271,8 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         for cpu in cpus:
             futures[cpu] = self._acks[(flush.shootdown_id, cpu)] = loop.create_future()
         try:
+            if self.mqtt is None or self.mqtt_url is None:
+                raise MqttUnavailable("this coordinator has no --mqtt-url")
             message = pb.ShootdownRequest(flush=flush, targets=cpus).SerializeToString()
             t_end = loop.time() + timeout
             await self.mqtt.publish(self.mqtt_url.shootdown_topic, message,
@@ -294,14 +304,14 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         missing = [l for l in live if acks[l.cpu] is None]
         if broadcast:
             self.stats.fallbacks += len(missing)
-        replies = await asyncio.gather(*(self._deliver(l, flush, "grpc",
+        replies = await asyncio.gather(*(self._deliver(l, flush, Transport.GRPC,
                                                        max(0.0, t_end - loop.time()))
                                          for l in missing))
         acks.update((l.cpu, r) for l, r in zip(missing, replies))
         return [acks[l.cpu] for l in live]
 
     # --- delivery ------------------------------------------------------------------------
-    async def _deliver(self, link: CpuLink, flush: common_pb2.FlushRequest, transport: str,
+    async def _deliver(self, link: CpuLink, flush: common_pb2.FlushRequest, transport: Transport,
                        timeout: float) -> common_pb2.FlushAck | None:
         """One flush to one CPU, delivered again while it fails (a flush is idempotent:
         a CPU that has it already elides it by generation); None if no ack came in time."""
@@ -317,7 +327,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
             first = False
             left = max(0.0, t_end - loop.time())
             try:
-                if transport == "stream" and link.stream is not None:
+                if transport is Transport.STREAM and link.stream is not None:
                     return await self._deliver_stream(link, flush, left)
                 # Unary, and the stream transport's path to a CPU with no stream open.
                 # wait_for_ready: a CPU restarting is waited for, up to the deadline.
@@ -337,6 +347,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
                               left: float) -> common_pb2.FlushAck:
         """Push the flush on the CPU's stream; wait a share of the deadline for the ack
         (TimeoutError: send it again)."""
+        assert link.stream is not None, "only for a CPU with its stream attached"
         key = (flush.shootdown_id, link.cpu)
         future = self._acks.get(key)
         if future is None or future.done():
@@ -370,7 +381,8 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
             return None
         link = self.links[cpu]
         # Late (past the flush's deadline) it still goes: the CPU then fences itself.
-        return await self._deliver(link, flush, "grpc", max(0.5, give_up - loop.time()))
+        return await self._deliver(link, flush, Transport.GRPC,
+                                   max(0.5, give_up - loop.time()))
 
     @rpc
     async def Shootdown(self, request, context):
@@ -394,9 +406,10 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         # Targets fenced before or during this shootdown: it completes once each one's
         # fence (the generation it was fenced at) is settled.
         settle = {c: f.members[c].generation for c in fenced}
+        finish = self._virtual_arrivals(flush, list(request.targets))
         self.stats.unknown_targets += len(unknown)
         waits = asyncio.gather(*(self._await_unknown(c, flush, deadline) for c in unknown))
-        if self.policy.transport == "mqtt":
+        if self.policy.uses_mqtt:
             replies = await self._deliver_mqtt(live, flush, deadline)
         else:
             replies = await asyncio.gather(*(self._deliver(l, flush, self.policy.transport,
@@ -427,13 +440,26 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         s = self.stats
         s.shootdowns += 1
         s.ipis += len(live)
-        s.ipis_elided += sum(a.outcome == common_pb2.FLUSH_OUTCOME_ELIDED for a in acks)
+        elided = sum(wire.elided(a) for a in acks)
+        s.ipis_elided += elided
         s.full_flushes += flush.pages == 0
         s.latency_s.append(latency)
-        self._count_shootdown(request, [link.cpu for link in live], sum(
-            a.outcome == common_pb2.FLUSH_OUTCOME_ELIDED for a in acks), len(live) - len(acks),
-            latency)
-        return pb.ShootdownResponse(acks=acks, fenced=sorted(fenced), latency_s=latency)
+        self._count_shootdown(request, [link.cpu for link in live], elided,
+                              len(live) - len(acks), latency)
+        return pb.ShootdownResponse(acks=acks, fenced=sorted(fenced), latency_s=latency,
+                                    done_vtime_ns=finish(acks) if finish else None)
+
+    def _virtual_arrivals(self, flush: common_pb2.FlushRequest, targets: list[int]):
+        """--timing virtual (services/common/vtime.py): stamp each target's arrival on the
+        flush; returns how to tell when the initiator is done, given the acks (None in
+        wall-clock runs)."""
+        if not flush.HasField("sent_vtime_ns"):
+            return None
+        d = vtime.deliver(flush.sent_vtime_ns, targets, flush.hardware, flush.pages,
+                          self.policy.cost_model, self.fabric)
+        flush.arrival_vtime_ns.update(d.arrivals)
+        return lambda acks: d.done([a.done_vtime_ns for a in acks
+                                    if a.HasField("done_vtime_ns")])
 
     def _notify_fenced(self, cpu: int) -> None:
         """Tell a CPU on its flush stream that it is fenced, so it flushes and registers
@@ -459,8 +485,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     @rpc
     async def PingFanout(self, request, context):
-        transport = {common_pb2.TRANSPORT_GRPC: "grpc", common_pb2.TRANSPORT_STREAM: "stream",
-                     common_pb2.TRANSPORT_MQTT: "mqtt"}.get(request.transport)
+        transport = wire.transport_from_proto(request.transport)
         if transport is None:
             raise InvalidArgument("ping fan-out: choose the grpc, stream or mqtt transport")
         if len(request.targets) > MAX_TARGETS:
@@ -469,7 +494,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if request.rounds > MAX_PING_ROUNDS:  # found by fuzzing: 2^32 rounds of nothing
             raise InvalidArgument(f"ping fan-out: {request.rounds} rounds, at most "
                                   f"{MAX_PING_ROUNDS}")  # held the event loop for hours
-        if transport == "mqtt" and (self.mqtt is None or not self.mqtt.connected):
+        if transport is Transport.MQTT and (self.mqtt is None or not self.mqtt.connected):
             raise FailedPrecondition("ping fan-out: no MQTT broker connected")
         missing = [c for c in request.targets if c not in self.links]
         if missing:
@@ -478,10 +503,10 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         latencies = []
         for _ in range(max(1, request.rounds)):
             t0 = time.perf_counter()
-            if transport == "grpc":
+            if transport is Transport.GRPC:
                 await asyncio.gather(*(l.stub.Ping(cpu_pb2.PingRequest(), timeout=5)
                                        for l in links))
-            elif transport == "mqtt":
+            elif transport is Transport.MQTT:
                 ping = common_pb2.FlushRequest(shootdown_id=next(self._ping_ids), mm=PING)
                 try:
                     acks = await self._broadcast(ping, [l.cpu for l in links], 5)
@@ -492,7 +517,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
                                    f"{sorted(c for c, a in acks.items() if a is None)}")
             else:
                 ping = common_pb2.FlushRequest(shootdown_id=next(self._ping_ids), mm=PING)
-                replies = await asyncio.gather(*(self._deliver(l, ping, "stream", 5)
+                replies = await asyncio.gather(*(self._deliver(l, ping, Transport.STREAM, 5)
                                                  for l in links))
                 if any(r is None for r in replies):
                     raise NotFound("ping fan-out: a CPU did not answer on its stream")
@@ -517,7 +542,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def _count_shootdown(self, request, sent: list[int], elided: int, missed: int,
                          latency: float) -> None:
         """`sent`: the CPUs the flush was delivered to (an IPI each)."""
-        transport = self.policy.transport
+        transport = self.policy.transport.value
         reason, scope = request.reason or "other", request.scope or "mm"
         c = self.counts
         c["shootdowns", reason, transport, scope] += 1
@@ -525,9 +550,14 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
             c["ipis", transport, cpu] += 1
         c["elided", transport] += elided
         c["missed", transport] += missed
-        if self._latency is not None:
+        if self._latency is not None and self._targets is not None:
             self._latency.labels(transport, scope).observe(latency)
             self._targets.labels(transport).observe(len(request.targets))
+
+    def _events(self) -> Events:
+        """The IPIs of the process's lifetime, as tlbsim_ipis_total counts them."""
+        return delivery_events(sum(n for k, n in dict.copy(self.counts).items()
+                                   if k[0] == "ipis"))
 
     def _metrics(self):
         """Read at scrape time; every transport's series exists from the start."""
@@ -538,7 +568,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
                         if k[0] == "shootdowns"])
         links = list(self.links.values())
         # Per target CPU: every registered CPU's series exists from the start.
-        ipis = {(t, l.cpu): 0 for t in TRANSPORTS for l in links}
+        ipis = {(t.value, l.cpu): 0 for t in Transport for l in links}
         ipis.update({k[1:]: n for k, n in dict.copy(c).items() if k[0] == "ipis"})
         yield labelled("counter", "tlbsim_ipis",
                        "Flush deliveries (IPIs) sent to target CPUs, by transport and target",
@@ -549,7 +579,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 ("missed", "tlbsim_deadline_misses",
                  "Targets that missed a shootdown deadline and were fenced")):
             yield labelled("counter", name, help_text, ["transport"],
-                           [((t,), c[key, t]) for t in TRANSPORTS])
+                           [((t.value,), c[key, t.value]) for t in Transport])
         # Delivery trouble, counted per run (like the memory service's counts, they
         # restart when a run resets the coordinator).
         s = self.stats

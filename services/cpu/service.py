@@ -15,31 +15,30 @@ import functools
 import logging
 import time
 from array import array
+from typing import TYPE_CHECKING
 
 import grpc
 
+from services.common import wire
 from services.common.addresses import USER_VA_END, vpn_of
-from services.common.costmodel import CostModel
-from services.common.chaos import FaultCounts, FaultPlan, epoch_metadata
+from services.common.costmodel import CostModel, tlb_events
+from services.common.chaos import ChaosCounts, ChaosPlan, epoch_metadata
 from services.common.errors import REASON_CPU_FENCED, FailedPrecondition, InvalidArgument
 from services.common.liveness import Liveness
 from services.common.metrics import histogram, labelled, node_registry
-from services.common.policy import DEFAULT_ASIDS, Policy
+from services.common.policy import Policy
 from services.common.server import channel, completes, rpc
-from services.cpu.core import FENCE_REASONS, CpuCore
+from services.cpu.core import FAULTED, FENCE_REASONS, CpuCore
 from services.cpu.membership import UNREGISTERED, FenceNotice, Membership
-from services.cpu.tlb import ELIDED, FULL, NOT_LOADED, RANGE
+from services.cpu.tlb import ELIDED
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, cpu_pb2 as pb,
                        cpu_pb2_grpc, memory_pb2, memory_pb2_grpc)
 
+if TYPE_CHECKING:  # aiomqtt is imported only when a CPU uses it
+    from services.common.mqtt import MqttLink, MqttUrl
+
 log = logging.getLogger("tlbsim.cpu")
 
-OUTCOME = {RANGE: common_pb2.FLUSH_OUTCOME_RANGE, FULL: common_pb2.FLUSH_OUTCOME_FULL,
-           ELIDED: common_pb2.FLUSH_OUTCOME_ELIDED, NOT_LOADED: common_pb2.FLUSH_OUTCOME_NOT_LOADED}
-MISS = {memory_pb2.MISS_OUTCOME_WALKED: "walked", memory_pb2.MISS_OUTCOME_FAULT_ANON: "anon",
-        memory_pb2.MISS_OUTCOME_FAULT_COW: "cow", memory_pb2.MISS_OUTCOME_FAULT_PROT: "prot",
-        memory_pb2.MISS_OUTCOME_SEGV: "segv", memory_pb2.MISS_OUTCOME_SWAP_IN: "swapin",
-        memory_pb2.MISS_OUTCOME_RETRY: "retry"}
 RPC_TIMEOUT_S = 30.0
 MAX_ACCESSES = 1 << 20  # per request: bounded work and memory
 
@@ -51,12 +50,13 @@ async def _yield() -> None:
 
 class _Miss:
     """A HandleMissResponse seen through the core's Translation protocol."""
-    __slots__ = ("outcome", "pfn", "writable", "tid", "local_flushes")
+    __slots__ = ("outcome", "pfn", "writable", "tid", "local_flushes", "vt")
 
     def __init__(self, r: memory_pb2.HandleMissResponse):
-        self.outcome = MISS[r.outcome]
+        self.outcome = wire.miss_outcome(r.outcome)
         self.pfn, self.writable, self.tid = r.pfn, r.writable, r.tid
         self.local_flushes = r.local_flushes
+        self.vt = r.vtime_ns if r.HasField("vtime_ns") else None
 
 
 def reachable(fn):
@@ -64,7 +64,7 @@ def reachable(fn):
     @functools.wraps(fn)
     async def wrapper(self, request, context):
         if self.plan.partitioned:
-            self.faults.calls_refused += 1
+            self.chaos_counts.calls_refused += 1
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"cpu {self.id} is unreachable (chaos partition)")
         return await fn(self, request, context)
@@ -77,11 +77,11 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     def __init__(self, cpu_id: int, memory: str, coordinator: str, metrics: bool = True,
                  *, mqtt_url: str | None = None, liveness: Liveness | None = None):
         p = Policy()
-        self.mqtt_url = None
+        self.mqtt_url: MqttUrl | None = None
         if mqtt_url:  # imported only when used: 64 CPUs start faster without it
             from services.common.mqtt import MqttUrl
             self.mqtt_url = MqttUrl.parse(mqtt_url)
-        self.mqtt = None  # the mqtt transport's MqttLink: broadcast flushes
+        self.mqtt: MqttLink | None = None  # the mqtt transport's link: broadcast flushes
         self.core = CpuCore(cpu_id, p.tlb_entries, p.tlb_ways)
         self.liveness = liveness or Liveness.for_cluster(1)
         self.member = Membership(self.core, self.liveness)  # fenced until registered
@@ -94,8 +94,8 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         self.coordinator_address = coordinator
         self.address = ""
         self.epoch = 0  # the memory epoch this CPU's state belongs to (Reset, registration)
-        self.plan = FaultPlan()  # chaos: what this CPU does wrong on purpose
-        self.faults = FaultCounts()
+        self.plan = ChaosPlan()  # chaos: what this CPU does wrong on purpose
+        self.chaos_counts = ChaosCounts()
         self._reachable = asyncio.Event()  # cleared while partitioned: nothing goes out
         self._reachable.set()
         self._exec = asyncio.Lock()  # one task at a time
@@ -104,7 +104,8 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         # Metrics: the TLB counts in plain ints (read at scrape time); walks are counted
         # and timed once per memory-service round trip, never per lookup.
         self.walks = {"batch": 0, "miss": 0}
-        self.registry = node_registry(metrics, "cpu", self._geometry, self._metrics)
+        self.registry = node_registry(metrics, "cpu", self._geometry, self._metrics,
+                                      lambda: tlb_events(self.core.tlb.counters))
         self._walk_seconds = histogram(
             "tlbsim_page_walk_duration_seconds",
             "Page walks at the memory service, round trip seen by the CPU (a batch walk "
@@ -130,9 +131,9 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         self._tasks = [asyncio.create_task(self._membership())]
         if self.mqtt_url is not None:
             from services.common.mqtt import MqttLink
-            self.mqtt = MqttLink(self.mqtt_url, f"cpu{self.id}", [self.mqtt_url.shootdown_topic],
+            self.mqtt = mqtt = MqttLink(self.mqtt_url, f"cpu{self.id}", [self.mqtt_url.shootdown_topic],
                                  self._on_broadcast, "flushes arrive by the gRPC fallback")
-            await self.mqtt.start()
+            await mqtt.start()
 
     async def stop(self) -> None:
         if self.mqtt is not None:
@@ -287,29 +288,32 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 acks.put_nowait(ack)
 
     # --- flushes -------------------------------------------------------------------------
-    def _flush(self, f: common_pb2.FlushRequest) -> common_pb2.FlushAck:
+    def _apply_flush(self, f: common_pb2.FlushRequest) -> common_pb2.FlushAck:
+        """Apply a flush delivered to this CPU and say what it did (the ack)."""
         if f.mm == 0:  # a ping
-            return common_pb2.FlushAck(shootdown_id=f.shootdown_id, cpu=self.id,
-                                       outcome=common_pb2.FLUSH_OUTCOME_ELIDED)
+            return wire.flush_ack(f.shootdown_id, self.id, ELIDED)
         if f.deadline_unix_s and time.time() > f.deadline_unix_s and not self.core.fenced:
             # Too late: the coordinator has fenced us and memory may free the frames.
             log.warning("cpu %d: flush %d came after its deadline: flushing the TLB",
                         self.id, f.shootdown_id)
             self.member.late_flush()
             self._wake()
-        outcome, removed = self.core.apply_flush(f)
-        return common_pb2.FlushAck(shootdown_id=f.shootdown_id, cpu=self.id,
-                                   outcome=OUTCOME[outcome], entries_removed=removed)
+        arrival = f.arrival_vtime_ns.get(self.id) if f.HasField("sent_vtime_ns") else None
+        outcome, removed, done = self.core.take_flush(f, arrival, f.hardware)
+        ack = wire.flush_ack(f.shootdown_id, self.id, outcome, removed)
+        if done is not None:
+            ack.done_vtime_ns = done
+        return ack
 
     def _delivered(self, f: common_pb2.FlushRequest) -> common_pb2.FlushAck | None:
         """A flush as delivered under the fault plan: None when it is lost on the way
         (partitioned, or dropped) — nothing applied, nothing acked."""
         if self.plan.partitioned or self.plan.drops():
-            self.faults.deliveries_dropped += not self.plan.partitioned
+            self.chaos_counts.deliveries_dropped += not self.plan.partitioned
             return None
         if self.plan.ack_delay_s:
-            self.faults.acks_delayed += 1
-        return self._flush(f)
+            self.chaos_counts.acks_delayed += 1
+        return self._apply_flush(f)
 
     def _later(self, delay: float, fn, *args) -> None:
         """chaos: an ack held back (the flush itself was applied at once)."""
@@ -330,7 +334,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     async def Chaos(self, request, context):
         """Replace the fault plan. Healing a partition first asks the coordinator whether
         we were fenced meanwhile (flushing if so), and only then lets work go on."""
-        plan = FaultPlan(ack_delay_s=request.ack_delay_s, drop_fraction=request.drop_fraction,
+        plan = ChaosPlan(ack_delay_s=request.ack_delay_s, drop_fraction=request.drop_fraction,
                          partitioned=request.partitioned, seed=request.seed)  # validates
         was_partitioned, self.plan = self.plan.partitioned, plan
         if plan.partitioned:
@@ -349,7 +353,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                     self._arm_lease()
             self._reachable.set()
         log.warning("cpu %d chaos: %s", self.id, plan.describe())
-        f = self.faults
+        f = self.chaos_counts
         return pb.ChaosResponse(acks_delayed=f.acks_delayed,
                                 deliveries_dropped=f.deliveries_dropped,
                                 calls_refused=f.calls_refused)
@@ -358,7 +362,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         """The mqtt transport: a shootdown for a target set. Not ours: ignore it. Ours: the
         same path as a Flush, so a duplicate elides by generation and acks again."""
         shootdown = coordinator_pb2.ShootdownRequest.FromString(message.payload)
-        if self.id not in shootdown.targets:
+        if self.id not in shootdown.targets or self.mqtt is None or self.mqtt_url is None:
             return
         ack = self._delivered(shootdown.flush)
         if ack is None:
@@ -397,7 +401,14 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 self._require_runnable()
             r = await self._to_memory(self.memory.SwitchMm,
                 memory_pb2.MemSwitchMmRequest(cpu=self.id, mm=request.mm))
-            return pb.SwitchMmResponse(flushed=self.core.switch(request.mm, r.tlb_gen, r.lazy))
+            flushed = self.core.switch(request.mm, r.tlb_gen, r.lazy)
+            response = pb.SwitchMmResponse(flushed=flushed)
+            if request.HasField("vtime_ns"):
+                v = self.core.v
+                v.start(request.vtime_ns)
+                v.advance(self.cost_model.full_flush_ns if flushed else 0)
+                response.vtime_ns = v.clock
+            return response
 
     @reachable
     @rpc
@@ -415,6 +426,8 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         async with self._exec:
             mm = self._require_runnable()
             fault_latency: list[float] = []
+            fault_vtime: list[int] = []
+            virtual = request.HasField("vtime_ns")
             fence_epoch = self.member.fence_epoch
 
             def not_fenced_since() -> None:
@@ -427,17 +440,19 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                         f"cpu {self.id} was fenced during this access ({why}); it flushed "
                         "and registered again: call again", REASON_CPU_FENCED)
 
-            async def miss(vpn: int, write: bool):
+            async def miss(vpn: int, write: bool, vt: int | None):
                 not_fenced_since()
                 t0 = time.perf_counter()
                 r = await self._to_memory(self.memory.HandleMiss,
-                    memory_pb2.HandleMissRequest(cpu=self.id, mm=mm, vpn=vpn, write=write))
+                    memory_pb2.HandleMissRequest(cpu=self.id, mm=mm, vpn=vpn, write=write,
+                                                 vtime_ns=vt))
                 self._walked("miss", t0)
-                if r.outcome in (memory_pb2.MISS_OUTCOME_FAULT_ANON,
-                                 memory_pb2.MISS_OUTCOME_FAULT_COW,
-                                 memory_pb2.MISS_OUTCOME_SWAP_IN):
+                translation = _Miss(r)
+                if translation.outcome in FAULTED:
                     fault_latency.append(time.perf_counter() - t0)
-                return _Miss(r)
+                    if vt is not None and translation.vt is not None:
+                        fault_vtime.append(translation.vt - vt)
+                return translation
 
             async def walk(batch: list[int]):
                 not_fenced_since()
@@ -448,8 +463,11 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 return [(p.pfn, p.writable, p.tid) if p.present else None for p in r.ptes]
 
             try:
-                s = await self.core.run_accesses(addresses, request.writes, miss, walk,
-                                                 request.stop_on_segv, pause=_yield)
+                s = await self.core.run_accesses(
+                    addresses, request.writes, miss, walk, request.stop_on_segv, pause=_yield,
+                    vt=request.vtime_ns if virtual else None,
+                    until=request.until_vtime_ns if request.HasField("until_vtime_ns")
+                    else None)
             except FailedPrecondition as e:
                 self._fenced_error(e)  # fenced (or its lease ran out) inside the core
                 raise
@@ -457,7 +475,9 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 await self._report_hits(mm)
             return pb.AccessResponse(accesses=s.accesses, hits=s.hits, misses=s.misses,
                                      faults=s.faults, segv=s.segv,
-                                     fault_latency_s=fault_latency)
+                                     fault_latency_s=fault_latency,
+                                     fault_vtime_ns=fault_vtime,
+                                     vtime_ns=self.core.v.clock if virtual else None)
 
     async def _to_memory(self, method, request):
         """Every call to the memory service: none leaves a partitioned CPU (it waits, as
@@ -481,12 +501,21 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     async def Syscall(self, request, context):
         async with self._exec:
             mm = self._require_runnable()
+            virtual = request.HasField("vtime_ns")
+            v = self.core.v
+            if virtual:  # the call starts at the CPU's clock (later if it took interrupts)
+                v.start(request.vtime_ns)
+                request.vtime_ns = v.clock
             r = await self._to_memory(self.memory.Syscall,
                 memory_pb2.MemSyscallRequest(cpu=self.id, mm=mm, call=request))
+            if virtual and r.result.HasField("vtime_ns"):
+                v.advance(r.result.vtime_ns - v.clock)  # interrupts meanwhile: taken during
             for f in r.local_flushes:  # the initiator flushes itself
-                self.core.apply_flush(f)
+                self.core.local_flush(f, virtual)
             if request.WhichOneof("call") == "exit":
                 self.core.switch(0, 0)
+            if virtual:
+                r.result.vtime_ns = v.clock
             return r.result
 
     @reachable
@@ -495,21 +524,21 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         c = self.core
         if self.member.lease_check(c.clock()):  # an expired lease shows as fenced (flushed)
             self._lease_ran_out()
-        counters = pb.TlbCounters(**vars(c.tlb.counters))
         return pb.DumpTlbResponse(
             cpu=self.id, loaded_mm=c.loaded_mm, lazy=c.lazy, fenced=c.fenced,
-            local_tlb_gen=c.tlb.local_gen, counters=counters,
+            local_tlb_gen=c.tlb.local_gen, counters=wire.tlb_counters_to_proto(c.tlb.counters),
             entries=[pb.TlbEntry(mm=mm, vpn=vpn, pfn=e.pfn, writable=e.writable, tid=e.tid)
-                     for mm, vpn, e in c.tlb.entries()])
+                     for mm, vpn, e in c.tlb.entries()],
+            virtual=pb.VirtualCpu(clock_ns=c.v.clock, busy_ns=c.v.busy, handler_ns=c.v.handler,
+                                  late_flush_hits=c.v.late_flush_hits,
+                                  interrupts=c.v.interrupts_taken))
 
     @reachable
     @rpc
     async def Reset(self, request, context):
-        p = Policy(tlb_entries=request.tlb_entries, tlb_ways=request.tlb_ways,
-                   cost_model=CostModel.from_proto(request.cost_model),
-                   asids=request.asids if request.HasField("asids") else DEFAULT_ASIDS)
-        async with self._exec:  # (Policy validates)
-            self.core.reset(p.tlb_entries, p.tlb_ways, p.asids)
+        p = wire.cpu_policy_from_reset(request)  # validates
+        async with self._exec:
+            self.core.reset(p.tlb_entries, p.tlb_ways, p.asids, p.cost_model)
             self.epoch = request.epoch or self.epoch
             self.cost_model = p.cost_model
         return pb.CpuResetResponse()
@@ -525,7 +554,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         if timer is not None:
             timer.observe(time.perf_counter() - t0)
 
-    def _geometry(self) -> Policy:
+    def _geometry(self) -> "_TlbShape":
         """What the CPU knows of the run's policy: its TLB's shape (build info)."""
         t = self.core.tlb
         return _TlbShape(t.nsets * t.ways, t.ways, self.cost_model)
@@ -564,7 +593,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         yield labelled("counter", "tlbsim_cpu_heartbeats_failed",
                        "Heartbeats not answered within the heartbeat timeout (or refused)",
                        ["cpu"], [((cpu,), self.heartbeats_failed)])
-        f = self.faults
+        f = self.chaos_counts
         yield labelled("counter", "tlbsim_chaos_faults",
                        "Faults this CPU injected into itself (chaos), by kind", ["cpu", "kind"],
                        [((cpu, "ack_delayed"), f.acks_delayed),

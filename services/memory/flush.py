@@ -70,7 +70,7 @@ class Flusher:
         one page), other users' (`pages`) all their changes."""
         k = self.k
         if not pages:
-            pages = 1 if k.policy.flush == "per-page" else capacity(k.policy.batch)
+            pages = 1 if k.policy.per_page_flush else capacity(k.policy.batch)
         return Gather(pages, k.policy.ceiling, lambda: k.oracle.batch([mm.id]), k.clock, fullmm)
 
     def zap(self, mm: Mm, reason: str, ctx: OpContext | None = None, fullmm: bool = False,

@@ -58,7 +58,7 @@ DEFAULT_FRAMES = 1 << 24  # 64 GiB of simulated memory; arrays grow only as fram
 class Kernel:
     def __init__(self, policy: Policy, shootdown: ShootdownPort, frames: int = DEFAULT_FRAMES,
                  clock: Clock = monotonic, broken: frozenset[Rule] = frozenset()):
-        if policy.unsafe == "free-before-flush":
+        if policy.free_before_flush:
             broken |= {Rule.FLUSH_BEFORE_FREE}
         # All rules kept, but for the mutation test and --unsafe.
         self.k = k = KernelState(policy, shootdown, policy.frames or frames, clock,
@@ -267,7 +267,7 @@ class Kernel:
             child.vmas = [Vma(v.start, v.end, v.writable) for v in parent.vmas]
             child.next_vpn = parent.next_vpn
             tables = self.tables.pte_tables(parent, 0, USER_VPN_END)
-            if k.policy.fork == "share":
+            if k.policy.shares_tables_at_fork:
                 await self.sharing.share_tables(ctx, parent, child, tables, zap.gather)
             else:
                 for table, vma in tables_of_vmas(tables, parent.vmas):

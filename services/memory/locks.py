@@ -43,6 +43,7 @@ class ClassStats:
 class LockStats:
     def __init__(self) -> None:
         self.by_class: dict[LockClass, ClassStats] = {c: ClassStats() for c in LockClass}
+        self.inversions = 0  # virtual time: grants out of request order (vtime.Server)
 
     def all_waits(self) -> Samples:
         return Samples.merged(s.wait_s for s in self.by_class.values())
@@ -53,6 +54,10 @@ class LockStats:
     @property
     def contended(self) -> int:
         return sum(s.contended for s in self.by_class.values())
+
+    @property
+    def acquisitions(self) -> int:
+        return sum(s.acquisitions for s in self.by_class.values())
 
 
 class LockValidator:
@@ -101,7 +106,9 @@ class OpContext:
         if self.vt is not None:
             self.vt += round(ns)
 
-    def _granted(self, cls: LockClass, request: int, grant: int, contended: bool) -> None:
+    def _granted(self, cls: LockClass, request: int, grant: int, contended: bool,
+                 inverted: bool = False) -> None:
+        self.stats.inversions += inverted
         stats = self.stats.by_class[cls]
         stats.vwait_ns.append(grant - request)
         stats.contended += contended
@@ -154,8 +161,10 @@ class SimLock:
         stats.wait_s.append((self._since - t0) / 1e9)
         ctx.held.append(self)
         if ctx.vt is not None:
-            contended = self.server.free_at > ctx.vt
-            ctx._granted(self.cls, ctx.vt, self.server.acquire(ctx.vt, ctx.handoff), contended)
+            server, inversions = self.server, self.server.inversions
+            contended = server.free_at > ctx.vt
+            ctx._granted(self.cls, ctx.vt, server.acquire(ctx.vt, ctx.handoff), contended,
+                         server.inversions > inversions)
 
     def release(self, ctx: OpContext) -> None:
         ctx.held.remove(self)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 
 from services.common.addresses import PTRS_PER_TABLE
+from services.common.policy import Policy
 from services.memory.flush import Flusher
 from services.memory.locks import OpContext
 from services.memory.mm import Mm
@@ -17,15 +18,15 @@ from services.memory.state import FlushOrder, KernelState
 from services.memory.tables import Tables
 
 
-def reclaim_targets(policy_shared_flush: str, shared: bool, every_cpu: set[int],
+def reclaim_targets(policy: Policy, shared: bool, every_cpu: set[int],
                     walked_masks: list[set[int]], union_masks: list[set[int]]) -> set[int]:
     """Who gets reclaim's batched flush: the union of the affected mms' CPUs — or, when
     a still-shared table changed, as the shared-flush policy says: every CPU that ever
     ran anything (Linus 2002), the sharers' CPUs, or (wrong on purpose) only the CPUs of
     the mm the reverse-map walk went through."""
-    if shared and policy_shared_flush == "all-cpus":
+    if shared and policy.shared_change_flushes_every_cpu:
         return set(every_cpu)
-    if shared and policy_shared_flush == "unsafe-mm-only":
+    if shared and policy.shared_change_flushes_changer_only:
         return set().union(*walked_masks)
     return set().union(*union_masks)
 
@@ -124,7 +125,7 @@ class Reclaimer:
         k.stats.frames_pending_free += len(pages)
         k.unflushed.update(pages)
         mms = [k.mms[m] for m in sorted(union)]
-        cpus = reclaim_targets(k.policy.shared_flush, shared, set(k.cpu_mm),
+        cpus = reclaim_targets(k.policy, shared, set(k.cpu_mm),
                                [k.mms[m].cpumask for m in walked], [mm.cpumask for mm in mms])
         # arch_tlbbatch_flush -> should_flush_tlb: lazy CPUs are left out; they, and
         # CPUs that hold an mm without running it, catch up at switch_mm by generation

@@ -10,12 +10,14 @@ from array import array
 
 import grpc
 
+from services.common import wire
 from services.common.chaos import check_epoch, epoch_of, new_boot
+from services.common.costmodel import Events, memory_events
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.metrics import ListHistogram, labelled, node_registry
-from services.common.policy import Policy
+from services.common.policy import Policy, SharedFlush
 from services.common.server import channel, completes, rpc
-from services.common.stats import COUNT_BUCKETS, Samples, p50_p99
+from services.common.stats import COUNT_BUCKETS
 from services.memory.digest import kernel_digest
 from services.memory.kernel import DEFAULT_FRAMES, FlushOrder, Kernel, ShootdownResult
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, memory_pb2 as pb,
@@ -23,10 +25,6 @@ from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, memory
 
 log = logging.getLogger("tlbsim.memory")
 
-OUTCOMES = {"walked": pb.MISS_OUTCOME_WALKED, "anon": pb.MISS_OUTCOME_FAULT_ANON,
-            "cow": pb.MISS_OUTCOME_FAULT_COW, "prot": pb.MISS_OUTCOME_FAULT_PROT,
-            "segv": pb.MISS_OUTCOME_SEGV, "swapin": pb.MISS_OUTCOME_SWAP_IN,
-            "retry": pb.MISS_OUTCOME_RETRY}
 SHOOTDOWN_MARGIN_S = 5.0  # the coordinator answers by the deadline; this covers the hop
 MAX_WALK_PAGES = 1 << 16  # per Walk: bounded work (CPUs read ahead 64 pages at a time)
 # and a coordinator restart: a Shootdown that failed is sent again (the same flush: it is
@@ -40,19 +38,6 @@ UNSAFE_IPI_DELAY_MAX_S = 1.0
 # Why the RPC being served shoots down (a metrics label): the system call, or "cow" for a
 # fault. A context variable, because concurrent RPCs interleave on one event loop.
 FAULT_KINDS = ("anon", "cow", "prot", "segv")
-
-
-def flush_to_proto(f: FlushOrder) -> common_pb2.FlushRequest:
-    return common_pb2.FlushRequest(shootdown_id=f.shootdown_id, mm=f.mm, start_vpn=f.start_vpn,
-                                   pages=f.pages, new_tlb_gen=f.new_tlb_gen,
-                                   mm_tlb_gen=f.mm_tlb_gen, freed_tables=f.freed_tables,
-                                   initiator=f.initiator, all_mms=f.all_mms,
-                                   mm_gens=f.mm_gens)
-
-
-def percentiles(samples: Samples) -> common_pb2.Percentiles:
-    p50, p99, n = p50_p99(samples)
-    return common_pb2.Percentiles(p50=p50, p99=p99, count=n)
 
 
 class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
@@ -72,7 +57,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         self._channel: grpc.aio.Channel | None = None
         self.kernel = self._new_kernel(Policy())
         self.registry = node_registry(metrics, "memory", lambda: self.kernel.policy,
-                                      self._metrics)
+                                      self._metrics, self._events)
         self._hist = {
             "wait": ListHistogram("tlbsim_lock_wait_seconds",
                                   "Time to acquire a lock, by lock class and lock policy",
@@ -119,7 +104,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
                 reply = await self._coordinator_stub().RegisterMemory(
                     coordinator_pb2.RegisterMemoryRequest(
                         address=address, epoch=self.epoch,
-                        policy=self.kernel.policy.to_proto()),
+                        policy=wire.policy_to_proto(self.kernel.policy)),
                     timeout=5, wait_for_ready=True)
                 self.settle_s = reply.settle_s or self.settle_s
                 await asyncio.sleep(ANNOUNCE_S)
@@ -141,10 +126,10 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         """One shootdown through the coordinator. It completes only when every target
         acked or was fenced; a coordinator that fails (restarts) gets the same request
         again, with the deadline fixed at the first try, until deadline + margin."""
-        if self.kernel.policy.unsafe == "free-before-flush":
+        if self.kernel.policy.free_before_flush:
             await self._until_ran(targets)
         deadline = self.kernel.policy.deadline_s
-        flush = flush_to_proto(order)
+        flush = wire.flush_to_proto(order)
         flush.deadline_unix_s = time.time() + deadline
         request = coordinator_pb2.ShootdownRequest(flush=flush, targets=targets,
                                                    reason=order.reason, scope=self._scope(order))
@@ -173,7 +158,9 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         if missing:  # never free a frame on a shootdown some target did not answer for
             raise Unavailable(f"shootdown {order.shootdown_id}: the coordinator reported "
                               f"neither an ack nor a fence for cpus {sorted(missing)}")
-        return ShootdownResult(acked=acked, fenced=fenced)
+        return ShootdownResult(acked=acked, fenced=fenced,
+                               done_vt=reply.done_vtime_ns
+                               if reply.HasField("done_vtime_ns") else None)
 
     def _check_epoch(self, context) -> None:
         """State from another epoch (a restarted machine): refuse it (common/chaos.py)."""
@@ -183,7 +170,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     # --- RPCs ----------------------------------------------------------------------------
     @rpc
     async def Reset(self, request, context):
-        policy = Policy.from_proto(request.policy)
+        policy = wire.policy_from_proto(request.policy)
         self.kernel = self._new_kernel(policy)
         self.runs += 1
         self.epoch = epoch_of(self.boot, self.runs)
@@ -215,38 +202,41 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     @completes
     async def HandleMiss(self, request, context):
         self._check_epoch(context)
-        r = await self.kernel.handle_miss(request.cpu, request.mm, request.vpn, request.write)
-        return pb.HandleMissResponse(outcome=OUTCOMES[r.outcome], pfn=r.pfn, writable=r.writable,
-                                     tid=r.tid,
-                                     local_flushes=[flush_to_proto(f) for f in r.local_flushes])
+        r = await self.kernel.handle_miss(request.cpu, request.mm, request.vpn, request.write,
+                                          _vtime(request))
+        return pb.HandleMissResponse(outcome=wire.MISS_OUTCOMES[r.outcome], pfn=r.pfn,
+                                     writable=r.writable, tid=r.tid,
+                                     local_flushes=wire.flushes_to_proto(r.local_flushes),
+                                     vtime_ns=r.vt)
 
     @rpc
     @completes
     async def Syscall(self, request, context):
         self._check_epoch(context)
         k, cpu, mm, call = self.kernel, request.cpu, request.mm, request.call
-        which = call.WhichOneof("call")
+        which, vt = call.WhichOneof("call"), _vtime(call)
         if which == "mmap":
-            r = await k.mmap(cpu, mm, call.mmap.pages, call.mmap.writable, call.mmap.populate)
+            r = await k.mmap(cpu, mm, call.mmap.pages, call.mmap.writable, call.mmap.populate,
+                             vt=vt)
         elif which == "munmap":
-            r = await k.munmap(cpu, mm, call.munmap.address, call.munmap.pages)
+            r = await k.munmap(cpu, mm, call.munmap.address, call.munmap.pages, vt=vt)
         elif which == "madvise_dontneed":
             a = call.madvise_dontneed
-            r = await k.madvise_dontneed(cpu, mm, a.address, a.pages)
+            r = await k.madvise_dontneed(cpu, mm, a.address, a.pages, vt=vt)
         elif which == "mprotect":
             a = call.mprotect
-            r = await k.mprotect(cpu, mm, a.address, a.pages, a.writable)
+            r = await k.mprotect(cpu, mm, a.address, a.pages, a.writable, vt=vt)
         elif which == "fork":
-            r = await k.fork(cpu, mm)
+            r = await k.fork(cpu, mm, vt=vt)
         elif which == "exit":
-            r = await k.exit(cpu, mm)
+            r = await k.exit(cpu, mm, vt=vt)
         else:
             raise InvalidArgument("syscall: no call given")
         result = common_pb2.SyscallResponse(address=r.address, child_mm=r.child_mm,
                                             shootdowns=r.shootdowns, pages_freed=r.pages_freed,
-                                            latency_s=r.latency_s)
+                                            latency_s=r.latency_s, vtime_ns=r.vt)
         return pb.MemSyscallResponse(result=result,
-                                     local_flushes=[flush_to_proto(f) for f in r.local_flushes])
+                                     local_flushes=wire.flushes_to_proto(r.local_flushes))
 
     async def _until_ran(self, cpus: list[int]) -> None:
         """Until each of `cpus` reported accesses again (or UNSAFE_IPI_DELAY_MAX_S)."""
@@ -281,11 +271,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     @rpc
     async def Audit(self, request, context):
         self._check_epoch(context)
-        dumps = [dict(cpu=d.cpu, fenced=d.fenced, loaded_mm=d.loaded_mm, lazy=d.lazy,
-                      local_gen=dict(d.local_tlb_gen),
-                      entries=[(e.mm, e.vpn, e.pfn, e.writable, e.tid) for e in d.entries])
-                 for d in request.tlbs]
-        checked, violations = self.kernel.audit(dumps)
+        checked, violations = self.kernel.audit(wire.tlb_dumps_from_proto(request.tlbs))
         return pb.AuditResponse(entries_checked=checked, violations=violations)
 
     @rpc
@@ -293,16 +279,16 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         k = self.kernel
         s = k.stats
         return pb.MemoryStats(
-            epoch=self.epoch, policy=k.policy.to_proto(), faults=dict(s.faults),
+            epoch=self.epoch, policy=wire.policy_to_proto(k.policy), faults=dict(s.faults),
             shootdowns=s.shootdowns, full_flushes=s.full_flushes, pages_freed=s.pages_freed,
             tables_freed=s.tables_freed, stale_accesses=k.oracle.stale,
             audit_violations=s.audit_violations,
             lock_order_violations=len(k.validator.reports), free_frames=k.frames.free_count,
-            used_frames=k.frames.used, lock_wait_s=percentiles(k.lock_stats.all_waits()),
-            fault_latency_s=percentiles(s.fault_latency_s),
-            munmap_latency_s=percentiles(s.munmap_latency_s), ipis=s.ipis,
+            used_frames=k.frames.used, lock_wait_s=wire.percentiles(k.lock_stats.all_waits()),
+            fault_latency_s=wire.percentiles(s.fault_latency_s),
+            munmap_latency_s=wire.percentiles(s.munmap_latency_s), ipis=s.ipis,
             fenced=len(s.fenced), contended_acquisitions=k.lock_stats.contended,
-            fork_latency_s=percentiles(s.fork_latency_s),
+            fork_latency_s=wire.percentiles(s.fork_latency_s),
             tables_allocated=dict(s.tables_allocated), unshares=s.unshares,
             tables_dropped=s.tables_dropped, shared_tables=s.shared_tables,
             reclaimed_pages=s.reclaimed_pages, swap_outs=s.swap_outs, swap_ins=s.swap_ins,
@@ -310,17 +296,25 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             lock_order_reports=k.validator.reports[:10],
             frames_freed_without_ack=s.frames_freed_without_ack,
             shootdown_retries=self.shootdown_retries,
-            lock_acquisitions=sum(c.acquisitions for c in k.lock_stats.by_class.values()),
+            lock_acquisitions=k.lock_stats.acquisitions,
             range_pages=s.range_pages,
+            lock_wait_vtime_ns=wire.percentiles(k.lock_stats.all_vwaits()),
+            shootdown_vtime_ns=wire.percentiles(s.shootdown_vt_ns),
+            lock_inversions=k.lock_stats.inversions, broadcasts=s.broadcasts,
             digest=kernel_digest(k) if request.digest else "")
 
     def _scope(self, order: FlushOrder) -> str:
         """Whose CPUs a shootdown targets (a metrics label): this mm's, or, for a changed
         shared table, every CPU or the sharers' CPUs as the shared-flush policy says."""
-        if not getattr(order, "all_mms", False):
+        if not order.all_mms:
             return "mm"
-        return {"all-cpus": "all", "sharer-union": "sharers"}.get(
-            getattr(self.kernel.policy, "shared_flush", ""), "mm")
+        return {SharedFlush.ALL_CPUS: "all", SharedFlush.SHARER_UNION: "sharers"}.get(
+            self.kernel.policy.shared_flush, "mm")
+
+    def _events(self) -> Events:
+        k, s = self.kernel, self.kernel.stats
+        return memory_events(s.faults, s.shootdowns, s.full_flushes, s.range_pages,
+                             k.lock_stats.acquisitions)
 
     def _metrics(self):
         """Read at scrape time. The kernel's counts restart when a run resets the machine."""
@@ -354,7 +348,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             "Shootdowns sent to the coordinator again after it failed", self.shootdown_retries
         yield "counter", "tlbsim_page_tables_freed", "Page-table frames freed", s.tables_freed
         yield "counter", "tlbsim_pages_reclaimed", "Pages reclaimed", \
-            getattr(s, "reclaimed_pages", 0)
+            s.reclaimed_pages
         yield "counter", "tlbsim_swap_outs", "PTEs reclaim turned into swap entries", \
             s.swap_outs
         yield "counter", "tlbsim_swap_ins", "Pages brought back from swap by a fault", \
@@ -365,9 +359,9 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             "Deliveries of reclaim's flushes (also counted in the coordinator's IPIs)", \
             s.reclaim_ipis
         yield "gauge", "tlbsim_shared_page_tables", "PTE tables shared by more than one mm", \
-            getattr(s, "shared_tables", 0)
+            s.shared_tables
         yield "counter", "tlbsim_unshares", "Shared page tables unshared (table COW)", \
-            getattr(s, "unshares", 0)
+            s.unshares
         yield "gauge", "tlbsim_frames_free", "Frames free", k.frames.free_count
         yield "gauge", "tlbsim_frames_used", "Frames in use", k.frames.used
         yield "gauge", "tlbsim_frames_pending_free", \
@@ -388,8 +382,13 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             h["hold"].update((c.label, p.lock), st.hold_s)
         h["fault"].update((), s.fault_latency_s)
         h["munmap"].update((), s.munmap_latency_s)
-        h["fork"].update((getattr(p, "fork", "copy"),), s.fork_latency_s)
+        h["fork"].update((p.fork,), s.fork_latency_s)
         h["flush_wait"].update((), s.flush_waits)
         h["flush_pages"].update((p.flush,), s.flush_pages)
         for hist in h.values():
             yield hist.family()
+
+
+def _vtime(request) -> int | None:
+    """The caller's virtual clock (--timing virtual), None in wall-clock runs."""
+    return request.vtime_ns if request.HasField("vtime_ns") else None

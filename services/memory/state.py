@@ -160,7 +160,7 @@ class KernelState:
         cm = self.policy.cost_model
         return OpContext(self.validator, self.lock_stats, self.clock, vt,
                          Handoff(cm.lock_ns, cm.lock_handoff_ns, cm.lock_handoff_waiter_ns),
-                         Handoff(cm.rwsem_ns, cm.rwsem_ns, cm.rwsem_handoff_waiter_ns))
+                         Handoff(cm.rwsem_ns, cm.lock_handoff_ns, cm.rwsem_handoff_waiter_ns))
 
     def mm(self, mm_id: int) -> Mm:
         mm = self.mms.get(mm_id)

@@ -7,7 +7,6 @@ from typing import AsyncIterator
 
 from services.common.addresses import PTRS_PER_TABLE, USER_VPN_END
 from services.common.errors import OutOfRange, ResourceExhausted
-from services.common.policy import SPLIT_LOCKS
 from services.memory.gather import Gather
 from services.memory.locks import LockClass, OpContext, SimLock
 from services.memory.mm import Mm
@@ -145,7 +144,7 @@ class Tables:
         """What guards a PTE table's entries: the mode's whole point. In mm mode the
         mm's page_table_lock, plus the table's own lock, because a shared table's other
         sharers do not take this mm's lock."""
-        if self.k.policy.lock in SPLIT_LOCKS:
+        if self.k.policy.pte_lock_only:
             return [table.ptl]
         return [mm.page_table_lock, table.ptl]
 
@@ -163,13 +162,13 @@ class Tables:
         pmd-rmap), in key order — or, in the lock-all-sharers modes, the
         page_table_lock of every sharer mm: in mm-id order, or (unordered) this mm
         first and then the sharer lists' order, which the validator refuses."""
-        lock = self.k.policy.lock
+        policy = self.k.policy
         if not tables:
             locks: list[SimLock] = []
-        elif lock.startswith("lock-all-sharers"):
+        elif policy.locks_all_sharers:
             ids = [mm.id] + [m for t in tables for m, _ in (t.sharers or ())]
             order = list(dict.fromkeys(ids))
-            if lock == "lock-all-sharers":
+            if policy.sharers_locked_in_id_order:
                 order.sort()
             locks = [self.k.mms[m].page_table_lock for m in order if m in self.k.mms]
         else:
@@ -183,7 +182,7 @@ class Tables:
         """What a zap holds from its first PTE to its final flush: page_table_lock in
         `mm` mode (2.6.14's unmap_region held it across tlb_finish_mmu); nothing with
         split PTE locks, which are taken per table."""
-        if self.k.policy.lock in SPLIT_LOCKS:
+        if self.k.policy.pte_lock_only:
             return contextlib.nullcontext()
         return ctx.locked_once(mm.page_table_lock)
 

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.cli import build_parser
+from loadgen.cli.main import build_parser
 from tests.deploy.stack import (COMPOSE, K8S, MORE_CPUS, ROOT, compose,
                                 dockerfile_instructions, exec_form, image_env, merged_compose,
                                 runtime_stage, start_order)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from loadgen.trace.fmt import FORMAT, VERSION, TraceError, parse_lines
 from loadgen.trace.lackey import parse_lackey
 from loadgen.trace.strace import parse_strace
-from services.cli import build_parser
+from loadgen.cli.main import build_parser
 from tests.fuzz.fuzzing import FUZZ_SETTINGS
 
 STRACE_LINES = [

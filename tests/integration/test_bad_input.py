@@ -3,6 +3,7 @@ unchanged state, and a service that keeps serving."""
 import grpc
 import pytest
 
+from services.common import wire
 from services.common.policy import Policy
 from tests.harness import InProcessCluster
 from tlbsim.v1 import (common_pb2, coordinator_pb2, cpu_pb2, memory_pb2)
@@ -103,7 +104,7 @@ async def test_bad_policies_and_empty_calls(env):
     before = await state(cl)
     await expect(cl.memory.Reset(memory_pb2.MemoryResetRequest(policy=common_pb2.Policy())),
                  grpc.StatusCode.INVALID_ARGUMENT, "lock is unspecified")
-    bad = Policy().to_proto()
+    bad = wire.policy_to_proto(Policy())
     bad.tlb_ways = 7
     await expect(cl.coordinator.Reset(coordinator_pb2.CoordinatorResetRequest(policy=bad)),
                  grpc.StatusCode.INVALID_ARGUMENT, "not a multiple of 7 ways")

@@ -21,6 +21,7 @@ from services import cli
 from services.common.admin import ADMIN_METHODS
 from services.common.errors import InvalidArgument
 from services.common.mqtt import MqttCredentials, MqttLink, MqttUrl
+from services.common import wire
 from services.common.policy import Policy
 from services.common.security import Security, is_loopback
 from services.common.server import channel, start_server
@@ -69,7 +70,7 @@ async def reset_call(address: str, security: Security):
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
         await stub.ListCpus(coordinator_pb2.ListCpusRequest(), timeout=5)  # never needs it
         return await stub.Reset(coordinator_pb2.CoordinatorResetRequest(
-            policy=Policy().to_proto()), timeout=5)
+            policy=wire.policy_to_proto(Policy())), timeout=5)
 
 
 async def expect_unauthenticated(call, text):
@@ -113,7 +114,7 @@ def test_the_cli_flags_set_the_variables_every_process_reads(tmp_path):
     args = cli.build_parser().parse_args(["--token-file", str(token), "--tls-client-auth",
                                           "serve", "coordinator"])
     try:
-        cli._export_security(args)  # sets os.environ itself, as main() does
+        cli.export_security(args)  # sets os.environ itself, as main() does
         assert os.environ["TLBSIM_TOKEN_FILE"] == str(token)
         assert os.environ["TLBSIM_TLS_CLIENT_AUTH"] == "1"
         with pytest.raises(InvalidArgument, match="TLBSIM_TLS_CLIENT_AUTH needs"):

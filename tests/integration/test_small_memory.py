@@ -4,7 +4,7 @@ import pytest
 
 from loadgen.runner import run
 from loadgen.scenarios import RunConfig
-from services.cli import main
+from loadgen.cli.main import main
 from services.common.policy import MIN_FRAMES, Policy
 from tests.harness import InProcessCluster
 

@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from loadgen import output
-from loadgen.cli import add_policy_options, add_workload_options, config_from
-from loadgen.commands import apply_overrides
+from loadgen.cli.options import add_policy_options, add_workload_options, config_from
+from loadgen.cli.load import apply_overrides
 from loadgen.compare import Side, compare, disagrees, summarize, sweep, write_csv
 from loadgen.metrics import metric, ratio_text, spread_text
 from loadgen.plot import plot_compare, plot_report

@@ -3,16 +3,16 @@ is safe, and its headline number is not trivial — the defaults measure somethi
 the printed table shows that headline first, with the values of the JSON (issue 20)."""
 import asyncio
 import json
-import re
 import os
+import re
 
 import pytest
 
 from loadgen import output
-from loadgen.cli import SCENARIO_DEFAULTS
+from loadgen.cli.options import SCENARIO_DEFAULTS
 from loadgen.output import key_row
 from loadgen.scenarios import HEADLINES, LABELS, SCENARIOS
-from services.cli import main
+from loadgen.cli.main import main
 from tests.harness import InProcessCluster
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "traces")
@@ -69,6 +69,8 @@ async def test_defaults_run_safely_and_measure_something(scenario, tmp_path, cap
     title = " ".join(title.split())  # the title wraps to the table's width
     for key in HEADLINES[scenario]:
         label, value = key_row(r, key, LABELS[scenario].get(key))
+        # The row whose label cell is exactly the label ("reclaim IPIs" is also the start
+        # of "reclaim IPIs per reclaimed page").
         line = next((x for x in first_block.splitlines()
                      if re.search(rf"│\s+{re.escape(label)}\s+│", x)), None)
         assert line is not None and value in line, (key, label, value, first_block)

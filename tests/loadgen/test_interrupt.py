@@ -16,7 +16,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 # which children inherit: restore the default before exec (no preexec_fn: forking a
 # process with gRPC threads is unsafe).
 EXEC_WITH_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-                    "os.execv(sys.executable, [sys.executable, '-m', 'services', *sys.argv[1:]])")
+                    "os.execv(sys.executable, [sys.executable, '-m', 'loadgen', *sys.argv[1:]])")
 
 
 async def test_ctrl_c_prints_and_writes_what_ran(tmp_path):

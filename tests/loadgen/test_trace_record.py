@@ -16,7 +16,7 @@ from services.common.policy import Policy
 from tests.harness import InProcessCluster
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-TLBSIM = [sys.executable, "-m", "services"]
+TLBSIM = [sys.executable, "-m", "loadgen"]
 needs_tools = pytest.mark.skipif(not (shutil.which("strace") and shutil.which("valgrind")),
                                  reason="strace and valgrind are not installed")
 

@@ -20,7 +20,7 @@ from tests.harness import InProcessCluster
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "traces")
 TRACES = sorted(f for f in os.listdir(FIXTURES) if f.endswith(".tlbt.gz"))
-TLBSIM = [sys.executable, "-m", "services"]
+TLBSIM = [sys.executable, "-m", "loadgen"]
 
 
 @pytest.fixture

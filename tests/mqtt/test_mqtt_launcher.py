@@ -23,7 +23,7 @@ async def test_up_mqtt_starts_a_broker_the_cluster_uses_and_stops_it(tmp_path):
     info = await asyncio.to_thread(cluster.start, 2, tmp_path, True)
     try:
         broker = info.pids["mosquitto"]
-        assert launcher._is_our_service(broker)  # `tlbsim down` would stop it too
+        assert launcher.is_our_service(broker)  # `tlbsim down` would stop it too
         assert info.mqtt.startswith("mqtt://127.0.0.1:")
         assert launcher.ClusterInfo.from_json(info.to_json()).mqtt == info.mqtt
         assert "set_tcp_nodelay true" in (tmp_path / launcher.MOSQUITTO_CONF).read_text()
@@ -37,4 +37,4 @@ async def test_up_mqtt_starts_a_broker_the_cluster_uses_and_stops_it(tmp_path):
             assert len(tap.real_shootdowns()) == 2
     finally:
         await asyncio.to_thread(cluster.stop)
-    assert not launcher._is_alive(broker)
+    assert not launcher.is_alive(broker)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from array import array
 
+from services.common import vtime
 from services.common.policy import Policy
 from services.cpu.core import CpuCore
 from services.memory.kernel import FlushOrder, Kernel, ShootdownResult
@@ -24,11 +25,13 @@ class Machine:
         gen = self.kernel.switch_mm(cpu, mm)
         self.cpus[cpu].switch(mm, gen, lazy=not mm and self.kernel.policy.lazy_tlb)
 
-    async def access(self, cpu: int, addresses: list[int], write: bool = False):
+    async def access(self, cpu: int, addresses: list[int], write: bool = False,
+                     vt: int | None = None, until: int | None = None):
+        """`vt`: in virtual time, the batch starts then (`until`: the quantum's end)."""
         core = self.cpus[cpu]
 
-        async def miss(vpn: int, w: bool):
-            return await self.kernel.handle_miss(cpu, core.loaded_mm, vpn, w)
+        async def miss(vpn: int, w: bool, at: int | None):
+            return await self.kernel.handle_miss(cpu, core.loaded_mm, vpn, w, at)
 
         async def walk(vpns: list[int]):
             return self.kernel.walk(cpu, core.loaded_mm, vpns)
@@ -36,7 +39,8 @@ class Machine:
         mm = core.loaded_mm
         try:
             return await core.run_accesses(addresses, [int(write)] * len(addresses), miss,
-                                           walk if self.batch_walks else None)
+                                           walk if self.batch_walks else None,
+                                           vt=vt, until=until)
         finally:  # what was served is reported, also when the CPU stopped (fenced)
             words, times = core.take_hits()
             self.report(words, times, mm)
@@ -47,14 +51,22 @@ class Machine:
         r.frombytes(runs)
         return self.kernel.report_accesses(list(w), list(r), mm)
 
-    def apply_local(self, cpu: int, result) -> None:
+    def apply_local(self, cpu: int, result, virtual: bool = False) -> None:
         for f in result.local_flushes:
-            self.cpus[cpu].apply_flush(f)
+            self.cpus[cpu].local_flush(f, virtual)
 
-    async def syscall(self, cpu: int, name: str, *args):
+    async def syscall(self, cpu: int, name: str, *args, vt: int | None = None):
+        """`vt`: in virtual time, the call starts then (the CPU's clock if later); the
+        CPU's clock ends where the call did (the services' Syscall, in process)."""
         core = self.cpus[cpu]
-        result = await getattr(self.kernel, name)(cpu, core.loaded_mm, *args)
-        self.apply_local(cpu, result)
+        if vt is None:
+            result = await getattr(self.kernel, name)(cpu, core.loaded_mm, *args)
+            self.apply_local(cpu, result)
+            return result
+        core.v.start(vt)
+        result = await getattr(self.kernel, name)(cpu, core.loaded_mm, *args, vt=core.v.clock)
+        core.v.advance(result.vt - core.v.clock)
+        self.apply_local(cpu, result, virtual=True)
         return result
 
     def dumps(self) -> list[dict]:
@@ -73,18 +85,24 @@ def make_machine(ncpus: int = 4, broken: frozenset = frozenset(), **policy) -> M
 
     async def port(order: FlushOrder, targets: list[int]) -> ShootdownResult:
         log.append(("shootdown", order.mm, order.start_vpn, order.pages, tuple(targets)))
-        acked, fenced = [], []
+        acked, fenced, handlers = [], [], []
+        d = None if order.sent_vt is None else vtime.deliver(
+            order.sent_vt, targets, order.hardware, order.pages, p.cost_model, fabric)
         for t in targets:
             if t in dead:
                 cpus[t].fence()
                 fenced.append(t)
             else:
-                cpus[t].apply_flush(order)
+                _, _, done = cpus[t].take_flush(order, d and d.arrivals[t], order.hardware)
+                if done is not None:
+                    handlers.append(done)
                 acked.append(t)
-        return ShootdownResult(acked, fenced)
+        return ShootdownResult(acked, fenced, d.done(handlers) if d else None)
 
     p = Policy(**policy)
+    fabric = vtime.Server()
     kernel = Kernel(p, port, broken=broken)
     for i in range(ncpus):
         cpus[i] = CpuCore(i, p.tlb_entries, p.tlb_ways, asids=p.asids)
+        cpus[i].costs = p.cost_model
     return Machine(kernel, cpus, log, dead)

@@ -2,29 +2,29 @@
 fault schedule and verdict, durations."""
 import pytest
 
-from loadgen.chaos_cli import parse_duration
-from loadgen.soak import FaultSchedule, Tally, verdict
-from services.common.chaos import (EPOCH_KEY, MACHINE_LOST, SOAK_KINDS, FaultPlan,
+from loadgen.cli.options import parse_duration
+from loadgen.soak import ChaosSchedule, Tally, verdict
+from services.common.chaos import (EPOCH_KEY, MACHINE_LOST, SOAK_KINDS, ChaosPlan,
                                    check_epoch, epoch_metadata, epoch_of)
 from services.common.errors import FailedPrecondition, InvalidArgument
 
 
 def test_the_zero_plan_is_healthy_and_bad_plans_are_refused():
-    assert FaultPlan().healthy and FaultPlan().describe() == "healthy"
-    assert not FaultPlan(partitioned=True).healthy
+    assert ChaosPlan().healthy and ChaosPlan().describe() == "healthy"
+    assert not ChaosPlan(partitioned=True).healthy
     for bad in ({"drop_fraction": -0.1}, {"drop_fraction": 1.01}, {"ack_delay_s": -1},
                 {"ack_delay_s": 61}):
         with pytest.raises(InvalidArgument):
-            FaultPlan(**bad)
+            ChaosPlan(**bad)
 
 
 def test_drops_are_seeded_and_near_their_fraction():
-    p, q = FaultPlan(drop_fraction=0.3, seed=5), FaultPlan(drop_fraction=0.3, seed=5)
+    p, q = ChaosPlan(drop_fraction=0.3, seed=5), ChaosPlan(drop_fraction=0.3, seed=5)
     first, second = [p.drops() for _ in range(2000)], [q.drops() for _ in range(2000)]
     assert first == second
     assert 500 < sum(first) < 700
-    assert not any(FaultPlan(drop_fraction=0.0).drops() for _ in range(100))
-    assert all(FaultPlan(drop_fraction=1.0).drops() for _ in range(100))
+    assert not any(ChaosPlan(drop_fraction=0.0).drops() for _ in range(100))
+    assert all(ChaosPlan(drop_fraction=1.0).drops() for _ in range(100))
 
 
 def test_epoch_check_refuses_another_machine_and_names_a_reset():
@@ -42,8 +42,8 @@ def test_epoch_check_refuses_another_machine_and_names_a_reset():
 
 
 def test_the_schedule_brings_every_kind_once_per_cycle_reproducibly():
-    s1, s2 = FaultSchedule(list(SOAK_KINDS), [0, 1, 2, 3], 9), \
-        FaultSchedule(list(SOAK_KINDS), [0, 1, 2, 3], 9)
+    s1, s2 = ChaosSchedule(list(SOAK_KINDS), [0, 1, 2, 3], 9), \
+        ChaosSchedule(list(SOAK_KINDS), [0, 1, 2, 3], 9)
     first = [s1.next() for _ in range(2 * len(SOAK_KINDS))]
     assert first == [s2.next() for _ in range(2 * len(SOAK_KINDS))]
     n = len(SOAK_KINDS)

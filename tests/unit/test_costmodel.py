@@ -1,13 +1,14 @@
 """The cost model (issue 9): presets, TOML files and their one-line errors, the pricing
 arithmetic for IPIs and for broadcast invalidation, and its trip through the Policy."""
 import pytest
-from prometheus_client.core import CounterMetricFamily
 
-from services.common import costmodel
-from services.common.costmodel import CostModel, Events
+from services.common import costmodel, wire
+from services.common.costmodel import (CostModel, Events, delivery_events, memory_events,
+                                       tlb_events)
 from services.common.errors import InvalidArgument
-from services.common.metrics import labelled, modelled_time
+from services.common.metrics import modelled_time
 from services.common.policy import Policy
+from services.cpu.tlb import Counters
 
 
 def test_presets_carry_the_sourced_constants():
@@ -85,30 +86,25 @@ def test_events_subtract_to_what_followed_a_warm_up():
 
 def test_the_model_travels_with_the_policy():
     p = Policy(cost_model=costmodel.load("invlpgb"))
-    assert Policy.from_proto(p.to_proto()) == p
+    assert wire.policy_from_proto(wire.policy_to_proto(p)) == p
     assert p.as_dict()["cost_model"] == "invlpgb"  # a label value, the report's config
     assert Policy().cost_model == costmodel.preset("x86")
-    old = p.to_proto()
+    old = wire.policy_to_proto(p)
     old.ClearField("cost_model")  # a client that predates the cost model
-    assert Policy.from_proto(old).cost_model == costmodel.preset("x86")
-    bad = p.to_proto()
+    assert wire.policy_from_proto(old).cost_model == costmodel.preset("x86")
+    bad = wire.policy_to_proto(p)
     bad.cost_model.lock_ns = -5
     with pytest.raises(InvalidArgument, match="lock must be a non-negative"):
-        Policy.from_proto(bad)
+        wire.policy_from_proto(bad)
 
 
-def test_the_metric_prices_a_services_own_samples():
-    """What a CPU exports (lookups, invalidations, flushes) becomes walk and invalidate
-    time; what it does not export (IPIs) costs nothing here."""
-    families = [
-        labelled("counter", "tlbsim_tlb_lookups", "", ["cpu", "result"],
-                 [(("0", "hit"), 10), (("0", "miss"), 20)]),
-        labelled("counter", "tlbsim_tlb_flushes", "", ["cpu", "kind"],
-                 [(("0", "range"), 9), (("0", "full"), 2), (("0", "elided"), 4)]),
-        labelled("counter", "tlbsim_tlb_page_invalidations", "", ["cpu"], [(("0",), 64)]),
-        CounterMetricFamily("tlbsim_flush_requests", "", value=15)]
+def test_the_metric_prices_a_services_own_events():
+    """What a CPU counts (lookups, invalidations, full flushes) becomes walk and invalidate
+    time; what it does not count (IPIs) costs nothing here."""
+    counters = Counters(hits=10, misses=20, flush_page=64, flush_range=9, flush_full=2,
+                        flush_elided=4, flush_requests=15)
     model = CostModel(name="t", **MODEL)
-    family = modelled_time(model, families)
+    family = modelled_time(model, tlb_events(counters))
     got = {s.labels["component"]: s.value for s in family.samples}
     assert family.samples[0].name == "tlbsim_modelled_seconds_total"
     assert {s.labels["cost_model"] for s in family.samples} == {"t"}
@@ -117,10 +113,19 @@ def test_the_metric_prices_a_services_own_samples():
     assert got["ipi"] == got["fault"] == got["lock"] == 0
 
 
+def test_one_mapping_reads_the_domain_and_the_wire_alike():
+    """A CPU's counters and their proto give the same events; a spurious fault is none."""
+    counters = Counters(hits=3, misses=2, flush_page=5, flush_full=1)
+    assert tlb_events(wire.tlb_counters_to_proto(counters)) == tlb_events(counters)
+    e = memory_events({"anon": 4, "cow": 1, "walked": 7}, 3, 1, 12, 9) + delivery_events(6)
+    assert e == Events(faults=5, shootdowns=3, full_shootdowns=1, range_shootdown_pages=12,
+                       lock_acquisitions=9, ipis=6)
+
+
 @pytest.mark.parametrize("argv", [["load", "run", "munmap"], ["load", "compare", "munmap"],
                                   ["bench"]])
 def test_the_command_line_takes_a_model_and_refuses_a_bad_file(tmp_path, capsys, argv):
-    from services.cli import main
+    from loadgen.cli.main import main
     f = tmp_path / "typo.toml"
     f.write_text("invlpg_nss = 100\n")
     spec = ["--cost-model", str(f)] if argv[1:2] != ["compare"] else \
@@ -131,7 +136,7 @@ def test_the_command_line_takes_a_model_and_refuses_a_bad_file(tmp_path, capsys,
 
 
 def test_the_help_explains_the_models(capsys):
-    from services.cli import main
+    from loadgen.cli.main import main
     with pytest.raises(SystemExit):
         main(["load", "run", "--help"])
     out = " ".join(capsys.readouterr().out.split())

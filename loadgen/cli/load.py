@@ -1,4 +1,5 @@
-"""`tlbsim load compare`, `tlbsim load replay`, `tlbsim trace record` (issue 5)."""
+"""`tlbsim load …`: run a scenario, compare two configurations (or sweep), replay a trace,
+soak the cluster. Every subcommand of `load` is registered here."""
 from __future__ import annotations
 
 import argparse
@@ -7,14 +8,40 @@ import copy
 import os
 
 from loadgen import output
+from loadgen.cli.options import (add_cluster_options, add_policy_options,
+                                 add_workload_options, check_outputs, config_from,
+                                 coordinator_address, defaults_text, parse_duration)
 from loadgen.cluster import Cluster
+from loadgen.runner import run
 from loadgen.scenarios import DOCS, SCENARIOS
 from services.common import exitcodes
 from services.common.errors import InvalidArgument
+from services.common.paths import check_writable_dir, check_writable_file
 
 
-def add_load_commands(load_sub) -> None:
-    from loadgen.cli import add_cluster_options, add_policy_options, add_workload_options
+def add_commands(sub) -> None:
+    load = sub.add_parser("load", help="drive workloads against a running cluster",
+                          description="Drive workloads against a running cluster.")
+    load_sub = load.add_subparsers(dest="load_command", required=True, metavar="COMMAND")
+    p = load_sub.add_parser(
+        "run", help="run one scenario and report (exit 1 if the oracle saw a stale access)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run one scenario against a running cluster, print a table, and write "
+                    "the JSON report with --json. Exits 1 when the safety oracle counted a "
+                    "stale access or the final audit found a stale TLB entry (the README's "
+                    "\"Exit codes\" lists the others).\n\n"
+                    "scenarios (loadgen/scenarios/ says what each reproduces) and what each "
+                    "runs with when no option is given:\n"
+                    + "\n".join(f"  {name:14} {doc.split(' — ', 1)[-1]}\n"
+                                f"  {'':14} ({defaults_text(name)})"
+                                for name, doc in DOCS.items()))
+    p.add_argument("scenario", choices=list(SCENARIOS))
+    add_cluster_options(p)
+    p.add_argument("--json", metavar="PATH", help="write the JSON report here ('-' = stdout)")
+    p.add_argument("--plot", metavar="PATH.png", help="write latency CDFs and bars (PNG)")
+    add_workload_options(p)
+    add_policy_options(p)
+    p.set_defaults(func=_run)
 
     c = load_sub.add_parser(
         "compare", help="two configurations side by side: medians, B/A ratio and its spread",
@@ -67,34 +94,60 @@ def add_load_commands(load_sub) -> None:
     add_policy_options(r)
     r.set_defaults(func=_replay)
 
+    s = load_sub.add_parser(
+        "soak", help="the mixed workload for a long time, with periodic faults (--chaos)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the mixed workload in segments (one run each: reset, load, audit; "
+                    "the transport rotates grpc, stream, mqtt) on a local cluster the soak "
+                    "starts (or the `tlbsim up --detach` one of --state), and with --chaos "
+                    "inject a fault every --chaos-every seconds, in a seeded cycle over: "
+                    "kill-cpu, delay-acks, drop-flushes, partition, restart-coordinator, "
+                    "stop-broker (when the cluster has MQTT). It checks the oracle, every "
+                    "segment's audit, frames freed without acknowledgement, hung calls, and "
+                    "that every CPU rejoins; it prints ops, faults by kind and violations, "
+                    "and exits 1 on any violation.\n\n"
+                    "example:\n  tlbsim load soak --duration 10m --chaos --cpus 4 --json soak.json")
+    s.add_argument("--duration", default="60s", help="how long, e.g. 90s, 10m (default 60s)")
+    s.add_argument("--chaos", action="store_true", help="inject faults periodically")
+    s.add_argument("--chaos-every", default="5s",
+                   help="pause between two faults (default 5s)")
+    s.add_argument("--cpus", type=int, default=4, help="CPUs (default 4)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the workload and the faults")
+    s.add_argument("--segment", default="20s",
+                   help="length of one run of the workload (default 20s)")
+    s.add_argument("--deadline", type=float, default=1.0,
+                   help="shootdown deadline in seconds (default 1.0)")
+    s.add_argument("--pages", type=int, default=64,
+                   help="pages of the shared region; buffers are up to 64 pages (default 64)")
+    s.add_argument("--state", metavar="PATH",
+                   help="soak the `tlbsim up --detach` cluster of this state file (default: "
+                        "start one; the soak must be able to kill its processes)")
+    s.add_argument("--log-dir", metavar="DIR", help="service logs of the soak's own cluster")
+    s.add_argument("--json", metavar="PATH", help="write the JSON report here ('-' = stdout)")
+    s.set_defaults(func=_soak)
 
-def add_trace_command(sub) -> None:
-    from loadgen.trace.record import DEFAULT_LIMIT
-    t = sub.add_parser("trace", help="record traces of real programs",
-                       description="Record traces of real programs for `tlbsim load replay`.")
-    t_sub = t.add_subparsers(dest="trace_command", required=True, metavar="COMMAND")
-    rec = t_sub.add_parser(
-        "record", help="run a command under strace (and valgrind lackey) and write a trace",
-        description="Run CMD under `strace -f` (memory-management calls, clone/fork/vfork, "
-                    "execve, exit) and write one gzip-compressed trace file (the format is "
-                    "documented in loadgen/trace/__init__.py). With --accesses the command "
-                    "also runs under valgrind's lackey tool, and the trace holds that run's "
-                    "calls and its page-level data accesses (consecutive accesses to the same "
-                    "page collapsed), plus what strace saw natively.",
-        usage="tlbsim trace record -o FILE [--accesses] -- CMD [ARGS...]",
-        epilog="Exits 5 when the traced command fails (a non-zero exit, a signal) or was cut "
-               "at --accesses-limit; the trace is written all the same.")
-    rec.add_argument("-o", "--output", required=True, metavar="FILE", help="the trace file")
-    rec.add_argument("--accesses", action="store_true",
-                     help="also capture page-level accesses with valgrind --tool=lackey")
-    rec.add_argument("--quiet", action="store_true", help="discard the command's output")
-    rec.add_argument("--accesses-limit", default=DEFAULT_LIMIT, metavar="SIZE",
-                     help="with --accesses: stop the command once valgrind's lackey log (read "
-                          "as it is written, never stored) passes SIZE, and write what was read "
-                          "as a trace marked truncated (exit 5) "
-                          f"(default {DEFAULT_LIMIT}; K, M, G)")
-    rec.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
-    rec.set_defaults(func=_record)
+
+# --- run -----------------------------------------------------------------------------------
+def _run(args: argparse.Namespace) -> int:
+    cfg = config_from(args, args.scenario)
+    check_outputs(args)
+    address = coordinator_address(args)
+
+    async def main() -> dict:
+        async with Cluster(address) as cluster:
+            with output.progress(cfg.progress_total(), f"{cfg.scenario}") as advance:
+                return await run(cluster, cfg, advance)
+
+    report = asyncio.run(main())
+    output.print_report(report)
+    output.write_json(report, args.json)
+    if args.plot:
+        from loadgen.plot import plot_report
+        output.write_plot(plot_report, report, args.plot)
+    code = output.verdict(report)
+    if code == exitcodes.OK and report.get("interrupted"):
+        return exitcodes.INTERRUPTED
+    return code
 
 
 # --- compare ---------------------------------------------------------------------------------
@@ -112,8 +165,9 @@ def apply_overrides(parser: argparse.ArgumentParser, base: argparse.Namespace,
             raise InvalidArgument(f"{part!r}: expected KEY=VALUE with KEY an option of this "
                                   "command (lock, flush, cpus, pages, transport, ...)")
         action = actions[dest]
+        convert = action.type if callable(action.type) else None
         try:
-            typed = action.type(value) if action.type else value
+            typed = convert(value) if convert else value
         except (TypeError, ValueError):
             raise InvalidArgument(f"{part!r}: {value!r} is not a valid {key}") from None
         if action.choices is not None and typed not in action.choices:
@@ -138,7 +192,6 @@ def plan_compare(args: argparse.Namespace):
     """Everything `load compare` checks before it runs: the target, the outputs, every
     side of every sweep point as a RunConfig. Returns (scenario, sides, sweep values)."""
     from loadgen import compare as cmp
-    from loadgen.cli import check_outputs, config_from
 
     if not 1 <= args.repeat <= 1000:
         raise InvalidArgument("--repeat must be 1..1000")
@@ -148,9 +201,11 @@ def plan_compare(args: argparse.Namespace):
 
     def sides(sweep_spec: str = "") -> tuple[cmp.Side, cmp.Side]:
         swept = apply_overrides(parser, base, sweep_spec)
-        return tuple(cmp.Side(label, spec, config_from(apply_overrides(parser, swept, spec),
-                                                        scenario))
-                     for label, spec in (("A", args.a), ("B", args.b)))
+
+        def side(label: str, spec: str) -> cmp.Side:
+            return cmp.Side(label, spec, config_from(apply_overrides(parser, swept, spec),
+                                                     scenario))
+        return side("A", args.a), side("B", args.b)
 
     values: list[str] = []
     if args.sweep:
@@ -167,7 +222,6 @@ def plan_compare(args: argparse.Namespace):
 
 def _compare(args: argparse.Namespace) -> int:
     from loadgen import compare as cmp
-    from loadgen.cli import coordinator_address
 
     scenario, sides, values = plan_compare(args)
     address = coordinator_address(args)
@@ -209,7 +263,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from loadgen.cli import _run
     from loadgen.trace.fmt import read_trace
     read_trace(args.file)  # a malformed trace is an error before the cluster is touched
     args.scenario = "replay"
@@ -217,36 +270,52 @@ def _replay(args: argparse.Namespace) -> int:
     return _run(args)
 
 
-def _record(args: argparse.Namespace) -> int:
-    from loadgen.trace.record import Stopped, parse_size, record
-    from services.common.paths import check_writable_file
-    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    limit = parse_size(args.accesses_limit)
-    check_writable_file(args.output, "-o")
-    try:
-        with output.byte_progress("lackey log", shown=args.accesses) as progress:
-            header = record(args.output, argv, accesses=args.accesses, quiet=args.quiet,
-                            limit=limit, progress=progress)
-    except Stopped as e:
-        output.err_console.print(f"trace record: stopped by signal {e.signum}; "
-                                 "temporary files removed, no trace written")
-        return 128 + e.signum
-    size = os.path.getsize(args.output)
-    calls = ", ".join(f"{k} {v}" for k, v in header["syscalls"].items())
-    output.err_console.print(
-        f"{args.output}: {header['events']} events ({header['source']}), {size:,} bytes; "
-        f"exit status {header['exit_status']}; calls: {calls}"
-        + (f"; access pages: {header['access_pages']:,}" if header["access_pages"] else "")
-        + (f"; not simulated: {header['unknown_syscalls']}" if header["unknown_syscalls"] else ""),
-        markup=False)
-    status = header["exit_status"]
-    if header.get("truncated"):
-        output.err_console.print(f"trace record: {header['truncated']}; the trace holds "
-                                 "what was read before", markup=False)
-        return exitcodes.TRACED_FAILED
-    if status != 0:
-        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-        output.err_console.print(f"trace record: the traced command {how} (the trace is "
-                                 "written)", markup=False)
-        return exitcodes.TRACED_FAILED
-    return exitcodes.OK
+# --- soak ---------------------------------------------------------------------------------
+def _soak(args: argparse.Namespace) -> int:
+    from loadgen.soak import SoakConfig, run_soak
+    if not 1 <= args.cpus <= 64:
+        raise InvalidArgument("--cpus must be between 1 and 64")
+    if not 0.1 <= args.deadline <= 60:
+        raise InvalidArgument("--deadline must be in [0.1, 60] seconds")
+    if not 1 <= args.pages <= 1 << 16:
+        raise InvalidArgument("--pages must be in [1, 65536]")
+    check_writable_file(args.json, "--json", stdout_ok=True)
+    check_writable_dir(args.log_dir, "--log-dir")
+    cfg = SoakConfig(duration_s=parse_duration(args.duration), cpus=args.cpus,
+                     chaos=args.chaos, chaos_every_s=parse_duration(args.chaos_every),
+                     seed=args.seed, segment_s=parse_duration(args.segment),
+                     deadline_s=args.deadline, pages=args.pages)
+    report = run_soak(cfg, args.state, args.log_dir)
+    print_soak(report)
+    output.write_json(report, args.json)
+    if not report["ok"]:
+        return exitcodes.UNSAFE
+    return exitcodes.INTERRUPTED if report.get("interrupted") else exitcodes.OK
+
+
+def print_soak(report: dict) -> None:
+    from rich.table import Table
+
+    console, err_console = output.console, output.err_console
+    r = report["results"]
+    table = Table(title=f"soak: {report['config']['cpus']} CPUs, {r['duration_s']:.0f} s, "
+                        f"{r['segments']} segments, chaos "
+                        f"{'on' if report['config']['chaos'] else 'off'}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("ops", "shootdowns", "faults_injected", "stale_accesses", "audit_violations",
+                "audit_entries_checked", "frames_freed_without_ack", "hung_calls",
+                "timed_out_calls", "deadline_misses", "cpus_left", "fenced_seen", "rejoined",
+                "rejoin_s_max", "redeliveries", "unknown_targets", "shootdown_retries"):
+        table.add_row(key.replace("_", " "), str(r[key]))
+    for kind, n in r["faults"].items():
+        table.add_row(f"  fault {kind}", str(n))
+    for code, n in r["failed_calls"].items():
+        table.add_row(f"  calls failed {code}", str(n))
+    console.print(table)
+    for text in report["errors"][:5]:
+        err_console.print(f"note: {text}")
+    for text in report["violations"]:
+        err_console.print(f"violation: {text}")
+    if not report["ok"]:
+        err_console.print("soak: FAILED")

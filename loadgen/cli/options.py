@@ -1,18 +1,16 @@
-"""`tlbsim load run`, `tlbsim demo`: thin command-line adapters over the runner."""
+"""The options the load commands share (policy, workload, where the cluster is, output
+paths) and the checks that turn them into a RunConfig before anything touches a cluster."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 
-from loadgen import output
-from loadgen.cluster import Cluster
-from loadgen.runner import run
-from loadgen.scenarios import DOCS, OPTIONS, SCENARIOS, RunConfig
+from loadgen.scenarios import OPTIONS, RunConfig
 from loadgen.scenarios import check as check_scenario
 from loadgen.scenarios.flush_ceiling import DEFAULT_WORKING_SET
-from services.common import costmodel, exitcodes
+from services.common import costmodel
 from services.common import policy as pol
+from loadgen.vsched import DEFAULT_QUANTUM_NS
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.paths import check_writable_file
 
@@ -22,14 +20,14 @@ MAX_CPU_ID = 1023
 def add_policy_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy (chosen per run; the cluster is reset, not restarted)")
     d = pol.Policy()
-    g.add_argument("--lock", choices=list(pol.LOCKS), default=d.lock,
+    g.add_argument("--lock", choices=pol.choices(pol.LockMode), default=d.lock.value,
                    help="page-table locking: mm takes the mm's one page_table_lock for every "
                         "table change; split takes each PTE table's own lock; "
                         "lock-all-sharers changes a shared table holding every sharer mm's "
                         "page_table_lock in mm-id order; lock-all-sharers-unordered takes "
                         "them in the wrong order, which the lock validator refuses "
                         f"(default {d.lock})")
-    g.add_argument("--flush", choices=list(pol.FLUSHES), default=d.flush,
+    g.add_argument("--flush", choices=pol.choices(pol.FlushMode), default=d.flush.value,
                    help=f"one shootdown per page, or mmu_gather batching (default {d.flush})")
     g.add_argument("--ceiling", type=int, default=d.ceiling,
                    help="ranges above this many pages become a full flush (default 33)")
@@ -38,7 +36,7 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
                         "must flush (default 510)")
     g.add_argument("--lazy-tlb", choices=["on", "off"], default="on",
                    help="idle CPUs keep the mm loaded and skip flushes (default on)")
-    g.add_argument("--transport", choices=list(pol.TRANSPORTS), default=d.transport,
+    g.add_argument("--transport", choices=pol.choices(pol.Transport), default=d.transport.value,
                    help="shootdown delivery: a unary call per CPU, a stream per CPU, or one "
                         "MQTT broadcast with acks and a gRPC fallback (needs `tlbsim up --mqtt`)")
     g.add_argument("--mqtt-qos", type=int, choices=list(pol.MQTT_QOS), default=d.mqtt_qos,
@@ -48,12 +46,13 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
                    help=f"TLB entries per CPU (default {d.tlb_entries})")
     g.add_argument("--tlb-ways", type=int, default=d.tlb_ways,
                    help=f"TLB associativity (default {d.tlb_ways})")
-    g.add_argument("--unsafe", choices=list(pol.UNSAFE), default="none",
+    g.add_argument("--unsafe", choices=pol.choices(pol.Unsafe), default=d.unsafe.value,
                    help="deliberately wrong orders, to show the oracle firing")
-    g.add_argument("--fork", choices=list(pol.FORKS), default=None,
+    g.add_argument("--fork", choices=pol.choices(pol.ForkMode), default=None,
                    help="fork copies every PTE, or shares the PTE tables copy-on-write "
                         f"(default {d.fork}; shared-write and swapout: share)")
-    g.add_argument("--shared-flush", choices=list(pol.SHARED_FLUSHES), default=d.shared_flush,
+    g.add_argument("--shared-flush", choices=pol.choices(pol.SharedFlush),
+                   default=d.shared_flush.value,
                    help="who is flushed when a still-shared table changes (reclaim): every CPU "
                         "(Linus 2002), the union of the sharers' CPUs, or only the changing "
                         f"mm's (wrong on purpose) (default {d.shared_flush})")
@@ -68,10 +67,14 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
                    help="shootdowns as IPIs (x86), or, for an mm running on 4 or more CPUs, "
                         "as hardware broadcasts: AMD INVLPGB with a global ASID, no handler on "
                         "the targets, the initiator waits for its TLBSYNC (default ipi)")
-    g.add_argument("--timing", choices=list(pol.TIMINGS), default=d.timing,
+    g.add_argument("--timing", choices=pol.choices(pol.Timing), default=d.timing.value,
                    help="wall: latencies are what the simulator took; virtual: every CPU has a "
                         "clock the cost model advances, work is issued in virtual-time order, "
                         "and the answers are deterministic under a seed (default wall)")
+    g.add_argument("--quantum-ns", type=int, default=DEFAULT_QUANTUM_NS, metavar="NS",
+                   help="--timing virtual: the longest an access batch runs before another "
+                        f"CPU gets a turn (default {DEFAULT_QUANTUM_NS} ns, below the "
+                        "fastest cross-CPU effect, an IPI)")
     g.add_argument("--asids", type=int, default=d.asids,
                    help="ASIDs (PCIDs) each CPU keeps, as x86's TLB_NR_DYN_ASIDS (default "
                         f"{d.asids}): switching back to an mm that still has one keeps its "
@@ -172,8 +175,8 @@ SCENARIO_DEFAULTS: dict[str, dict] = {
     "mprotect": {"pages": 256, "rounds": 2},
     "mixed": {"rounds": 2},
     "fork": {"resident": 4096, "rounds": 2},
-    "shared-write": {"fork": "share", "pages": 16, "resident": 2048, "rounds": 2},
-    "swapout": {"fork": "share", "frames": 2048, "resident": 1536, "pages": 512,
+    "shared-write": {"fork": pol.ForkMode.SHARE, "pages": 16, "resident": 2048, "rounds": 2},
+    "swapout": {"fork": pol.ForkMode.SHARE, "frames": 2048, "resident": 1536, "pages": 512,
                 "children": 1, "rounds": 2},
     "flush-ceiling": {"pages": 16, "resident": DEFAULT_WORKING_SET},
     "replay": {"rounds": 1},
@@ -223,7 +226,10 @@ def config_from(args: argparse.Namespace, scenario: str) -> RunConfig:
                     seed=getattr(args, "seed", 0), readers=getattr(args, "readers", "on") == "on",
                     duration=duration, ops=ops, mix=getattr(args, "mix", None),
                     trace=getattr(args, "trace", None), speed=speed,
-                    children=values["children"], resident=values["resident"])
+                    children=values["children"], resident=values["resident"],
+                    quantum_ns=getattr(args, "quantum_ns", DEFAULT_QUANTUM_NS))
+    if not 1 <= cfg.quantum_ns <= 10 ** 9:
+        raise InvalidArgument(f"--quantum-ns {cfg.quantum_ns}: must be 1..1000000000")
     check_scenario(cfg)
     return cfg
 
@@ -244,77 +250,11 @@ def coordinator_address(args: argparse.Namespace) -> str:
     from services.launcher import LauncherError, UsageError, load_state
     try:
         return load_state(args.state).coordinator
-    except UsageError as e:  # a folder, an unreadable or broken file
-        raise InvalidArgument(str(e)) from None
+    except UsageError:  # a folder, an unreadable or broken file: a usage error as it is
+        raise
     except LauncherError as e:  # its message says how to start one; --cluster is the other way
         hint = " or pass --cluster ADDR" if "start one with" in str(e) else ""
         raise Unavailable(f"{e}{hint}") from None
-
-
-def add_commands(sub) -> None:
-    load = sub.add_parser("load", help="drive workloads against a running cluster",
-                          description="Drive workloads against a running cluster.")
-    load_sub = load.add_subparsers(dest="load_command", required=True, metavar="COMMAND")
-    p = load_sub.add_parser(
-        "run", help="run one scenario and report (exit 1 if the oracle saw a stale access)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run one scenario against a running cluster, print a table, and write "
-                    "the JSON report with --json. Exits 1 when the safety oracle counted a "
-                    "stale access or the final audit found a stale TLB entry (the README's "
-                    "\"Exit codes\" lists the others).\n\n"
-                    "scenarios (loadgen/scenarios/ says what each reproduces) and what each "
-                    "runs with when no option is given:\n"
-                    + "\n".join(f"  {name:14} {doc.split(' — ', 1)[-1]}\n"
-                                f"  {'':14} ({defaults_text(name)})"
-                                for name, doc in DOCS.items()))
-    p.add_argument("scenario", choices=list(SCENARIOS))
-    add_cluster_options(p)
-    p.add_argument("--json", metavar="PATH", help="write the JSON report here ('-' = stdout)")
-    p.add_argument("--plot", metavar="PATH.png", help="write latency CDFs and bars (PNG)")
-    add_workload_options(p)
-    add_policy_options(p)
-    p.set_defaults(func=_run)
-    from loadgen import commands
-    commands.add_load_commands(load_sub)
-    from loadgen import chaos_cli
-    chaos_cli.add_soak_command(load_sub)
-    commands.add_trace_command(sub)
-
-    d = sub.add_parser(
-        "demo", help="start a local cluster, compare policies side by side, stop it",
-        description="Start memory, coordinator and CPUs as local processes on loopback, run "
-                    "four short built-in comparisons — per-page vs gathered munmap "
-                    "shootdowns, mm vs split page-table locks, fork copying vs sharing page "
-                    "tables, reclaim flushing every CPU vs the sharers' CPUs (needs --cpus 4 "
-                    "or more) — print the tables, and stop every process.")
-    d.add_argument("--cpus", type=int, default=4, help="CPUs (default 4)")
-    d.add_argument("--rounds", type=int, default=3, help="rounds per configuration (default 3)")
-    d.add_argument("--json", metavar="PATH",
-                   help="write all reports as one JSON document ('-' = stdout)")
-    d.set_defaults(func=_demo)
-
-    b = sub.add_parser(
-        "bench", help="shootdown latency vs the bare fan-out floor; per-page vs gathered munmap",
-        description="Measure, in one run, shootdown latency to 1, 2, 4 and 8 CPUs per transport "
-                    "next to a bare ping fan-out to the same CPUs (the floor), munmap of 512 "
-                    "pages per-page vs gathered, fork copy vs share, TLB hits/s in one CPU vs "
-                    "its TLB alone, faults/s at the memory service vs a walk, and the memory "
-                    "service's RSS per resident page. Starts its own local cluster unless "
-                    "--cluster is given. Report ratios: these machines are noisy.")
-    b.add_argument("--cluster", metavar="ADDR",
-                   help="use a running cluster (needs 9 CPUs; `tlbsim up --mqtt` for mqtt rows)")
-    b.add_argument("--rounds", type=int, default=200,
-                   help="shootdowns per transport and CPU count (default 200)")
-    b.add_argument("--munmap-rounds", type=int, default=3,
-                   help="munmaps per flush mode (default 3)")
-    b.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    b.add_argument("--quick", action="store_true",
-                   help="measure the memory service's RSS at 100k resident pages only "
-                        "(skips the 1M-page row, the slowest)")
-    b.add_argument("--cost-model", default=costmodel.DEFAULT_PRESET, metavar="x86|invlpgb|PATH",
-                   help="the cost model of the ranged-vs-full flush sweep's modelled time "
-                        f"(default {costmodel.DEFAULT_PRESET})")
-    b.set_defaults(func=_bench)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -324,43 +264,14 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_writable_file(getattr(args, option, None), f"--{option}")
 
 
-def _run(args: argparse.Namespace) -> int:
-    cfg = config_from(args, args.scenario)
-    check_outputs(args)
-    address = coordinator_address(args)
-
-    async def main() -> dict:
-        async with Cluster(address) as cluster:
-            with output.progress(cfg.progress_total(), f"{cfg.scenario}") as advance:
-                return await run(cluster, cfg, advance)
-
-    report = asyncio.run(main())
-    output.print_report(report)
-    output.write_json(report, args.json)
-    if args.plot:
-        from loadgen.plot import plot_report
-        output.write_plot(plot_report, report, args.plot)
-    code = output.verdict(report)
-    if code == exitcodes.OK and report.get("interrupted"):
-        return exitcodes.INTERRUPTED
-    return code
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from loadgen.bench import main
-    if not 1 <= args.rounds <= 100_000 or not 1 <= args.munmap_rounds <= 1000:
-        raise InvalidArgument("bench --rounds must be 1..100000 and --munmap-rounds 1..1000")
-    costmodel.load(args.cost_model)  # a bad model is an error before anything starts
-    check_writable_file(args.json, "--json", stdout_ok=True)
-    return main(args.cluster, args.rounds, args.munmap_rounds, args.json, args.cost_model,
-                args.quick)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from loadgen.demo import demo
-    if not 2 <= args.cpus <= 16:
-        raise InvalidArgument("demo --cpus must be between 2 and 16")
-    if not 1 <= args.rounds <= 100:
-        raise InvalidArgument("demo --rounds must be between 1 and 100")
-    check_writable_file(args.json, "--json", stdout_ok=True)
-    return demo(args.cpus, args.rounds, args.json)
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '1h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise InvalidArgument(f"{text!r} is not a duration (e.g. 90s, 10m)") from None
+    if not 0 < seconds <= 7 * 86400:
+        raise InvalidArgument(f"duration {text!r} must be positive and at most a week")
+    return seconds

@@ -1,4 +1,5 @@
-"""Run a tlbsim cluster on this machine as real processes (`tlbsim up` / `down`).
+"""Local processes: the coordinator, the memory service and N CPUs started, watched,
+killed and restarted as children of this one (`tlbsim up`, demo, bench, soak, chaos).
 
 Signals, without --detach: every child stays in the launcher's process group,
 so a Ctrl-C in the terminal sends SIGINT to the launcher and to each child at
@@ -16,95 +17,30 @@ signal), the state file records them, and `tlbsim down` stops them later.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rich.console import Console
-from rich.table import Table
 
-from services.common.errors import Unavailable
+from services.common import prometheus
 from services.common.liveness import Liveness, ready_timeout_s
 from services.common.mqtt import MqttUrl
 from services.common.server import sync_channel
+from services.launcher.brokers import free_port, mosquitto_binary, mosquitto_config, wait_listening
+from services.launcher.errors import LauncherError
+from services.launcher.state import (MOSQUITTO_CONF, POLL_S, STOP_GRACE_S, ClusterInfo,
+                                     is_our_service, wait_gone)
 
 MAX_CPUS = 64
-STOP_GRACE_S = 5.0
-POLL_S = 0.02
-
-
-class LauncherError(Unavailable):
-    """A launcher failure with a one-line message meant for the user (a SimError, so
-    every command that starts a cluster prints it as its one-line error)."""
-
-
-class UsageError(LauncherError):
-    """A bad option of `up`/`down`, or a state file that is not one (exit 2)."""
-
-
-class AlreadyRunning(UsageError):
-    """`tlbsim up` with a state file whose cluster still runs."""
-
-
-class _Terminated(BaseException):
-    """Raised in the main thread when `tlbsim up` receives SIGTERM."""
-
-
-@dataclass
-class ClusterInfo:
-    coordinator: str
-    memory: str
-    cpus: dict[int, str]
-    metrics: dict[str, int]  # service name (coordinator, memory, cpu0, ...) -> port
-    pids: dict[str, int]
-    log_dir: Path
-    mqtt: str = ""  # the broker of `up --mqtt`, mqtt://127.0.0.1:PORT/ROOT; "" without one
-    prometheus: str = ""  # `up --prometheus`: its URL, http://127.0.0.1:PORT; "" without one
-    # Heartbeats and lease every CPU and the coordinator run with (Liveness.as_dict());
-    # a restarted service gets the same. {}: derived from the number of CPUs.
-    liveness: dict = field(default_factory=dict)
-
-    def liveness_settings(self) -> Liveness:
-        return Liveness(**self.liveness) if self.liveness else \
-            Liveness.for_cluster(max(1, len(self.cpus)))
-
-    def addresses(self) -> dict[str, str]:
-        """gRPC address of every service, by name, in start order."""
-        cpus = {f"cpu{i}": address for i, address in sorted(self.cpus.items())}
-        return {"coordinator": self.coordinator, "memory": self.memory, **cpus}
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["cpus"] = {str(i): address for i, address in self.cpus.items()}
-        data["log_dir"] = str(self.log_dir)
-        return json.dumps(data, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> ClusterInfo:
-        data = json.loads(text)
-        return cls(
-            coordinator=data["coordinator"],
-            memory=data["memory"],
-            cpus={int(i): address for i, address in data["cpus"].items()},
-            metrics=dict(data["metrics"]),
-            pids=dict(data["pids"]),
-            log_dir=Path(data["log_dir"]),
-            mqtt=data.get("mqtt", ""),
-            prometheus=data.get("prometheus", ""),
-            liveness=dict(data.get("liveness") or {}),
-        )
 
 
 @dataclass
@@ -220,25 +156,29 @@ class LocalCluster:
 
     def _start_mosquitto(self, log_dir: Path, deadline: float) -> str:
         """`up --mqtt`: a broker of this cluster's own on a free loopback port; returns its URL."""
+        port = free_port()
+        (log_dir / MOSQUITTO_CONF).write_text(mosquitto_config(port))
+        self._spawn_mosquitto(log_dir, port, deadline)
+        return f"mqtt://127.0.0.1:{port}/tlbsim/v1/cluster"
+
+    def _spawn_mosquitto(self, log_dir: Path, port: int, deadline: float) -> _Child:
+        """Start the broker of the configuration in `log_dir` (at start and at a restart)
+        and wait until it listens on `port`."""
         binary = mosquitto_binary()
         if binary is None:
             raise LauncherError("--mqtt needs mosquitto (Debian: apt-get install mosquitto; "
                                 "tools/setup-debian.sh installs it)")
-        port = free_port()
         conf = log_dir / MOSQUITTO_CONF
-        conf.write_text(mosquitto_config(port))
         child = self._spawn("mosquitto", [], log_dir, cmd=[binary, "-c", str(conf)])
         if not wait_listening("127.0.0.1", port, deadline, child.proc):
             raise child.died_error() if child.proc.poll() is not None else LauncherError(
                 f"mosquitto is not listening on 127.0.0.1:{port} after "
                 f"{self._ready_timeout:g} s; logs in {log_dir}, see {child.stderr.name}")
-        return f"mqtt://127.0.0.1:{port}/tlbsim/v1/cluster"
+        return child
 
     def start_prometheus(self, info: ClusterInfo) -> str:
         """`up --prometheus`: Debian's prometheus on a free loopback port, scraping every
         service of `info` with the shipped alert rules; returns its URL."""
-        from services.common import prometheus
-
         binary = prometheus.binary()
         if binary is None:
             raise LauncherError("--prometheus needs prometheus (Debian: apt-get install "
@@ -335,9 +275,9 @@ class LocalCluster:
                 child.proc.kill()
             child.proc.wait()
             self._children.remove(child)
-        elif _is_our_service(pid):
+        elif is_our_service(pid):
             os.kill(pid, signal.SIGKILL)
-            if _wait_gone([pid], STOP_GRACE_S):
+            if wait_gone([pid], STOP_GRACE_S):
                 raise LauncherError(f"{name} (pid {pid}) did not die on SIGKILL")
 
     def restart(self, name: str, kill: bool = True) -> float:
@@ -350,14 +290,9 @@ class LocalCluster:
         deadline = t0 + (self._ready_timeout or ready_timeout_s(1))
         self._rotate_logs(name)
         if name == "mosquitto":
-            conf = info.log_dir / MOSQUITTO_CONF
-            binary = mosquitto_binary()
-            if not info.mqtt or binary is None or not conf.exists():
+            if not info.mqtt or not (info.log_dir / MOSQUITTO_CONF).exists():
                 raise LauncherError("this cluster has no MQTT broker to start")
-            port = MqttUrl.parse(info.mqtt).port
-            child = self._spawn("mosquitto", [], info.log_dir, cmd=[binary, "-c", str(conf)])
-            if not wait_listening("127.0.0.1", port, deadline, child.proc):
-                raise child.died_error()
+            child = self._spawn_mosquitto(info.log_dir, MqttUrl.parse(info.mqtt).port, deadline)
             info.pids[name] = child.proc.pid
             return time.monotonic() - t0
         address = info.addresses().get(name)
@@ -465,281 +400,3 @@ def _health_status(stub: health_pb2_grpc.HealthStub) -> str:
     except grpc.RpcError as exc:
         return str(exc.code())
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-
-
-# --- the MQTT broker (up --mqtt; the tests start theirs with the same pieces) ---
-
-MOSQUITTO_CONF = "tlbsim-mosquitto.conf"  # also how `tlbsim down` recognises our broker
-
-
-def mosquitto_binary() -> str | None:
-    """Debian installs it in /usr/sbin, which is not on every user's PATH."""
-    found = shutil.which("mosquitto")
-    if found is None and os.access("/usr/sbin/mosquitto", os.X_OK):
-        found = "/usr/sbin/mosquitto"
-    return found
-
-
-def mosquitto_config(port: int) -> str:
-    return (
-        "# generated by tlbsim: the broker of one cluster's mqtt shootdown transport\n"
-        f"listener {port} 127.0.0.1\n"
-        "allow_anonymous true      # loopback only\n"
-        "persistence false         # a simulation: nothing survives a restart\n"
-        "set_tcp_nodelay true      # Nagle on: ~88 ms per shootdown instead of ~2\n"
-        "max_queued_messages 10000\n"
-        "log_dest stderr\n"
-        "log_type error\n"
-        "log_type warning\n"
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(host: str, port: int, deadline: float, proc: subprocess.Popen) -> bool:
-    """Wait until something accepts on host:port (False if proc exits or time runs out)."""
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(POLL_S)
-    return False
-
-
-# --- state file ------------------------------------------------------------
-
-def state_path(path: str | None) -> Path:
-    default = os.environ.get("TLBSIM_STATE") or Path.home() / ".tlbsim" / "cluster.json"
-    return Path(path or default).expanduser()
-
-
-def load_state(path: str | None) -> ClusterInfo:
-    file = state_path(path)
-    try:
-        return ClusterInfo.from_json(file.read_text())
-    except FileNotFoundError:
-        raise LauncherError(f"no cluster state at {file}; start one with `tlbsim up --detach`") from None
-    except OSError as exc:  # a folder, unreadable, ...
-        raise UsageError(f"cannot read the cluster state {file}: {exc.strerror}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"unreadable cluster state {file}: {exc!r}") from None
-
-
-def write_state(file: Path, info: ClusterInfo) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(info.to_json() + "\n")
-    tmp.replace(file)  # readers never see half a file
-
-
-# --- processes known only by pid (tlbsim down) ------------------------------
-
-def _is_our_service(pid: int) -> bool:
-    """Alive and running `services serve` (the pid may have been reused)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return False
-    ours = b"services serve" in cmdline or MOSQUITTO_CONF.encode() in cmdline \
-        or b"tlbsim-prometheus.yml" in cmdline  # services.common.prometheus.CONFIG_NAME
-    return ours and _is_alive(pid)
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-
-
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Wait for the pids to exit; return those still alive after timeout."""
-    deadline = time.monotonic() + timeout
-    while (alive := [pid for pid in pids if _is_alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-    return alive
-
-
-def stop_pids(pids: dict[str, int]) -> int:
-    """SIGTERM our services among pids, SIGKILL them after the grace period;
-    return how many were running."""
-    ours = [pid for pid in pids.values() if _is_our_service(pid)]
-    _signal_all(ours, signal.SIGTERM)
-    leftovers = _wait_gone(ours, STOP_GRACE_S)
-    _signal_all(leftovers, signal.SIGKILL)
-    _wait_gone(leftovers, 1.0)
-    return len(ours)
-
-
-# --- commands ----------------------------------------------------------------
-
-def _print_cluster(info: ClusterInfo) -> None:
-    rows = [(name, address, str(info.metrics.get(name, "")), str(info.pids.get(name, "")))
-            for name, address in info.addresses().items()]
-    if not sys.stdout.isatty():
-        for name, address, metrics, _ in rows:
-            print(f"{name} {address} metrics {metrics}", flush=True)
-        return
-    table = Table("service", "address", "metrics port", "pid")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated
-
-
-def _refuse_if_running(file: Path) -> None:
-    try:
-        info = load_state(str(file))
-    except LauncherError:
-        return  # no state, or a broken one: nothing we could stop anyway
-    if any(_is_our_service(pid) for pid in info.pids.values()):
-        raise AlreadyRunning(f"a cluster is already running (state {file}); stop it with "
-                             f"`{down_command(file)}`, or give another --state")
-
-
-def down_command(file: Path) -> str:
-    """How to stop the cluster of this state file."""
-    return "tlbsim down" if file == state_path(None) else f"tlbsim down --state {file}"
-
-
-def _supervise(cluster: LocalCluster) -> int:
-    """Block until Ctrl-C/SIGTERM (exit 0) or a child dies (exit 1)."""
-    try:
-        while (exited := cluster.first_exit()) is None:
-            time.sleep(0.2)
-    except (KeyboardInterrupt, _Terminated) as exc:
-        print("tlbsim up: stopping the cluster", file=sys.stderr)
-        cluster.stop_after(exc)
-        return 0
-    name, code, log = exited
-    print(f"tlbsim up: {name} exited unexpectedly with code {code} (log: {log}); "
-          "stopping the rest", file=sys.stderr)
-    cluster.stop()
-    return 1
-
-
-def _check_paths(file: Path, log_dir: Path | None) -> None:
-    """The state file and the log folder can be written: checked before anything starts."""
-    from services.common.errors import InvalidArgument
-    from services.common.paths import check_writable_dir, check_writable_file
-    try:
-        check_writable_dir(file.parent, "--state")
-        check_writable_file(file, "--state")
-        check_writable_dir(log_dir, "--log-dir")
-    except InvalidArgument as e:
-        raise UsageError(e.message) from None
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    from services.common import exitcodes
-    if not 1 <= args.cpus <= MAX_CPUS:
-        print(f"tlbsim up: --cpus must be between 1 and {MAX_CPUS}, got {args.cpus}", file=sys.stderr)
-        return exitcodes.USAGE
-    from services.cli import liveness_from
-    from services.common.errors import SimError
-    file = state_path(args.state)
-    try:
-        liveness = liveness_from(args, args.cpus)
-        ready_timeout = args.ready_timeout
-        if ready_timeout is not None and not ready_timeout > 0:
-            raise ValueError(f"--ready-timeout {ready_timeout:g}: must be positive")
-    except (SimError, ValueError) as exc:
-        print(f"tlbsim up: {getattr(exc, 'message', exc)}", file=sys.stderr)
-        return exitcodes.USAGE
-    cluster = LocalCluster(detach=args.detach, ready_timeout=ready_timeout)
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        _check_paths(file, args.log_dir)
-        _refuse_if_running(file)
-        info = cluster.start(args.cpus, args.log_dir, mqtt=args.mqtt, liveness=liveness)
-        if args.prometheus:
-            cluster.start_prometheus(info)
-    except LauncherError as exc:
-        cluster.stop()
-        print(f"tlbsim up: {exc}", file=sys.stderr)
-        return exitcodes.USAGE if isinstance(exc, UsageError) else exitcodes.NO_CLUSTER
-    except (KeyboardInterrupt, _Terminated):
-        return exitcodes.INTERRUPTED  # start() has already stopped what it started
-    write_state(file, info)
-    _print_cluster(info)
-    if info.mqtt:
-        print(f"mqtt {info.mqtt}", flush=True)
-    if info.prometheus:
-        print(f"prometheus {info.prometheus}", flush=True)
-    print(f"logs: {info.log_dir}  state: {file}", file=sys.stderr)
-    if args.detach:
-        print(f"detached; stop it with `{down_command(file)}`", file=sys.stderr)
-        return exitcodes.OK
-    print("running; Ctrl-C stops it", file=sys.stderr)
-    try:
-        return exitcodes.NO_CLUSTER if _supervise(cluster) else exitcodes.OK
-    finally:
-        file.unlink(missing_ok=True)
-
-
-def cmd_down(args: argparse.Namespace) -> int:
-    from services.common import exitcodes
-    try:
-        info = load_state(args.state)
-    except LauncherError as exc:
-        print(f"tlbsim down: {exc}", file=sys.stderr)
-        return exitcodes.USAGE if isinstance(exc, UsageError) else exitcodes.NO_CLUSTER
-    stopped = stop_pids(info.pids)
-    state_path(args.state).unlink(missing_ok=True)
-    print(f"stopped {stopped} of {len(info.pids)} processes")
-    return exitcodes.OK
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `up` and `down` on the tlbsim CLI's subparsers."""
-    state_help = "cluster state file (default: $TLBSIM_STATE or ~/.tlbsim/cluster.json)"
-
-    up = subparsers.add_parser(
-        "up",
-        help="start a local cluster (coordinator, memory, N CPUs)",
-        description="Start the coordinator, the memory service and N CPU services as "
-                    "local processes, print their addresses, and run until Ctrl-C or "
-                    "SIGTERM (or, with --detach, leave them running for `tlbsim down`).",
-    )
-    up.add_argument("--cpus", type=int, default=4, help=f"number of CPU services, 1..{MAX_CPUS} (default 4)")
-    up.add_argument("--detach", action="store_true", help="leave the cluster running and exit")
-    up.add_argument("--mqtt", action="store_true",
-                    help="also start a mosquitto broker on a free loopback port (generated "
-                         "config, TCP_NODELAY) for `--transport mqtt`; stopped with the cluster")
-    up.add_argument("--prometheus", action="store_true",
-                    help="also start a local Prometheus (Debian's prometheus binary) on a free "
-                         "loopback port, scraping every service with the alert rules of "
-                         "deploy/prometheus; prints its URL; stopped with the cluster")
-    up.add_argument("--state", help=state_help)
-    up.add_argument("--log-dir", type=Path, help="directory for each service's logs (default: a new temp dir)")
-    from services.cli import add_liveness_options
-    add_liveness_options(up)
-    up.add_argument("--ready-timeout", type=float, metavar="S",
-                    help="seconds every service has to be ready (default: 30 + 1.5 per CPU) "
-                         "[TLBSIM_READY_TIMEOUT, which bench, demo and soak read too]")
-    up.set_defaults(func=cmd_up)
-
-    down = subparsers.add_parser(
-        "down",
-        help="stop a cluster started with `tlbsim up --detach`",
-        description="Stop the processes recorded in the state file and remove it.",
-    )
-    down.add_argument("--state", help=state_help)
-    down.set_defaults(func=cmd_down)
