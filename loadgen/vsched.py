@@ -9,11 +9,17 @@ a quiet and on a loaded host, and every virtual figure is a function of the seed
 configuration alone. Scenarios run their threads with `gather` (the caller lends its
 token to the children and gets it back from the last one) and wait with `pause` (virtual
 time passes on that CPU, nothing else happens).
+
+A thread's operations are causally ordered even when they run on different CPUs (the
+main task mmaps on one CPU, then reads on another): each thread carries the virtual
+time its last operation ended, and its next one starts no earlier. Threads started by
+`gather` inherit their parent's, and the parent resumes at the latest of theirs.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import heapq
 import itertools
 from typing import Any, Awaitable
@@ -23,6 +29,10 @@ from typing import Any, Awaitable
 # take), so a flush is never more than a quantum late (results.virtual.late_flush_hits
 # counts the accesses it was late for).
 DEFAULT_QUANTUM_NS = 1000
+
+# The virtual time the current thread's last operation ended (asyncio copies it into
+# every task a thread starts).
+_thread_time: contextvars.ContextVar[int] = contextvars.ContextVar("thread_time", default=0)
 
 
 class VirtualScheduler:
@@ -37,21 +47,24 @@ class VirtualScheduler:
     async def turn(self, cpu: int) -> int:
         """Wait until this CPU's next operation is the earliest one pending; returns the
         virtual time it starts at. The caller holds the token again afterwards."""
+        start = max(self.clock[cpu], _thread_time.get())
+        self.clock[cpu] = start
         future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._pending, (self.clock[cpu], cpu, next(self._seq), future))
+        heapq.heappush(self._pending, (start, cpu, next(self._seq), future))
         self._tokens -= 1
         self._dispatch()
         await future
-        self.started.setdefault(cpu, self.clock[cpu])
-        return self.clock[cpu]
+        self.started.setdefault(cpu, start)
+        return start
 
     def reached(self, cpu: int, vt: int) -> None:
-        """The CPU's clock after an operation (the service's answer)."""
+        """The CPU's clock after an operation of this thread (the service's answer)."""
         self.clock[cpu] = max(self.clock[cpu], vt)
+        _thread_time.set(max(_thread_time.get(), self.clock[cpu]))
 
     def pause(self, cpu: int, seconds: float) -> None:
         """The thread on `cpu` waits: virtual time passes on it."""
-        self.clock[cpu] += round(seconds * 1e9)
+        self.reached(cpu, max(self.clock[cpu], _thread_time.get()) + round(seconds * 1e9))
 
     def _dispatch(self) -> None:
         if self._tokens == 0 and self._pending:
@@ -67,17 +80,21 @@ class VirtualScheduler:
         left = len(coros)
         self._tokens += left - 1  # each child runs until its first turn; we wait
 
+        ends: list[int] = []
+
         async def child(coro: Awaitable[Any]) -> Any:
             nonlocal left
             try:
                 return await coro
             finally:
+                ends.append(_thread_time.get())
                 left -= 1
                 if left:  # the last one hands its token back to the caller
                     self._tokens -= 1
                     self._dispatch()
 
         results = await asyncio.gather(*(child(c) for c in coros), return_exceptions=True)
+        _thread_time.set(max([_thread_time.get(), *ends]))  # joined: after every child
         for r in results:
             if isinstance(r, BaseException):
                 raise r

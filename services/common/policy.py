@@ -145,6 +145,11 @@ class Policy:
                 f"TLB of {self.tlb_entries} entries is not a multiple of {self.tlb_ways} ways")
         if not 0 < self.deadline_s <= 600:
             raise InvalidArgument(f"deadline {self.deadline_s}s: must be in (0, 600]")
+        if self.timing is Timing.VIRTUAL and self.unsafe is Unsafe.FREE_BEFORE_FLUSH:
+            raise InvalidArgument(
+                "--unsafe free-before-flush needs --timing wall: a virtual-time run issues "
+                "one operation at a time, so the window it opens (frames freed, the flush "
+                "not yet delivered) never overlaps another CPU's access")
         if self.mqtt_qos not in MQTT_QOS:
             raise InvalidArgument(f"mqtt QoS {self.mqtt_qos}: choose 0 or 1")
 
