@@ -7,22 +7,31 @@ import asyncio
 import csv
 import dataclasses
 import statistics
-from typing import Callable
+from typing import Callable, Sequence
 
 from loadgen.cluster import Cluster
-from loadgen.metrics import COMPARED, Metric, expand
+from loadgen.metrics import COMPARED, VIRTUAL_KEYS, Metric, expand
 from loadgen.runner import failed, run
 from loadgen.scenarios import LABELS, RunConfig, headline
 
 COMPARE_VERSION = 1
 
 
-def compared(scenario: str) -> list[Metric]:
-    """What a comparison reports: the scenario's headline first, then every common
-    metric (loadgen/metrics.py), each once."""
-    first = headline(scenario)
+def compared(scenario: str, reports: Sequence[dict] = ()) -> list[Metric]:
+    """What a comparison reports: the virtual-time figures the runs have (--timing
+    virtual), then the scenario's headline, then every common metric
+    (loadgen/metrics.py), each once."""
+    first = leading(scenario, reports)
     seen = {m.path for m in first}
     return first + [m for m in expand(COMPARED, LABELS.get(scenario)) if m.path not in seen]
+
+
+def leading(scenario: str, reports: Sequence[dict] = ()) -> list[Metric]:
+    """The rows a comparison leads with: the virtual figures any run measured, then the
+    scenario's (wall-clock) headline."""
+    virtual = [m for m in expand(VIRTUAL_KEYS)
+               if any(m.value(r) is not None for r in reports)]
+    return virtual + headline(scenario)
 
 
 def summarize(a_reports: list[dict], b_reports: list[dict], metrics: list[Metric],
@@ -93,14 +102,15 @@ async def compare(cluster: Cluster, a: Side, b: Side, repeat: int,
     except (asyncio.CancelledError, KeyboardInterrupt):
         interrupted = True
     pairs = min(len(reports["A"]), len(reports["B"]))
-    metrics = compared(a.cfg.scenario)
+    everything = reports["A"] + reports["B"]
+    metrics = compared(a.cfg.scenario, everything)
     return {
         "version": COMPARE_VERSION, "kind": "compare", "scenario": a.cfg.scenario,
         "repeat": repeat, "pairs": pairs, "interrupted": interrupted,
         "a": {"spec": a.spec, "config": a.cfg.as_dict(), "reports": reports["A"]},
         "b": {"spec": b.spec, "config": b.cfg.as_dict(), "reports": reports["B"]},
         "metrics": summarize(reports["A"][:pairs], reports["B"][:pairs], metrics,
-                             first=len(headline(a.cfg.scenario))),
+                             first=len(leading(a.cfg.scenario, everything))),
         "unsafe": any(failed(r) for r in reports["A"] + reports["B"]),
     }
 
@@ -129,7 +139,8 @@ async def sweep(cluster: Cluster, key: str, values: list[str],
 def write_csv(result: dict, path: str) -> None:
     """One row per run: the sweep value (if any), the side, the repeat, every metric."""
     points = result["points"] if result["kind"] == "sweep" else [{"value": "", **result}]
-    metrics = compared(result["scenario"])
+    metrics = compared(result["scenario"], [r for point in points for side in ("a", "b")
+                                            for r in point[side]["reports"]])
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["scenario", "sweep_key", "sweep_value", "side", "spec", "run",

@@ -133,19 +133,50 @@ _SCALARS = [
     Metric("frames_freed_without_ack", "frames freed before the flush", safety=True),
     Metric("deadline_misses", "deadline misses (fences)", safety=True),
     # Modelled hardware time (the run's cost model).
-    Metric("modelled.total_us", "modelled time", "µs"),
-    Metric("modelled.ns_per_round", "modelled time per round", "ns"),
-    Metric("modelled.access_ns", "modelled time per access", "ns"),
-    Metric("modelled.flush_ns_per_shootdown", "modelled time per shootdown", "ns"),
-    Metric("modelled.syscall_ns.munmap", "modelled time per munmap", "ns"),
-    Metric("modelled.syscall_ns.madvise_dontneed", "modelled time per madvise", "ns"),
-    Metric("modelled.syscall_ns.mprotect", "modelled time per mprotect", "ns"),
+    # Modelled work: event counts times the cost model's prices, summed (no parallelism,
+    # no contention: not elapsed time; --timing virtual gives that).
+    Metric("modelled.total_us", "modelled work", "µs"),
+    Metric("modelled.ns_per_round", "modelled work per round", "ns"),
+    Metric("modelled.access_ns", "modelled work per access", "ns"),
+    Metric("modelled.flush_ns_per_shootdown", "modelled work per shootdown", "ns"),
+    Metric("modelled.syscall_ns.munmap", "modelled work per munmap", "ns"),
+    Metric("modelled.syscall_ns.madvise_dontneed", "modelled work per madvise", "ns"),
+    Metric("modelled.syscall_ns.mprotect", "modelled work per mprotect", "ns"),
 ]
 
-CATALOGUE: dict[str, Metric] = {m.path: m for m in _SCALARS}
+# --timing virtual: results.virtual (loadgen/runner.py), in virtual (modelled hardware)
+# time. Rates are per virtual second. These come first in a virtual run's tables.
+VIRTUAL_LATENCIES = {
+    "virtual.latency_ns.fault": "fault",
+    "virtual.latency_ns.munmap": "munmap",
+    "virtual.latency_ns.madvise_dontneed": "madvise",
+    "virtual.latency_ns.mprotect": "mprotect",
+    "virtual.latency_ns.fork": "fork",
+    "virtual.latency_ns.access_batch": "access batch",
+    "virtual.lock_wait_ns": "lock wait",
+    "virtual.shootdown_ns": "shootdown",
+}
+_VIRTUAL_SCALARS = [
+    Metric("virtual.faulting_faults_per_s", "faulters' fault rate", "faults/s"),
+    Metric("virtual.madvise_per_s", "madvise rate", "calls/s"),
+    Metric("virtual.ops_per_s", "throughput", "ops/s"),
+    Metric("virtual.faults_per_s", "fault rate", "faults/s"),
+    Metric("virtual.makespan_ns", "makespan (the last CPU's clock)", "ns"),
+    Metric("virtual.ipi_handler_ns", "IPI handlers (the victims' time)", "ns"),
+    Metric("virtual.interrupts", "interrupts taken"),
+    Metric("virtual.late_flush_hits", "accesses after their flush's arrival (quantum error)"),
+    Metric("virtual.lock_inversions", "lock grants out of request order"),
+]
+VIRTUAL_KEYS = [m.path for m in _VIRTUAL_SCALARS[:5]] + list(VIRTUAL_LATENCIES) + [
+    m.path for m in _VIRTUAL_SCALARS[5:]]
+
+CATALOGUE: dict[str, Metric] = {m.path: m for m in _SCALARS + _VIRTUAL_SCALARS}
 for _key, _label in LATENCIES.items():
     for _q in ("p50", "p99"):
         CATALOGUE[f"{_key}.{_q}"] = Metric(f"{_key}.{_q}", f"{_label} {_q}", "ms")
+for _key, _label in VIRTUAL_LATENCIES.items():
+    for _q in ("p50", "p99"):
+        CATALOGUE[f"{_key}.{_q}"] = Metric(f"{_key}.{_q}", f"{_label} {_q}", "ns")
 
 
 def metric(path: str, label: str | None = None) -> Metric:
@@ -172,8 +203,8 @@ def expand(keys, labels: dict[str, str] | None = None) -> list[Metric]:
     labels = labels or {}
     out = []
     for key in keys:
-        if key in LATENCIES:
-            name = labels.get(key, LATENCIES[key])
+        if key in LATENCIES or key in VIRTUAL_LATENCIES:
+            name = labels.get(key, LATENCIES.get(key) or VIRTUAL_LATENCIES[key])
             out += [metric(f"{key}.{q}", f"{name} {q}") for q in ("p50", "p99")]
         else:
             out.append(metric(key, labels.get(key)))

@@ -13,7 +13,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from loadgen.compare import disagrees
-from loadgen.metrics import LATENCIES, lookup, metric, number, ratio_text, spread_text
+from loadgen.metrics import (LATENCIES, VIRTUAL_KEYS, expand, lookup, metric, number, ratio_text,
+                             spread_text)
 from loadgen.runner import failed
 from loadgen.scenarios import HEADLINES, LABELS, OPTIONS, headline
 from services.common import exitcodes
@@ -67,13 +68,28 @@ def lookup_dict(results: dict, key: str):
     return value
 
 
+def virtual_block(report: dict) -> Block | None:
+    """--timing virtual: the run's answers in virtual time, first."""
+    r = report["results"]
+    if "virtual" not in r:
+        return None
+    rows = []
+    for m in expand(VIRTUAL_KEYS):
+        value = m.value(report)
+        if value is not None and (value or m.path.endswith(("late_flush_hits", "inversions"))):
+            rows.append((m.heading, m.text(value)))
+    model = report["config"].get("cost_model", "")
+    return f"virtual time (cost model {model}; rates per virtual second)", rows
+
+
 def headline_block(report: dict) -> Block | None:
     scenario = report["scenario"]
     if scenario not in HEADLINES:
         return None
     labels = LABELS.get(scenario, {})
     rows = [key_row(report["results"], k, labels.get(k)) for k in HEADLINES[scenario]]
-    return "headline", [r for r in rows if r]
+    title = "wall clock: headline" if "virtual" in report["results"] else "headline"
+    return title, [r for r in rows if r]
 
 
 def run_block(report: dict) -> Block:
@@ -94,7 +110,8 @@ def safety_block(report: dict) -> Block:
     return "safety", [row for row in rows if row]
 
 
-BLOCKS: list[Callable[[dict], Block | None]] = [headline_block, run_block, safety_block]
+BLOCKS: list[Callable[[dict], Block | None]] = [virtual_block, headline_block, run_block,
+                                                safety_block]
 
 
 def report_blocks(report: dict) -> list[Block]:
@@ -214,9 +231,11 @@ def print_modelled(r: dict) -> None:
     shootdown and per call of each kind of system call."""
     md = r["modelled"]
     parts = ", ".join(f"{k} {v:,.1f}" for k, v in md["components_us"].items() if v)
-    table = Table(title=f"modelled time (cost model {md['cost_model']['name']}"
-                        + (", after the warm-up" if md.get("from_warm") else "") + ")")
-    for col in ("what", "wall", "modelled"):
+    table = Table(title=f"modelled work: event counts x costs, summed (cost model "
+                        f"{md['cost_model']['name']}"
+                        + (", after the warm-up" if md.get("from_warm") else "")
+                        + "; not elapsed time)")
+    for col in ("what", "wall", "modelled work"):
         table.add_column(col, justify="left" if col == "what" else "right")
     table.add_row("run", f"{r['duration_s']:.3f} s", f"{md['total_us']:,.3f} µs"
                   + (f" ({parts})" if parts else ""))
@@ -430,3 +449,14 @@ def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda done: bar.update(task, completed=done)
+
+
+@contextlib.contextmanager
+def status(label: str) -> Iterator[Callable[[str], None]]:
+    """A one-line status on a terminal (what runs now); on a pipe, one line per step on
+    stderr, so a long run shows progress in a log too."""
+    if not console.is_terminal:
+        yield lambda text: err_console.print(f"{label}: {text}", markup=False)
+        return
+    with console.status(label) as s:
+        yield lambda text: s.update(f"{label}: {text}")

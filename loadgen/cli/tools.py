@@ -47,7 +47,28 @@ def add_commands(sub) -> None:
                    help="the cost model of the ranged-vs-full flush sweep's modelled time "
                         f"(default {costmodel.DEFAULT_PRESET})")
     b.set_defaults(func=_bench)
+    add_reproduce_command(sub)
     add_trace_command(sub)
+
+
+def add_reproduce_command(sub) -> None:
+    from loadgen.reproduce import TABLES
+    r = sub.add_parser(
+        "reproduce", help="published measurements next to tlbsim's, in virtual time",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Start a local cluster, run the scenarios behind a published table in "
+                    "virtual time on the preset of the machine it was measured on, print "
+                    "published vs simulated side by side and check the table's claims. "
+                    "Exits 0 when every claim holds, 1 when one does not (it says which, "
+                    "and what the model lacks).\n\ntables:\n"
+                    + "\n".join(f"  {t.name:14} {t.title}" for t in TABLES.values()))
+    r.add_argument("table", nargs="?", metavar="TABLE",
+                   help=f"one of {', '.join(TABLES)}, or all")
+    r.add_argument("--list", action="store_true", help="name the tables and stop")
+    r.add_argument("--quick", action="store_true",
+                   help="fewer points and smaller runs (up to 16 CPUs): a check, not the table")
+    r.add_argument("--json", metavar="PATH", help="write the tables as JSON ('-' = stdout)")
+    r.set_defaults(func=_reproduce)
 
 
 def add_trace_command(sub) -> None:
@@ -131,3 +152,19 @@ def _record(args: argparse.Namespace) -> int:
                                  "written)", markup=False)
         return exitcodes.TRACED_FAILED
     return exitcodes.OK
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from loadgen.reproduce import TABLES, main
+    if args.list:
+        for t in TABLES.values():
+            output.console.print(f"{t.name:14} {t.title}  [dim]({t.source})[/dim]")
+        return 0
+    if args.table is None:
+        raise InvalidArgument(f"name a table ({', '.join(TABLES)}, or all), or give --list")
+    if args.table != "all" and args.table not in TABLES:
+        raise InvalidArgument(f"unknown table {args.table!r}: choose from "
+                              f"{', '.join(TABLES)}, or all")
+    check_writable_file(args.json, "--json", stdout_ok=True)
+    names = list(TABLES) if args.table == "all" else [args.table]
+    return main([TABLES[n] for n in names], args.quick, args.json)

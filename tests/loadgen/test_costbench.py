@@ -65,8 +65,8 @@ async def test_report_and_compare_carry_modelled_time_next_to_wall_time(cluster)
         output.print_compare(result)
         output.print_report(result["a"]["reports"][0])
     text = cap.get()
-    assert "modelled time per munmap (ns)" in text and "munmap latency p50 (ms)" in text
-    assert "modelled time (cost model x86)" in text and "per munmap" in text
+    assert "modelled work per munmap (ns)" in text and "munmap latency p50 (ms)" in text
+    assert "modelled work: event counts x costs, summed (cost model x86" in text and "per munmap" in text
 
 
 async def test_flush_ceiling_prices_only_the_rounds(cluster):
