@@ -205,9 +205,13 @@ class Flusher:
 
     def _broadcasts(self, mm: Mm) -> bool:
         """--broadcast hw: INVLPGB, for an mm with a global ASID — active on 4 or more
-        CPUs at once (consider_global_asid, mm_active_cpus_exceeds(mm, 3)); else IPIs."""
-        k = self.k
-        return k.policy.hw_broadcast and sum(1 for c in mm.cpumask if k.runs(c, mm)) >= 4
+        CPUs at once (consider_global_asid, mm_active_cpus_exceeds(mm, 3)); else IPIs.
+        In virtual time a broadcast cost model (invlpgb: ARM's TLBI IS, which has no such
+        threshold) is that hardware: every shootdown is a broadcast."""
+        k, p = self.k, self.k.policy
+        if p.cost_model.broadcast and p.virtual:
+            return True
+        return p.hw_broadcast and sum(1 for c in mm.cpumask if k.runs(c, mm)) >= 4
 
     def not_loaded(self, mm: Mm, targets: list[int]) -> None:
         """What the targets that did not run `mm` did on receiving its flush
