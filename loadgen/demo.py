@@ -8,7 +8,7 @@ from loadgen import output
 from loadgen.cluster import Cluster
 from loadgen.runner import run
 from loadgen.scenarios import HEADLINES, RunConfig
-from services.common.policy import FlushMode, ForkMode, LockMode, Policy, SharedFlush
+from services.common.policy import FlushMode, ForkMode, LockMode, Policy, SharedFlush, Timing
 
 # Each comparison shows its scenario's headline, then the oracle's verdict.
 SAFETY = ["stale_accesses", "audit_violations"]
@@ -16,6 +16,16 @@ MUNMAP_ROWS = HEADLINES["munmap"] + ["full_flushes"] + SAFETY
 LOCK_ROWS = HEADLINES["fault-scaling"] + SAFETY
 FORK_ROWS = HEADLINES["fork"] + SAFETY
 SWAPOUT_ROWS = HEADLINES["swapout"] + SAFETY
+
+
+# What each question's answer is in virtual time (loadgen/metrics.py VIRTUAL_KEYS).
+VIRTUAL_ROWS = {
+    "munmap": ["virtual.latency_ns.munmap", "virtual.shootdown_ns", "virtual.ipi_handler_ns"],
+    "fault-scaling": ["virtual.faulting_faults_per_s", "virtual.latency_ns.fault",
+                      "virtual.lock_wait_ns"],
+    "fork": ["virtual.latency_ns.fork", "virtual.latency_ns.exit"],
+    "swapout": ["virtual.makespan_ns", "virtual.interrupts", "virtual.ipi_handler_ns"],
+}
 
 
 def comparisons(cpus: int, rounds: int) -> list[tuple[str, list[tuple[str, RunConfig]], list]]:
@@ -61,12 +71,19 @@ async def _compare(coordinator: str, cpus: int, rounds: int, json_path: str | No
     everything, unsafe = [], False
     async with Cluster(coordinator) as cluster:
         for title, configs, rows in comparisons(cpus, rounds):
-            reports = []
+            reports, virtual = [], []
             for label, cfg in configs:
-                with output.progress(cfg.rounds, label) as advance:
+                # Each configuration twice: in virtual time (the answer) and wall clock.
+                vcfg = dataclasses.replace(cfg, policy=dataclasses.replace(
+                    cfg.policy, timing=Timing.VIRTUAL))
+                with output.progress(cfg.rounds, f"{label} (virtual time)") as advance:
+                    virtual.append(await run(cluster, vcfg, advance))
+                with output.progress(cfg.rounds, f"{label} (wall clock)") as advance:
                     reports.append(await run(cluster, cfg, advance))
-            output.print_comparison(title, [label for label, _ in configs], reports, rows)
-            everything.extend(reports)
-            unsafe |= any(output.verdict(r) for r in reports)
+            scenario = configs[0][1].scenario
+            output.print_comparison(title, [label for label, _ in configs], reports, rows,
+                                    virtual, VIRTUAL_ROWS[scenario])
+            everything.extend(virtual + reports)
+            unsafe |= any(output.verdict(r) for r in virtual + reports)
     output.write_json({"reports": everything}, json_path)
     return 1 if unsafe else 0

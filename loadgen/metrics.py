@@ -152,6 +152,7 @@ VIRTUAL_LATENCIES = {
     "virtual.latency_ns.madvise_dontneed": "madvise",
     "virtual.latency_ns.mprotect": "mprotect",
     "virtual.latency_ns.fork": "fork",
+    "virtual.latency_ns.exit": "exit",
     "virtual.latency_ns.access_batch": "access batch",
     "virtual.lock_wait_ns": "lock wait",
     "virtual.shootdown_ns": "shootdown",

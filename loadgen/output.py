@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import Progress
@@ -253,23 +253,40 @@ def print_modelled(r: dict) -> None:
 
 
 def print_comparison(title: str, labels: list[str], reports: list[dict],
-                     keys: list[str]) -> None:
-    """Reports side by side (the demo): one row per result key, and B/A for two."""
+                     keys: list[str], virtual: Sequence[dict] = (),
+                     virtual_keys: Sequence[str] = ()) -> None:
+    """Reports side by side (the demo): one row per result key, and B/A for two. With
+    `virtual` (the same configurations run in virtual time), their `virtual_keys` come
+    first under their own heading, the wall-clock rows below under theirs."""
     table = Table(title=title)
     table.add_column("metric")
     for label in labels:
         table.add_column(label, justify="right")
-    if len(reports) == 2:
+    two = len(reports) == 2
+    if two:
         table.add_column("B/A", justify="right")
+    if virtual:
+        table.add_row("[bold]virtual time[/bold] (cost model, per virtual second)", "")
+        for m in expand(virtual_keys):
+            values = [m.value(rep) for rep in virtual]
+            if all(v is None for v in values):
+                continue
+            row = [m.text(v) for v in values]
+            if two:
+                a, b = values
+                row.append(ratio_text(b / a) if a and b is not None else "-")
+            table.add_row(f"  {m.heading}", *row)
+        table.add_section()
+        table.add_row("[bold]wall clock[/bold] (this machine, Python and gRPC)", "")
     for key in keys:
         cells = [key_row(rep["results"], key) for rep in reports]
         label = next((c[0] for c in cells if c), key)
         row = [c[1] if c else "-" for c in cells]
-        if len(reports) == 2:
+        if two:
             path = f"{key}.p50" if key in LATENCIES else key
             a, b = (lookup(rep["results"], path) for rep in reports)
             row.append(ratio_text(b / a) if a and b is not None else "-")
-        table.add_row(label, *row)
+        table.add_row(f"  {label}" if virtual else label, *row)
     console.print(table)
 
 

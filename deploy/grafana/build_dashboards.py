@@ -261,6 +261,20 @@ def overview() -> dict:
               "PTE tables shared between mms, and unshares (table copies on write) per second.",
               "none", [target(f"sum({sel('tlbsim_shared_page_tables')})", "shared tables"),
                        target(f"sum({rate('tlbsim_unshares_total')})", "unshares/s")]),
+        panel("timeseries", "Virtual time per CPU",
+              "--timing virtual: each CPU's virtual clock (the cost model's hardware time "
+              "since the run began) and the part of it spent in IPI handlers for other "
+              "CPUs' shootdowns. Flat at 0 in wall-clock runs.", "s",
+              [target(f"max by (cpu) ({sel('tlbsim_cpu_virtual_clock_seconds')})",
+                      "cpu {{cpu}}"),
+               target("max by (cpu) (" + sel("tlbsim_cpu_virtual_busy_seconds",
+                                             'what="handler"') + ")",
+                      "cpu {{cpu}} handlers", "B")]),
+        panel("timeseries", "Virtual throughput",
+              "--timing virtual: accesses per virtual second, summed over the CPUs (the "
+              "machine's modelled throughput, independent of how loaded the host is).",
+              "ops", [target(f"sum({sel('tlbsim_cpu_virtual_accesses_per_second')})",
+                             "accesses per virtual s")]),
         panel("timeseries", "Modelled hardware time by component",
               "What the counted events would cost on hardware under the run's cost model "
               "(--cost-model; README, Cost model), in modelled seconds per second of wall "

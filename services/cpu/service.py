@@ -593,6 +593,19 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         yield labelled("counter", "tlbsim_cpu_heartbeats_failed",
                        "Heartbeats not answered within the heartbeat timeout (or refused)",
                        ["cpu"], [((cpu,), self.heartbeats_failed)])
+        v = self.core.v  # --timing virtual: the CPU's clock (0 in wall-clock runs)
+        yield labelled("gauge", "tlbsim_cpu_virtual_clock_seconds",
+                       "--timing virtual: the CPU's virtual clock since the run began",
+                       ["cpu"], [((cpu,), v.clock / 1e9)])
+        yield labelled("gauge", "tlbsim_cpu_virtual_busy_seconds",
+                       "--timing virtual: virtual time the CPU worked (accesses, calls, "
+                       "interrupts), by what: handler is the IPI handlers it ran (the "
+                       "victim's cost of other CPUs' shootdowns)", ["cpu", "what"],
+                       [((cpu, "all"), v.busy / 1e9), ((cpu, "handler"), v.handler / 1e9)])
+        yield labelled("gauge", "tlbsim_cpu_virtual_accesses_per_second",
+                       "--timing virtual: accesses per virtual second of this CPU's clock",
+                       ["cpu"], [((cpu,), (c.hits + c.misses) * 1e9 / v.clock
+                                  if v.clock else 0.0)])
         f = self.chaos_counts
         yield labelled("counter", "tlbsim_chaos_faults",
                        "Faults this CPU injected into itself (chaos), by kind", ["cpu", "kind"],
