@@ -53,7 +53,7 @@ def test_a_bad_file_is_a_one_line_error(tmp_path, text, message):
 
 
 def test_neither_a_preset_nor_a_file():
-    with pytest.raises(InvalidArgument, match="neither a preset .x86, invlpgb. nor a readable"):
+    with pytest.raises(InvalidArgument, match="neither a preset .x86, invlpgb, altix-2005. nor a readable"):
         costmodel.load("arm64")
 
 
