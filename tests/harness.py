@@ -48,3 +48,15 @@ class InProcessCluster:
         for server in [*self.cpus.values(), self.memory, self.coordinator]:
             await server.stop(0)
         await asyncio.sleep(0)
+
+
+async def until(condition, what: str = "the condition", timeout: float = 30.0) -> None:
+    """Wait for something the test caused to have happened (a counter moved, a state
+    changed), looking every 10 ms: the test goes on at that event, not after a guess of
+    how long it takes. `timeout` only bounds a failure."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while not condition():
+        if loop.time() > give_up:
+            raise AssertionError(f"{what} did not happen within {timeout:g} s")
+        await asyncio.sleep(0.01)
