@@ -54,11 +54,6 @@ def _plain_ticks(ax, axis: str = "y") -> None:
     which.set_minor_formatter(NullFormatter())
 
 
-def _median(values) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
-
-
 def _samples(reports: list[dict], key: str) -> list[float]:
     return [x for r in reports for x in r.get("samples", {}).get(key, [])]
 
@@ -132,10 +127,6 @@ def plot_compare(result: dict, path: str) -> None:
     """A comparison or a sweep as a PNG."""
     _save(compare_figure(result) if result["kind"] == "compare" else sweep_figure(result),
           path)
-
-
-def plot_sweep(result: dict, path: str) -> None:
-    _save(sweep_figure(result), path)
 
 
 def plot_report(report: dict, path: str) -> None:

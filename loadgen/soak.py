@@ -364,7 +364,7 @@ class Soak:
             "results": {
                 "duration_s": round(self.elapsed(), 1), "segments": t.segments,
                 "ops": t.ops, "syscalls": dict(sorted(t.syscalls.items())),
-                "shootdowns": t.shootdowns, "faults": dict(sorted(t.injected.items())),
+                "shootdowns": t.shootdowns, "injected": dict(sorted(t.injected.items())),
                 "faults_injected": sum(t.injected.values()),
                 "stale_accesses": t.stale_accesses, "audit_violations": t.audit_violations,
                 "audit_entries_checked": t.audit_entries_checked,

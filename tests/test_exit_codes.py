@@ -9,12 +9,9 @@ import os
 import signal
 import sys
 
-import pytest
-
 from loadgen.cli.main import exit_code_of
 from services.common import exitcodes
 from services.common.errors import InvalidArgument
-from tests.harness import InProcessCluster
 from tlbsim.v1 import memory_pb2
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -48,12 +45,6 @@ def test_the_codes_are_distinct_and_documented():
     table = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
     for code in codes:
         assert f"\n| {code} | " in table, code
-
-
-@pytest.fixture
-async def cluster():
-    async with InProcessCluster(cpus=4) as c:
-        yield c
 
 
 async def epoch(c) -> int:

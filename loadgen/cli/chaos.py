@@ -48,25 +48,25 @@ def _chaos(args: argparse.Namespace) -> int:
     if args.kind in (*CPU_KINDS, "kill-cpu") and args.cpu is None:
         raise InvalidArgument(f"chaos {args.kind} needs --cpu N")
     info = load_state(args.state)  # a broken file: usage (2); none: no cluster (4)
-    faults = Injector(LocalCluster.adopt(info))
+    injector = Injector(LocalCluster.adopt(info))
     settings = Settings(ack_delay_s=args.delay, drop_fraction=args.fraction, seed=args.seed)
 
     async def main() -> str:
         if args.kind == "heal":
-            cpus = [args.cpu] if args.cpu is not None else faults.cpus()
-            await asyncio.gather(*(faults.set_plan(c, ChaosPlan()) for c in cpus))
+            cpus = [args.cpu] if args.cpu is not None else injector.cpus()
+            await asyncio.gather(*(injector.set_plan(c, ChaosPlan()) for c in cpus))
             return f"healed cpus {cpus}"
         if args.kind == "start-broker":
-            await faults.start_broker()
+            await injector.start_broker()
             return "MQTT broker started"
-        what = await faults.inject(args.kind, args.cpu, settings)
+        what = await injector.inject(args.kind, args.cpu, settings)
         if not lasting(args.kind):
             return what
         if args.hold is None:
             heal = f"heal --cpu {args.cpu}" if args.kind in CPU_KINDS else "start-broker"
             return f"{what} until `tlbsim chaos {heal}`"
         await asyncio.sleep(args.hold)
-        await faults.heal(args.kind, args.cpu)
+        await injector.heal(args.kind, args.cpu)
         return f"{what} for {args.hold:g} s, " + \
             ("healed" if args.kind in CPU_KINDS else "started again")
 

@@ -104,7 +104,7 @@ def add_commands(sub) -> None:
                     "kill-cpu, delay-acks, drop-flushes, partition, restart-coordinator, "
                     "stop-broker (when the cluster has MQTT). It checks the oracle, every "
                     "segment's audit, frames freed without acknowledgement, hung calls, and "
-                    "that every CPU rejoins; it prints ops, faults by kind and violations, "
+                    "that every CPU rejoins; it prints ops, injected faults by kind and violations, "
                     "and exits 1 on any violation.\n\n"
                     "example:\n  tlbsim load soak --duration 10m --chaos --cpus 4 --json soak.json")
     s.add_argument("--duration", default="60s", help="how long, e.g. 90s, 10m (default 60s)")
@@ -308,8 +308,8 @@ def print_soak(report: dict) -> None:
                 "timed_out_calls", "deadline_misses", "cpus_left", "fenced_seen", "rejoined",
                 "rejoin_s_max", "redeliveries", "unknown_targets", "shootdown_retries"):
         table.add_row(key.replace("_", " "), str(r[key]))
-    for kind, n in r["faults"].items():
-        table.add_row(f"  fault {kind}", str(n))
+    for kind, n in r["injected"].items():
+        table.add_row(f"  injected {kind}", str(n))
     for code, n in r["failed_calls"].items():
         table.add_row(f"  calls failed {code}", str(n))
     console.print(table)

@@ -134,11 +134,3 @@ def _json(line: str, n: int):
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise TraceError(f"line {n}: not JSON ({e.msg} at column {e.colno})") from None
-
-
-def iter_counts(events: Iterable[dict]) -> Iterator[tuple[str, str]]:
-    """(op, call name) of each system-call event, as strace names the call."""
-    for e in events:
-        if e["op"] in ("access", "end"):
-            continue
-        yield e["op"], e.get("call", e["op"])

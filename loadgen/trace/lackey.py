@@ -35,7 +35,7 @@ _CONTINUATION = re.compile(r"^\s*-->")
 # The fast path of `feed` (nearly every line of a log is one of these two).
 _INSTRUCTION_LINE = re.compile(r"I  [0-9a-f]+,\d+\n?")
 _DATA_LINE = re.compile(r" ([LSM]) ([0-9a-f]+),(\d+)\n?")
-PROT_WRITE, MAP_FIXED = 0x2, 0x10
+MAP_FIXED = 0x10
 CLONE_VM, CLONE_VFORK, CLONE_THREAD = 0x100, 0x4000, 0x10000
 MADV = {0: "MADV_NORMAL", 1: "MADV_RANDOM", 2: "MADV_SEQUENTIAL", 3: "MADV_WILLNEED",
         4: "MADV_DONTNEED", 8: "MADV_FREE", 14: "MADV_HUGEPAGE", 15: "MADV_NOHUGEPAGE"}

@@ -11,8 +11,6 @@ VA_BITS = 48
 USER_VA_END = 1 << (VA_BITS - 1)          # user space is the canonical lower half
 USER_VPN_END = USER_VA_END >> PAGE_SHIFT  # 2**35 pages
 PTE_TABLE_PAGES = PTRS_PER_TABLE          # one PTE table maps 2 MiB
-PMD_TABLE_PAGES = PTRS_PER_TABLE ** 2     # one PMD table maps 1 GiB
-PUD_TABLE_PAGES = PTRS_PER_TABLE ** 3     # one PUD table maps 512 GiB
 
 
 def is_canonical(address: int) -> bool:

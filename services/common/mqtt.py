@@ -144,9 +144,6 @@ class MqttLink:
         self.topics = topics
         self.on_message = on_message
         self.while_down = while_down
-        self.connects = 0  # successful (re)connections, for tests and logs
-        self.last_error = ""  # why the last connection attempt failed
-        self.dropped = 0  # publish_soon messages dropped because too many were pending
         self.outages = Outages()  # time without the broker (a metric of the coordinator)
         self._client: aiomqtt.Client | None = None
         self._up = asyncio.Event()
@@ -196,7 +193,6 @@ class MqttLink:
         MAX_PENDING_OUT wait at once: past that the message is dropped (the sender's
         shootdown falls back to gRPC), so a stalled broker cannot grow memory."""
         if len(self._pending) >= MAX_PENDING_OUT:
-            self.dropped += 1
             log.debug("%s: %d publishes pending; dropping one to %s", self.name,
                       len(self._pending), topic)
             return
@@ -222,7 +218,6 @@ class MqttLink:
                     for topic in self.topics:
                         await client.subscribe(topic, qos=1)
                     self._client = client
-                    self.connects += 1
                     self.outages.up()
                     self._up.set()
                     backoff = BACKOFF_S[0]
@@ -239,7 +234,6 @@ class MqttLink:
                             log.exception("%s: handling a message on %s failed", self.name,
                                           message.topic)
             except aiomqtt.MqttError as e:
-                self.last_error = str(e)
                 if not self._said_down:
                     who = self.credentials.username
                     what = "unreachable"

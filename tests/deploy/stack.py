@@ -7,13 +7,14 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from services.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -85,12 +86,6 @@ def exec_form(k: str) -> list[str]:
 
 
 # --- processes ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LoopbackMap:
     """Every (service, container port) of the compose network becomes 127.0.0.1 and a free
     port of this machine; values are rewritten with it, nothing else changes."""

@@ -8,7 +8,7 @@ import pytest
 from loadgen.runner import run
 from loadgen.scenarios import RunConfig
 from services.common.policy import Policy
-from tests.harness import InProcessCluster
+from tests.harness import STEADY, InProcessCluster, until
 from tlbsim.v1 import coordinator_pb2, cpu_pb2, memory_pb2
 
 
@@ -55,7 +55,8 @@ async def test_delayed_acks_fence_the_cpu_which_rejoins_flushed():
 
 @pytest.mark.parametrize("transport", ["grpc", "stream"])
 async def test_dropped_flushes_are_redelivered_not_fenced(transport):
-    async with InProcessCluster(cpus=4) as c:
+    # STEADY: no CPU may fence itself on a late heartbeat here; only the drops are tested.
+    async with InProcessCluster(cpus=4, liveness=STEADY) as c:
         await c.client.reset(Policy(), 4)
         await chaos(c, 2, drop_fraction=0.5, seed=7)
         cfg = RunConfig("munmap", Policy(deadline_s=5.0, transport=transport), cpus=4,
@@ -132,12 +133,17 @@ async def test_frames_freed_without_ack_count_the_unsafe_order(unsafe, early):
 async def test_coordinator_restart_mid_shootdown_retries_and_waits_for_the_targets():
     """The shootdown is in flight (a CPU holds its ack) when the coordinator dies. The
     memory service sends it again; the new coordinator knows no CPU and waits for the
-    targets to register before it counts them; the frames are freed after that."""
+    targets to register before it counts them; the frames are freed after that.
+
+    Each step waits for the event the story needs, not for a time: the ack is held until
+    the coordinator is gone (the longest delay there is), and the leases (STEADY) outlast
+    the test, so the new coordinator waits for cpu 1 until the test heals it."""
+    from services.common.chaos import MAX_ACK_DELAY_S
     from services.common.server import start_server
     from services.coordinator.service import CoordinatorNode
     from tlbsim.v1 import common_pb2
 
-    async with InProcessCluster(cpus=2) as c:
+    async with InProcessCluster(cpus=2, liveness=STEADY) as c:
         await c.client.reset(Policy(deadline_s=5.0), 2)
         cpu0, cpu1 = c.client.cpus
         mm = (await c.client.memory.CreateMm(memory_pb2.CreateMmRequest(),
@@ -149,16 +155,21 @@ async def test_coordinator_restart_mid_shootdown_retries_and_waits_for_the_targe
         pages = [address + i * 4096 for i in range(16)]
         for cpu in (cpu0, cpu1):
             await cpu.stub.Access(cpu_pb2.AccessRequest(addresses=pages, writes=b"\x01" * 16))
-        await chaos(c, 1, ack_delay_s=1.0)
+        await chaos(c, 1, ack_delay_s=MAX_ACK_DELAY_S)
         munmap = asyncio.ensure_future(cpu0.stub.Syscall(common_pb2.SyscallRequest(
             munmap=common_pb2.RangeArgs(address=address, pages=16)), timeout=30))
-        await asyncio.sleep(0.3)  # the shootdown waits for cpu 1's held ack
+        held = c.cpus[1].node.chaos_counts
+        await until(lambda: held.acks_delayed == 1, "cpu 1 holding the shootdown's ack")
         await chaos(c, 1, partitioned=True)  # and cpu 1 cannot re-register at once
         where = c.coordinator.address
         await c.coordinator.stop(0)
-        c.coordinator = await start_server(CoordinatorNode(), where)
-        await asyncio.sleep(0.5)  # the retried shootdown waits for cpu 1, unknown
-        assert not munmap.done()
+        c.coordinator = await start_server(CoordinatorNode(liveness=STEADY), where)
+        node = c.coordinator.node
+        await until(lambda: node.stats.unknown_targets >= 1, "the retried shootdown")
+        # cpu 0 re-registering takes a heartbeat or more: time the munmap would have had
+        # to finish, were cpu 1 (never seen by the new coordinator) not waited for.
+        await until(lambda: node.fencing.known(0), "cpu 0 registering with the new one")
+        assert not munmap.done() and not node.fencing.known(1)
         await chaos(c, 1)  # heal: it registers and takes the flush
         result = await munmap
         assert result.pages_freed == 16

@@ -5,13 +5,6 @@ import pytest
 from loadgen.runner import failed, run
 from loadgen.scenarios import RunConfig
 from services.common.policy import Policy
-from tests.harness import InProcessCluster
-
-
-@pytest.fixture
-async def cluster():
-    async with InProcessCluster(cpus=4) as c:
-        yield c
 
 
 def cfg(pages=512, rounds=5, **policy) -> RunConfig:

@@ -48,7 +48,7 @@ def test_services_listen_on_loopback_by_default():
     assert inspect.signature(start_server).parameters["listen"].default == "127.0.0.1:0"
     args = cli.build_parser().parse_args(["serve", "coordinator"])
     assert args.listen == "127.0.0.1:0"
-    assert '"--listen", "127.0.0.1:0"' in inspect.getsource(launcher)  # `tlbsim up`'s children
+    assert '"--listen", "127.0.0.1:0"' in inspect.getsource(launcher.processes)  # its children
     assert "listener {port} 127.0.0.1" in inspect.getsource(launcher.mosquitto_config)
     assert is_loopback("127.0.0.1:0") and is_loopback("[::1]:5") and is_loopback("localhost:1")
     assert not is_loopback("0.0.0.0:50051") and not is_loopback("[::]:1")

@@ -4,13 +4,6 @@ import pytest
 from loadgen.runner import failed, run
 from loadgen.scenarios import RunConfig
 from services.common.policy import Policy
-from tests.harness import InProcessCluster
-
-
-@pytest.fixture
-async def cluster():
-    async with InProcessCluster(cpus=4) as c:
-        yield c
 
 
 def cfg(scenario, rounds=1, pages=64, resident=2048, children=3, **policy) -> RunConfig:

@@ -16,16 +16,9 @@ from loadgen.plot import plot_compare, plot_report
 from loadgen.scenarios import RunConfig
 from services.common.errors import InvalidArgument
 from services.common.policy import Policy
-from tests.harness import InProcessCluster
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CONFIG = RunConfig("munmap", Policy(), cpus=4, pages=16, rounds=2).as_dict()
-
-
-@pytest.fixture
-async def cluster():
-    async with InProcessCluster(cpus=4) as c:
-        yield c
 
 
 def side(label, spec, **kw) -> Side:

@@ -1,8 +1,6 @@
 """Modelled time over real gRPC (issue 9): the range-flush crossover of the x86 cost model
 lies near the kernel's 33 pages, broadcast invalidation moves it, and reports and
 compare tables carry modelled time next to wall time."""
-import pytest
-
 from loadgen import output
 from loadgen.compare import Side, compare
 from loadgen.costbench import ceiling_sweep, crossover
@@ -10,13 +8,6 @@ from loadgen.runner import run
 from loadgen.scenarios import RunConfig
 from services.common import costmodel
 from services.common.policy import Policy
-from tests.harness import InProcessCluster
-
-
-@pytest.fixture
-async def cluster():
-    async with InProcessCluster(cpus=4) as c:
-        yield c
 
 
 def test_crossover_is_the_first_page_count_where_full_is_no_dearer():

@@ -7,13 +7,6 @@ from loadgen.scenarios import SCENARIOS, RunConfig
 from loadgen.scenarios.mixed import parse_mix
 from services.common.errors import InvalidArgument
 from services.common.policy import Policy
-from tests.harness import InProcessCluster
-
-
-@pytest.fixture
-async def cluster():
-    async with InProcessCluster(cpus=4) as c:
-        yield c
 
 
 def cfg(scenario, cpus=4, **kw) -> RunConfig:
@@ -57,9 +50,10 @@ async def test_mprotect_above_the_ceiling_is_a_full_flush(cluster):
     assert r["shootdowns"] == 2 and r["full_flushes"] == 2
 
 
-async def test_fault_scaling_reports_the_faulters_rate(cluster):
+async def test_fault_scaling_reports_the_faulters_rate(steady_cluster):
+    client = steady_cluster.client
     for lock in ("mm", "split"):
-        r = safe(await run(cluster.client, cfg("fault-scaling", pages=512, rounds=1, lock=lock)))
+        r = safe(await run(client, cfg("fault-scaling", pages=512, rounds=1, lock=lock)))
         assert r["faults"] >= 2 * 512          # two faulters, a 2 MiB region each
         assert r["faulting_faults_per_s"] > 0
         assert r["syscalls"]["madvise_dontneed"] >= 1 and r["shootdowns"] >= 1
@@ -67,14 +61,14 @@ async def test_fault_scaling_reports_the_faulters_rate(cluster):
             assert r["contended_locks"] == 0   # the churners' tables are not the faulters'
 
 
-async def test_mixed_is_deterministic_in_its_calls_and_safe(cluster):
-    a = safe(await run(cluster.client, cfg("mixed", pages=32, rounds=2, seed=7)))
-    b = safe(await run(cluster.client, cfg("mixed", pages=32, rounds=2, seed=7)))
+async def test_mixed_is_deterministic_in_its_calls_and_safe(steady_cluster):
+    client = steady_cluster.client
+    a = safe(await run(client, cfg("mixed", pages=32, rounds=2, seed=7)))
+    b = safe(await run(client, cfg("mixed", pages=32, rounds=2, seed=7)))
     assert a["syscalls"] == b["syscalls"]     # the same seed draws the same operations
     assert {"mmap", "munmap"} <= set(a["syscalls"])
     assert a["shootdowns"] > 0 and a["ops"] > 4 * 2 * 20
-    only_reads = safe(await run(cluster.client, cfg("mixed", pages=16, rounds=1,
-                                                    mix="read=1")))
+    only_reads = safe(await run(client, cfg("mixed", pages=16, rounds=1, mix="read=1")))
     assert only_reads["syscalls"] == {"mmap": 1} and only_reads["shootdowns"] == 0
 
 

@@ -16,17 +16,10 @@ from loadgen.runner import failed, run
 from loadgen.scenarios import RunConfig
 from loadgen.trace.fmt import read_trace
 from services.common.policy import Policy
-from tests.harness import InProcessCluster
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "traces")
 TRACES = sorted(f for f in os.listdir(FIXTURES) if f.endswith(".tlbt.gz"))
 TLBSIM = [sys.executable, "-m", "loadgen"]
-
-
-@pytest.fixture
-async def cluster():
-    async with InProcessCluster(cpus=4) as c:
-        yield c
 
 
 async def replay(cluster, path, **policy) -> dict:

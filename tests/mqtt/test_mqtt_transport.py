@@ -12,7 +12,8 @@ import pytest
 from loadgen.runner import run
 from loadgen.scenarios import RunConfig
 from services.common.mqtt import MqttUrl
-from services.common.policy import TRANSPORTS, Policy
+from services.common import wire
+from services.common.policy import Policy, Transport
 from tests.harness import InProcessCluster
 from tests.mqtt.tap import Tap
 from tlbsim.v1 import common_pb2, coordinator_pb2, cpu_pb2, memory_pb2
@@ -26,8 +27,8 @@ async def stats(c: InProcessCluster) -> coordinator_pb2.CoordinatorStats:
 
 async def mqtt_resumes(c: InProcessCluster, cpus: list[int], timeout: float = 20.0) -> None:
     """Until a bare MQTT ping reaches every CPU (coordinator and CPUs reconnected)."""
-    ping = coordinator_pb2.PingFanoutRequest(targets=cpus, transport=TRANSPORTS["mqtt"],
-                                             rounds=1)
+    ping = coordinator_pb2.PingFanoutRequest(
+        targets=cpus, transport=wire.transport_to_proto(Transport.MQTT), rounds=1)
     loop = asyncio.get_running_loop()
     give_up = loop.time() + timeout
     while True:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -19,6 +18,7 @@ from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common import prometheus
+from services.launcher import free_port
 from tests.harness import InProcessCluster
 
 SCRAPE_S = 1  # the tests' scrape and rule-evaluation interval
@@ -27,12 +27,6 @@ requires_prometheus = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
     reason="Debian's prometheus package (prometheus, promtool) is not installed; "
            "tools/setup-debian.sh installs it")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> str:
@@ -133,12 +127,6 @@ def _epoch(rfc3339: str) -> float:
     from datetime import datetime
     base = datetime.fromisoformat(m.group(1) + (m.group(3).replace("Z", "+00:00")))
     return base.timestamp() + float(m.group(2) or 0)
-
-
-@pytest.fixture
-async def cluster():
-    async with InProcessCluster(cpus=4) as c:
-        yield c
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ from loadgen.runner import run
 from loadgen.scenarios import RunConfig
 from services.common.mqtt import Outages
 from services.common.policy import Policy
-from tests.harness import InProcessCluster
-from tests.mqtt.conftest import broker  # noqa: F401  (the fixture)
+from tests.harness import InProcessCluster, until
 from tests.observability.conftest import Exporters, Prometheus, requires_prometheus
 from tests.observability.test_dashboards import GRAFANA, load, panels, substitute
 from tlbsim.v1 import common_pb2, coordinator_pb2, cpu_pb2
@@ -41,18 +40,10 @@ def test_outages_count_the_time_without_the_broker():
     assert o.seconds() == 2.5
 
 
-async def until(condition, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the condition did not come true in time")
-
-
 @requires_prometheus
 @pytest.mark.slow
 async def test_delivery_panels_show_fallbacks_outages_redeliveries_and_unknown_targets(
-        broker, tmp_path):  # noqa: F811
+        broker, tmp_path):
     async with InProcessCluster(cpus=3, mqtt_url=broker.url) as c:
         await c.stop_cpu(2)
         await c.start_cpu(2, mqtt=False)  # never hears a broadcast: a fallback each time
@@ -69,7 +60,7 @@ async def test_delivery_panels_show_fallbacks_outages_redeliveries_and_unknown_t
 
             broker.kill()  # shootdowns go over gRPC while it is down
             link = c.coordinator.node.mqtt
-            await until(lambda: not link.connected)
+            await until(lambda: not link.connected, "the broker link going down")
             r = (await run(c.client, RunConfig("munmap", mqtt, cpus=3, pages=16, rounds=1,
                                                readers=False)))["results"]
             assert r["stale_accesses"] == 0

@@ -101,7 +101,10 @@ class World:
             return
         if op.kind == "exit":
             await wb.syscall(cpu, "exit")
-            self.regions.pop(mm, None)
+            # The mm the CPU ran when the call started: a switch of the same wave may
+            # have moved it since `mm_of` was read.
+            for gone in [m for m in self.regions if wb.k.mms[m].exited]:
+                self.regions.pop(gone)
             return
         if not self.regions[mm]:
             return

@@ -1,15 +1,16 @@
-"""Lock-order validation (lockdep-style) and wait accounting."""
+"""Lock-order validation (lockdep-style) and wait accounting, on a hand-moved clock: a\nwaiter is known to wait by an event it sets before it asks, not by sleeping."""
 import asyncio
 
 import pytest
 
+from services.common.clock import ManualClock
 from services.common.errors import Aborted
 from services.memory.locks import (LockClass, LockStats, LockValidator, OpContext, RwLock,
                                    SimLock)
 
 
-def ctx(validator=None, stats=None):
-    return OpContext(validator or LockValidator(), stats or LockStats())
+def ctx(validator=None, stats=None, clock=None):
+    return OpContext(validator or LockValidator(), stats or LockStats(), clock or ManualClock())
 
 
 async def test_the_documented_order_is_accepted():
@@ -49,38 +50,45 @@ async def test_same_class_must_go_by_ascending_key():
 
 
 async def test_waits_and_contention_are_counted():
-    stats = LockStats()
+    clock, stats = ManualClock(), LockStats()
     lock = SimLock(LockClass.PTL, "ptl:1", 1)
-    holder, waiter = ctx(stats=stats), ctx(stats=stats)
+    holder, waiter = ctx(stats=stats, clock=clock), ctx(stats=stats, clock=clock)
     await lock.acquire(holder)
+    asking = asyncio.Event()
 
     async def wait():
+        asking.set()
         async with waiter.locked(lock):
-            pass
+            clock.advance(3_000_000)  # it holds the lock 3 ms
 
     task = asyncio.create_task(wait())
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(asking.wait(), 10)  # it ran up to the lock and waits there
+    s = stats.by_class[LockClass.PTL]
+    assert s.acquisitions == 2 and s.contended == 1 and not task.done()
+    clock.advance(10_000_000)  # the holder keeps it 10 ms more
     lock.release(holder)
     await task
-    s = stats.by_class[LockClass.PTL]
-    assert s.acquisitions == 2 and s.contended == 1
-    assert max(s.wait_s) >= 0.009
+    assert list(s.wait_s) == [0.0, 0.010]  # the holder's own, the waiter's
+    assert list(s.hold_s) == [0.010, 0.003]
 
 
 async def test_rwlock_writer_excludes_readers_until_downgrade():
     lock = RwLock("mmap_lock:1", 1)
-    order = []
-    w = ctx()
+    stats = LockStats()
+    asking, reading, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def reader():
-        async with lock.read(ctx()):
-            order.append("read")
+        asking.set()
+        async with lock.read(ctx(stats=stats)):
+            reading.set()
+            await done.wait()  # still inside when the writer checks
 
-    async with lock.write(w) as held:
+    async with lock.write(ctx()) as held:
         task = asyncio.create_task(reader())
-        await asyncio.sleep(0.01)
-        assert order == []
+        await asyncio.wait_for(asking.wait(), 10)  # the reader waits for the writer
+        assert stats.by_class[LockClass.MMAP].contended == 1 and not reading.is_set()
         await held.downgrade()
-        await asyncio.sleep(0.01)
-        assert order == ["read"]  # shared after the downgrade
+        await asyncio.wait_for(reading.wait(), 10)  # shared after the downgrade: it got in
+        done.set()
     await task
+    assert lock._readers == 0 and not lock._writer

@@ -1,5 +1,6 @@
-"""A real mosquitto per test, on a free loopback port with a generated config (the
-launcher's own, with TCP_NODELAY); it can be killed and restarted on the same port."""
+"""A real mosquitto on a free loopback port with a generated config (the launcher's own,
+with TCP_NODELAY); it can be killed and restarted on the same port. The `broker` fixture
+(tests/conftest.py) starts one per test."""
 from __future__ import annotations
 
 import os
@@ -7,8 +8,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-
-import pytest
 
 from services import launcher
 
@@ -48,15 +47,3 @@ class Broker:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-
-
-@pytest.fixture
-def broker(tmp_path):
-    if BINARY is None:
-        pytest.skip("mosquitto is not installed (tools/setup-debian.sh installs it)")
-    b = Broker(tmp_path)
-    b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
