@@ -78,6 +78,9 @@ def virtual_block(report: dict) -> Block | None:
         value = m.value(report)
         if value is not None and (value or m.path.endswith(("late_flush_hits", "inversions"))):
             rows.append((m.heading, m.text(value)))
+    if r["virtual"].get("perturbed"):
+        rows.insert(0, ("warning", "CPUs were fenced (deadline or lease missed): these "
+                                   "figures depend on the host's load"))
     model = report["config"].get("cost_model", "")
     return f"virtual time (cost model {model}; rates per virtual second)", rows
 

@@ -149,6 +149,10 @@ async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: f
     }
     if virtual is not None:
         results["virtual"] = virtual_results(virtual, m, mem, audit.dumps)
+        # A fence (a wall-clock deadline or lease missed on a starved host) changes what
+        # ran: the virtual figures are then not the configuration's alone.
+        results["virtual"]["perturbed"] = bool(coord.deadline_misses or m.fenced_waits
+                                               or results["fenced_cpus"])
     return {"version": REPORT_VERSION, "scenario": cfg.scenario, "config": cfg.as_dict(),
             "epoch": epoch, "interrupted": interrupted, "results": results,
             "violations": m.violations[:20],

@@ -30,6 +30,10 @@ from typing import Any, Awaitable
 # counts the accesses it was late for).
 DEFAULT_QUANTUM_NS = 1000
 
+# A virtual run's default shootdown deadline (wall seconds): a CPU fenced for missing one
+# on a starved host would change the run (results.virtual.perturbed says so).
+VIRTUAL_DEADLINE_S = 30.0
+
 # The virtual time the current thread's last operation ended (asyncio copies it into
 # every task a thread starts).
 _thread_time: contextvars.ContextVar[int] = contextvars.ContextVar("thread_time", default=0)

@@ -10,7 +10,7 @@ from loadgen.scenarios import check as check_scenario
 from loadgen.scenarios.flush_ceiling import DEFAULT_WORKING_SET
 from services.common import costmodel
 from services.common import policy as pol
-from loadgen.vsched import DEFAULT_QUANTUM_NS
+from loadgen.vsched import DEFAULT_QUANTUM_NS, VIRTUAL_DEADLINE_S
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.paths import check_writable_file
 
@@ -82,8 +82,11 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reclaim-batch", type=int, default=d.reclaim_batch,
                    help="pages reclaim unmaps per batched flush, as Linux's SWAP_CLUSTER_MAX "
                         f"(default {d.reclaim_batch}); 0 puts everything it frees into one flush")
-    g.add_argument("--deadline", type=float, default=d.deadline_s,
-                   help="seconds a CPU has to acknowledge a shootdown before it is fenced")
+    g.add_argument("--deadline", type=float, default=None,
+                   help="seconds a CPU has to acknowledge a shootdown before it is fenced "
+                        f"(default {d.deadline_s:g}; with --timing virtual "
+                        f"{VIRTUAL_DEADLINE_S:g}: a fence changes the run, and a loaded "
+                        "host must not change a virtual-time answer)")
     g.add_argument("--cost-model", default=d.cost_model.name, metavar="x86|invlpgb|PATH",
                    help="prices every counted event in ns for the report's modelled time: "
                         "x86 (IPIs, invlpg per page, refills after a full flush), invlpgb "
@@ -97,7 +100,9 @@ def policy_from(args: argparse.Namespace, scenario: str | None = None) -> pol.Po
     return pol.Policy(lock=args.lock, flush=args.flush, ceiling=args.ceiling, batch=args.batch,
                       lazy_tlb=args.lazy_tlb == "on", transport=args.transport,
                       tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways, unsafe=args.unsafe,
-                      deadline_s=args.deadline, mqtt_qos=args.mqtt_qos, fork=values["fork"],
+                      deadline_s=args.deadline if args.deadline is not None else
+                      VIRTUAL_DEADLINE_S if args.timing == "virtual" else d.deadline_s,
+                      mqtt_qos=args.mqtt_qos, fork=values["fork"],
                       shared_flush=args.shared_flush, frames=values["frames"],
                       reclaim_batch=args.reclaim_batch, asids=args.asids,
                       zero_page=args.zero_page == "on", hw_broadcast=args.broadcast == "hw",

@@ -179,9 +179,10 @@ class Flusher:
             zap.local.append(order)
         running = {c for c in mm.cpumask if k.runs(c, mm)}
         lazy = {c for c in mm.cpumask if k.is_lazy(c, mm)}
-        trim = len(running) + len(lazy) < len(mm.cpumask) and k.clock() >= mm.trim_at_ns
+        now = vt if vt is not None else k.clock()  # virtual time trims on its own clock
+        trim = len(running) + len(lazy) < len(mm.cpumask) and now >= mm.trim_at_ns
         if trim:
-            mm.trim_at_ns = k.clock() + TRIM_EVERY_NS
+            mm.trim_at_ns = now + TRIM_EVERY_NS
         targets, skipped = flush_targets(
             mm.cpumask, initiator, running, lazy,
             spec.freed_tables and k.rules.keeps(Rule.FREED_TABLES_LAZY), trim)
