@@ -101,7 +101,7 @@ def policy_from(args: argparse.Namespace, scenario: str | None = None) -> pol.Po
                       lazy_tlb=args.lazy_tlb == "on", transport=args.transport,
                       tlb_entries=args.tlb_entries, tlb_ways=args.tlb_ways, unsafe=args.unsafe,
                       deadline_s=args.deadline if args.deadline is not None else
-                      VIRTUAL_DEADLINE_S if args.timing == "virtual" else d.deadline_s,
+                      VIRTUAL_DEADLINE_S if args.timing == "virtual" else pol.DEFAULT_DEADLINE_S,
                       mqtt_qos=args.mqtt_qos, fork=values["fork"],
                       shared_flush=args.shared_flush, frames=values["frames"],
                       reclaim_batch=args.reclaim_batch, asids=args.asids,
