@@ -134,6 +134,12 @@ def flush_ack(shootdown_id: int, cpu: int, outcome: str,
                                outcome=FLUSH_OUTCOMES[outcome], entries_removed=entries_removed)
 
 
+def not_loaded(ack: common_pb2.FlushAck) -> bool:
+    """The CPU did not run the mm when the flush arrived: it flushed nothing and left
+    the mm (a lazy one switched to init_mm)."""
+    return ack.outcome == common_pb2.FLUSH_OUTCOME_NOT_LOADED
+
+
 def elided(ack: common_pb2.FlushAck) -> bool:
     """The CPU found nothing to flush (its generation was already current)."""
     return ack.outcome == common_pb2.FLUSH_OUTCOME_ELIDED

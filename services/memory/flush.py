@@ -202,7 +202,7 @@ class Flusher:
         if ctx is not None and ctx.vt is not None and result.done_vt is not None:
             k.stats.shootdown_vt_ns.append(result.done_vt - ctx.vt)
             ctx.vt = max(ctx.vt, result.done_vt)  # the initiator waits for the last ack
-        self.not_loaded(mm, targets)
+        self.not_loaded(mm, result.not_loaded)
 
     def _broadcasts(self, mm: Mm) -> bool:
         """--broadcast hw: INVLPGB, for an mm with a global ASID — active on 4 or more
@@ -214,13 +214,14 @@ class Flusher:
             return True
         return p.hw_broadcast and sum(1 for c in mm.cpumask if k.runs(c, mm)) >= 4
 
-    def not_loaded(self, mm: Mm, targets: list[int]) -> None:
-        """What the targets that did not run `mm` did on receiving its flush
-        (flush_tlb_func): a lazy one switched to init_mm, one running another mm (or
-        idle) left the mask. Judged now, as each does on its own CPU: one that switched
-        back to the mm meanwhile stays."""
+    def not_loaded(self, mm: Mm, cpus: list[int]) -> None:
+        """The targets that did not run `mm` when its flush reached them (their acks say
+        so) left it (flush_tlb_func): a lazy one switched to init_mm, one running another
+        mm (or idle) left the mask. A target that ran the mm then and went lazy since
+        stays lazy, in the mask, with the mm's tables loaded: later flushes that free
+        tables must still reach it. One that switched back to the mm meanwhile stays."""
         k = self.k
-        for cpu in targets:
+        for cpu in cpus:
             if k.is_lazy(cpu, mm):
                 del k.lazy_mm[cpu]
             elif not k.runs(cpu, mm):

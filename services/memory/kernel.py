@@ -131,11 +131,12 @@ class Kernel:
         k = self.k
         new = k.mm(mm_id) if mm_id else None
         prev = k.cpu_mm.get(cpu, 0)
-        k.lazy_mm.pop(cpu, None)
+        lazily = k.lazy_mm.pop(cpu, None)
         if new is None:
             k.cpu_mm[cpu] = 0
-            if prev and k.policy.lazy_tlb:
-                k.lazy_mm[cpu] = prev
+            kept = prev or lazily  # idle again: the mm it kept loaded stays loaded
+            if kept and k.policy.lazy_tlb:
+                k.lazy_mm[cpu] = kept
             return 0
         new.cpumask.add(cpu)
         k.cpu_mm[cpu] = mm_id

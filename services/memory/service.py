@@ -159,6 +159,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             raise Unavailable(f"shootdown {order.shootdown_id}: the coordinator reported "
                               f"neither an ack nor a fence for cpus {sorted(missing)}")
         return ShootdownResult(acked=acked, fenced=fenced,
+                               not_loaded=[a.cpu for a in reply.acks if wire.not_loaded(a)],
                                done_vt=reply.done_vtime_ns
                                if reply.HasField("done_vtime_ns") else None)
 

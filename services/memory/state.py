@@ -49,6 +49,10 @@ class ShootdownResult:
     acked: list[int]
     fenced: list[int]
     done_vt: int | None = None  # virtual time the last target's ack arrived
+    # Targets whose ack said they did not run the mm when the flush arrived (they left
+    # it: flush_tlb_func's switch to init_mm, or the mask's trim). What a target did is
+    # its own to say: the kernel's view of it may have moved on since.
+    not_loaded: list[int] = dataclasses.field(default_factory=list)
 
 
 # Delivers a shootdown to its targets; returns once every one acked or was fenced.

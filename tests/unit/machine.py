@@ -10,6 +10,7 @@ from array import array
 from services.common import vtime
 from services.common.policy import Policy
 from services.cpu.core import CpuCore
+from services.cpu.tlb import NOT_LOADED
 from services.memory.kernel import FlushOrder, Kernel, ShootdownResult
 
 
@@ -85,7 +86,7 @@ def make_machine(ncpus: int = 4, broken: frozenset = frozenset(), **policy) -> M
 
     async def port(order: FlushOrder, targets: list[int]) -> ShootdownResult:
         log.append(("shootdown", order.mm, order.start_vpn, order.pages, tuple(targets)))
-        acked, fenced, handlers = [], [], []
+        acked, fenced, handlers, left = [], [], [], []
         d = None if order.sent_vt is None else vtime.deliver(
             order.sent_vt, targets, order.hardware, order.pages, p.cost_model, fabric)
         for t in targets:
@@ -93,11 +94,14 @@ def make_machine(ncpus: int = 4, broken: frozenset = frozenset(), **policy) -> M
                 cpus[t].fence()
                 fenced.append(t)
             else:
-                _, _, done = cpus[t].take_flush(order, d and d.arrivals[t], order.hardware)
+                outcome, _, done = cpus[t].take_flush(order, d and d.arrivals[t],
+                                                      order.hardware)
                 if done is not None:
                     handlers.append(done)
+                if outcome == NOT_LOADED:
+                    left.append(t)
                 acked.append(t)
-        return ShootdownResult(acked, fenced, d.done(handlers) if d else None)
+        return ShootdownResult(acked, fenced, d.done(handlers) if d else None, left)
 
     p = Policy(**policy)
     fabric = vtime.Server()

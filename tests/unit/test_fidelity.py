@@ -72,6 +72,53 @@ async def test_a_lazy_cpu_receiving_a_flush_switches_to_init_mm_and_flushes_when
     assert m.kernel.oracle.stale == 0 and m.kernel.audit(m.dumps())[1] == []
 
 
+async def test_a_cpu_that_goes_lazy_after_taking_a_flush_stays_lazy_on_the_mm():
+    """flush_tlb_func runs on the target: what it did is the target's to say (its ack).
+    CPU 1 takes munmap's flush while it runs the mm, then goes lazy before the munmap
+    returns: it still has the mm loaded, so the next flush that frees no table skips it
+    as lazy (should_flush_tlb) instead of sending it an IPI. (The kernel used to judge
+    from its own view after the fact and take CPU 1 for one that had switched to
+    init_mm.)"""
+    m = make_machine(3)
+    mm, base, addrs = await proc(m, (0, 1, 2), 8)
+    k = m.kernel
+    deliver = k.shootdown
+
+    async def goes_lazy_after_the_flush(order, targets):
+        result = await deliver(order, targets)
+        if 1 in targets and m.cpus[1].loaded_mm == mm and not m.cpus[1].lazy:
+            await m.switch(1, 0)  # idle, lazily keeping the mm, before the call returns
+        return result
+
+    k.shootdown = goes_lazy_after_the_flush
+    await m.syscall(0, "munmap", base, 1)
+    k.shootdown = deliver
+    assert m.cpus[1].lazy and m.cpus[1].loaded_mm == mm and k.k.is_lazy(1, k.mms[mm])
+    m.log.clear()
+    await m.syscall(0, "munmap", base + PAGE, 1)
+    assert [e[4] for e in m.log] == [(2,)] and k.stats.lazy_skipped == 1
+
+
+async def test_an_idle_cpu_going_idle_again_keeps_its_lazy_mm_and_gets_the_table_flush():
+    """Idle twice in a row (enter_lazy_tlb again): the mm stays loaded, so exit's flush,
+    which frees the tables, must still reach the CPU. (Found by the 5000-example
+    property run: the second idle dropped the kernel's record of the lazy mm, a flush
+    took the CPU out of the mask, and exit's flush skipped it; the audit saw it holding
+    translations through freed tables.)"""
+    m = make_machine(3)
+    mm, base, addrs = await proc(m, (0, 1, 2), 8)
+    k = m.kernel
+    await m.switch(1, 0)
+    await m.switch(1, 0)
+    assert m.cpus[1].lazy and m.cpus[1].loaded_mm == mm and k.k.is_lazy(1, k.mms[mm])
+    await m.syscall(0, "munmap", base, 1)  # frees no table: CPU 1 is skipped, as lazy
+    assert 1 in k.mms[mm].cpumask
+    m.log.clear()
+    await m.syscall(0, "exit")
+    assert any(1 in e[4] for e in m.log), m.log  # exit's flush (freed tables) reached it
+    assert m.cpus[1].loaded_mm == 0 and k.audit(m.dumps())[1] == []
+
+
 # E, F. arch_tlbbatch_flush -> native_flush_tlb_multi(freed_tables false) ->
 #    should_flush_tlb: reclaim's batched flush skips lazy CPUs; flush_tlb_func with
 #    f->mm == NULL flushes only the mm the receiver runs and brings it up to date.
