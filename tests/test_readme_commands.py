@@ -40,6 +40,9 @@ NOT_RUN = {
                                        "tests/observability starts Prometheus",
     "tlbsim up --cpus 4 --detach && tlbsim load run munmap --cpus 4 && tlbsim down":
         "needs certificates (TLBSIM_TLS_*); tests/integration/test_security.py",
+    "tlbsim reproduce lameter-2005 --json lameter.json":
+        "minutes on up to 64 CPUs in virtual time; tests/loadgen/test_virtual.py runs the "
+        "mode, tests/loadgen/test_reproduce.py a table",
     "tlbsim chaos partition --cpu 2 --for 3":
         "chaos is tests/test_chaos_processes.py's (real processes, every kind)",
     "tlbsim trace record --accesses -o threads-munmap.tlbt.gz -- ./threads-munmap":

@@ -158,8 +158,8 @@ def _record(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from loadgen.reproduce import TABLES, main
     if args.list:
-        for t in TABLES.values():
-            output.console.print(f"{t.name:14} {t.title}  [dim]({t.source})[/dim]")
+        for t in TABLES.values():  # one line each, tab-separated: a script can read it
+            print(f"{t.name}\t{t.title}\t{t.source}")
         return 0
     if args.table is None:
         raise InvalidArgument(f"name a table ({', '.join(TABLES)}, or all), or give --list")
