@@ -9,9 +9,8 @@ import time
 
 from loadgen.cluster import Cluster
 from loadgen.modelled import machine_events, modelled_results
-from loadgen.scenarios import SCENARIOS, VIRTUAL, Driver, Measurements, Progress, RunConfig
+from loadgen.scenarios import SCENARIOS, Driver, Measurements, Progress, RunConfig
 from loadgen.vsched import VirtualScheduler
-from services.common.errors import InvalidArgument
 from services.common.stats import p50_p99
 from tlbsim.v1 import coordinator_pb2, memory_pb2
 
@@ -38,9 +37,6 @@ async def run(cluster: Cluster, cfg: RunConfig, progress: Progress = lambda n: N
     """Reset the cluster under the run's policy, drive the scenario, audit, report."""
     scenario = SCENARIOS[cfg.scenario]
     virtual = VirtualScheduler(cfg.quantum_ns) if cfg.policy.virtual else None
-    if virtual is not None and cfg.scenario not in VIRTUAL:
-        raise InvalidArgument(f"{cfg.scenario} has no virtual-time mode yet: --timing virtual "
-                              f"runs {', '.join(sorted(VIRTUAL))}")
     epoch = await cluster.reset(cfg.policy, cfg.cpus)
     m = Measurements()
     d = Driver(cluster, m, virtual)

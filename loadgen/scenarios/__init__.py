@@ -1,5 +1,9 @@
 """Workloads, one module each; the registry maps a scenario's name to its `run`.
 
+A scenario's concurrent threads go through `Driver.gather` and its waits through
+`Driver.pause`, never asyncio directly: that is what lets every scenario run in virtual
+time (--timing virtual, loadgen/vsched.py), one operation at a time in virtual-time order.
+
 A scenario drives CPUs through the cluster (`Driver`) and records what a client sees
 (`Measurements`); the memory service and the coordinator count the rest.
 """
@@ -30,9 +34,6 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 HEADLINES: dict[str, list[str]] = {name: module.HEADLINE for name, module in _MODULES.items()}
 LABELS: dict[str, dict[str, str]] = {
     name: getattr(module, "LABELS", {}) for name, module in _MODULES.items()}
-# The scenarios that run in virtual time (--timing virtual): their threads go through
-# Driver.gather / Driver.pause (loadgen/vsched.py).
-VIRTUAL = {name for name, module in _MODULES.items() if getattr(module, "VIRTUAL", False)}
 # A scenario's `check(cfg)` refuses (InvalidArgument) a configuration it cannot run,
 # before the cluster is touched.
 CHECKS: dict[str, Callable[[RunConfig], None]] = {
@@ -49,5 +50,5 @@ def headline(scenario: str) -> list[Metric]:
     return expand(HEADLINES[scenario], LABELS[scenario])
 
 
-__all__ = ["SCENARIOS", "DOCS", "VIRTUAL", "OPTIONS", "HEADLINES", "LABELS", "CHECKS", "check",
+__all__ = ["SCENARIOS", "DOCS", "OPTIONS", "HEADLINES", "LABELS", "CHECKS", "check",
            "Driver", "Measurements", "Progress", "RunConfig", "Scenario", "headline"]

@@ -26,7 +26,6 @@ OPTIONS = ('cpus', 'pages', 'rounds')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["faulting_faults_per_s", "fault_latency_ms", "lock_wait_ms", "contended_locks"]
 LABELS = {"munmap_latency_ms": "madvise latency"}  # the churners' calls
-VIRTUAL = True
 
 
 CHURN_BATCH = 32  # pages a churner writes in one request, then madvises one by one

@@ -17,7 +17,6 @@ from tlbsim.v1 import common_pb2
 
 OPTIONS = ('cpus', 'pages', 'rounds')
 HEADLINE = ["faulting_faults_per_s", "fault_latency_ms", "lock_wait_ms", "contended_locks"]
-VIRTUAL = True
 
 REQUEST_PAGES = 64  # pages a thread touches per request
 

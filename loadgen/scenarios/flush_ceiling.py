@@ -26,7 +26,6 @@ OPTIONS = ('cpus', 'pages', 'rounds', 'resident')
 # The trade-off: a ranged flush costs per page, a full one costs refills (per access).
 HEADLINE = ["modelled.ns_per_round", "modelled.flush_ns_per_shootdown", "modelled.access_ns",
             "full_flushes"]
-VIRTUAL = True
 
 DEFAULT_WORKING_SET = 512  # pages: 2 MiB, one PTE table, a third of a 1536-entry TLB
 

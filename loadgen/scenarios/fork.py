@@ -17,7 +17,6 @@ from tlbsim.v1 import common_pb2, cpu_pb2, memory_pb2
 OPTIONS = ('cpus', 'rounds', 'resident', 'children', 'fork')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["fork_latency_ms", "pte_tables_allocated", "tlb_entries_flushed"]
-VIRTUAL = True
 
 
 async def tlb_entries(d: Driver, cpus) -> int:

@@ -22,7 +22,6 @@ from tlbsim.v1 import common_pb2
 OPTIONS = ('cpus', 'pages', 'rounds')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["ops_per_s", "ipis", "ipis_elided", "munmap_latency_ms"]
-VIRTUAL = True
 LABELS = {"munmap_latency_ms": "munmap / madvise latency"}
 
 DEFAULT_MIX = "mmap=4,munmap=3,madvise=1,mprotect=1,read=6,write=3"

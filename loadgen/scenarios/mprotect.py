@@ -21,7 +21,6 @@ from tlbsim.v1 import common_pb2
 OPTIONS = ('cpus', 'pages', 'rounds')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["syscall_latency_ms.mprotect", "shootdowns", "full_flushes", "ipis"]
-VIRTUAL = True
 
 CHUNK = 16               # pages per mprotect: below the ceiling, a ranged flush
 READER_SAMPLE = 64       # pages a reader touches per request

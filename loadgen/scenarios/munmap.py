@@ -17,7 +17,6 @@ from tlbsim.v1 import common_pb2
 OPTIONS = ('cpus', 'pages', 'rounds')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["shootdowns", "ipis", "munmap_latency_ms"]
-VIRTUAL = True
 
 READER_SAMPLE = 64       # pages a concurrent reader touches per request
 READER_PAUSE_S = 0.0005  # between a reader's requests

@@ -6,7 +6,8 @@ the cluster: tasks go to CPUs round-robin (--cpus), threads of one process share
 fork makes a copy-on-write mm (loadgen/trace/replay.py documents every mapping). Look at
 `results.replay`: the calls as strace saw them next to what was replayed, and at
 shootdowns, IPIs and faults per policy. --trace FILE names the trace; --speed 1 keeps
-the recorded pace (0, the default, replays as fast as the cluster goes).
+the recorded pace (0, the default, replays as fast as the cluster goes; in virtual time
+the pace is the cost model's, and --speed is ignored).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
     header, events = read_trace(cfg.trace)
     cpus = d.cluster.cpus[:cfg.cpus]
     for _ in d.rounds(cfg, progress):
-        r = Replayer(d, cpus, header, events, cfg.speed)
+        r = Replayer(d, cpus, header, events, cfg.speed if d.virtual is None else 0.0)
         try:
             await r.replay()
         except ValueError as e:

@@ -22,7 +22,6 @@ from loadgen.scenarios.base import Driver, Progress, RunConfig
 OPTIONS = ('cpus', 'pages', 'rounds', 'resident', 'children', 'fork')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["unshares", "aborted_writes", "lock_order_violations", "ipis"]
-VIRTUAL = True
 
 
 async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:

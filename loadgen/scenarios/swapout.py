@@ -23,7 +23,6 @@ OPTIONS = ('cpus', 'pages', 'rounds', 'resident', 'children', 'fork', 'frames')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["reclaimed_pages", "reclaim_ipis_per_page", "reclaim_ipis", "swap_outs",
             "swap_ins"]
-VIRTUAL = True
 
 
 def check(cfg: RunConfig) -> None:

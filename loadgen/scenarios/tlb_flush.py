@@ -22,7 +22,6 @@ from tlbsim.v1 import common_pb2
 OPTIONS = ('cpus', 'pages', 'rounds')
 # What the run table, compare and plots show first (names: loadgen/metrics.py).
 HEADLINE = ["madvise_per_s", "ipis", "munmap_latency_ms"]
-VIRTUAL = True
 LABELS = {"munmap_latency_ms": "madvise latency"}
 
 
