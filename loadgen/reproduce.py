@@ -37,7 +37,7 @@ class Claim:
     value: Any
 
 
-class Unsafe(SimError):
+class UnsafeRun(SimError):
     """A reproduction's run saw a stale access: its numbers are not worth printing."""
 
 
@@ -60,7 +60,7 @@ class Runs:
         report = await run(self.cluster, cfg)
         self.runs += 1
         if failed(report):
-            raise Unsafe(f"{scenario} ({policy}) was unsafe: "
+            raise UnsafeRun(f"{scenario} ({policy}) was unsafe: "
                          f"{report['results']['stale_accesses']} stale accesses")
         return report["results"]
 
@@ -302,7 +302,12 @@ def main(tables: list[Table], quick: bool, json_path: str | None) -> int:
         with LocalCluster() as cluster:
             info = cluster.start(cpus)
             with output.status(f"{table.name}") as say:
-                doc = asyncio.run(reproduce(table, info.coordinator, quick, say))
+                try:
+                    doc = asyncio.run(reproduce(table, info.coordinator, quick, say))
+                except UnsafeRun as e:  # the oracle's verdict, as for any run: exit 1
+                    output.err_console.print(f"{table.name}: {e.message}", markup=False)
+                    docs.append({"table": table.name, "holds": False, "error": e.message})
+                    continue
         print_table(doc)
         docs.append(doc)
     output.write_json(docs[0] if len(docs) == 1 else {"tables": docs}, json_path)
