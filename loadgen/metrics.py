@@ -104,6 +104,7 @@ _SCALARS = [
     Metric("full_flushes", "full flushes"),
     Metric("ipis", "IPIs (flush deliveries)"),
     Metric("ipis_elided", "IPIs that found nothing"),
+    Metric("broadcasts", "hardware broadcasts (no IPIs)"),
     Metric("pages_freed", "pages freed"),
     Metric("tables_freed", "page tables freed"),
     Metric("faults", "faults"),
@@ -188,7 +189,7 @@ def metric(path: str, label: str | None = None) -> Metric:
 
 # What `load compare` reports for every scenario, after the scenario's headline.
 COMPARED = [
-    "ops_per_s", "duration_s", "shootdowns", "ipis", "ipis_elided", "full_flushes",
+    "ops_per_s", "duration_s", "shootdowns", "ipis", "ipis_elided", "broadcasts", "full_flushes",
     "pages_freed", "faults", "faults_per_s", "tlb_hit_rate",
     "munmap_latency_ms", "fault_latency_ms", "lock_wait_ms", "contended_locks",
     "shootdown_latency_ms",

@@ -26,7 +26,8 @@ async def machine_events(cluster: Cluster, lost: Set[int] = frozenset(),
     coord = coord or await cluster.coordinator.Stats(coordinator_pb2.CoordinatorStatsRequest(),
                                                      timeout=30)
     e = delivery_events(coord.ipis) + memory_events(
-        mem.faults, mem.shootdowns, mem.full_flushes, mem.range_pages, mem.lock_acquisitions)
+        mem.faults, mem.shootdowns, mem.full_flushes, mem.range_pages, mem.lock_acquisitions,
+        mem.broadcasts, mem.broadcast_full, mem.broadcast_pages)
     for cpu in cluster.cpus:
         if cpu.id in lost:
             continue

@@ -31,8 +31,8 @@ err_console = Console(stderr=True)
 Block = tuple[str, list[tuple[str, str]]]
 
 # What every run reports after its headline, when it measured it (a zero is left out).
-RUN_KEYS = ["ops_per_s", "shootdowns", "full_flushes", "ipis", "ipis_elided", "pages_freed",
-            "faults", "faults_per_s", "tlb_hit_rate", "munmap_latency_ms", "fault_latency_ms",
+RUN_KEYS = ["ops_per_s", "shootdowns", "full_flushes", "ipis", "ipis_elided", "broadcasts",
+            "pages_freed", "faults", "faults_per_s", "tlb_hit_rate", "munmap_latency_ms", "fault_latency_ms",
             "lock_wait_ms", "contended_locks", "shootdown_latency_ms", "unshares",
             "reclaimed_pages", "lock_order_violations"]
 SAFETY_KEYS = ["stale_accesses", "audit_violations", "frames_freed_without_ack",

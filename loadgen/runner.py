@@ -102,6 +102,7 @@ async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: f
         "shootdowns": mem.shootdowns,
         "ipis": coord.ipis,
         "ipis_elided": coord.ipis_elided,
+        "broadcasts": coord.broadcasts,
         "pages_freed": mem.pages_freed,
         "tables_freed": mem.tables_freed,
         "full_flushes": mem.full_flushes,

@@ -36,6 +36,8 @@ NOT_RUN = {
     "tlbsim load run munmap --cost-model invlpgb":
         "a 6-value sweep: 12 runs; tests/loadgen/test_costbench.py measures the crossover",
     "tlbsim bench --rounds 500 --json bench.json": "minutes on a 9-CPU cluster",
+    "tlbsim load run munmap --state /tmp/X.state --json munmap.json   # each scenario, twice":
+        "issue 15's before/after table: needs a worktree of an old commit and its setup",
     "tlbsim up --cpus 4 --prometheus": "runs in the foreground until Ctrl-C; "
                                        "tests/observability starts Prometheus",
     "tlbsim up --cpus 4 --detach && tlbsim load run munmap --cpus 4 && tlbsim down":

@@ -116,7 +116,12 @@ class CostModel:
                           + e.shootdowns * self.broadcast_sync_ns)
             ipi = 0.0
         else:
-            invalidate = e.pages_invalidated * self.invlpg_ns + e.full_flushes * self.full_flush_ns
+            # IPIs, except the shootdowns --broadcast hw sent as INVLPGB (an mm with a
+            # global ASID): those the initiator pays as broadcasts; their targets pay nothing.
+            invalidate = (e.pages_invalidated * self.invlpg_ns + e.full_flushes * self.full_flush_ns
+                          + e.hw_range_pages * self.broadcast_page_ns
+                          + e.hw_full_shootdowns * self.broadcast_full_ns
+                          + e.hw_shootdowns * self.broadcast_sync_ns)
             ipi = e.ipis * (self.ipi_send_ns + self.ipi_receive_ns)
         return {"walk": e.hits * self.tlb_hit_ns + e.misses * self.walk_ns,
                 "fault": e.faults * self.fault_ns, "invalidate": invalidate, "ipi": ipi,
@@ -134,11 +139,16 @@ class Events:
     faults: int = 0
     pages_invalidated: int = 0   # pages invalidated one by one by ranged flushes, every CPU
     full_flushes: int = 0        # full flushes applied, every CPU (incl. switch_mm catch-up)
-    ipis: int = 0                # flush deliveries to target CPUs
+    ipis: int = 0                # flush deliveries to target CPUs (IPIs; not hardware ones)
     shootdowns: int = 0          # flushes the kernel issued (one broadcast + sync each)
     full_shootdowns: int = 0     # of those, full flushes of the mm
     range_shootdown_pages: int = 0  # pages named by the ranged ones
     lock_acquisitions: int = 0
+    # Of the shootdowns, those --broadcast hw sent as hardware broadcasts (INVLPGB), with
+    # their full ones and their ranged ones' pages: broadcasts under any cost model.
+    hw_shootdowns: int = 0
+    hw_full_shootdowns: int = 0
+    hw_range_pages: int = 0
 
     def __sub__(self, other: "Events") -> "Events":
         return Events(**{f.name: getattr(self, f.name) - getattr(other, f.name)
@@ -172,7 +182,8 @@ def tlb_events(c: TlbCounts) -> Events:
 
 
 def delivery_events(ipis: int) -> Events:
-    """The coordinator: every flush delivered to a target CPU is an IPI."""
+    """The coordinator: every flush it delivered to a target CPU as an IPI (a hardware
+    broadcast's deliveries are the simulator's plumbing, not interrupts)."""
     return Events(ipis=ipis)
 
 
@@ -180,12 +191,16 @@ SPURIOUS_FAULT = "walked"  # a miss whose PTE was there when locked: a walk, not
 
 
 def memory_events(faults: Mapping[str, int], shootdowns: int, full_shootdowns: int,
-                  range_pages: int, lock_acquisitions: int) -> Events:
+                  range_pages: int, lock_acquisitions: int, hw_shootdowns: int = 0,
+                  hw_full_shootdowns: int = 0, hw_range_pages: int = 0) -> Events:
     """The memory service: faults by kind (a spurious one is no fault), the shootdowns it
-    issued, of them the full ones, the pages the ranged ones named, lock acquisitions."""
+    issued, of them the full ones, the pages the ranged ones named, lock acquisitions;
+    and the hardware-broadcast subset of the shootdowns, likewise."""
     return Events(faults=sum(n for kind, n in faults.items() if kind != SPURIOUS_FAULT),
                   shootdowns=shootdowns, full_shootdowns=full_shootdowns,
-                  range_shootdown_pages=range_pages, lock_acquisitions=lock_acquisitions)
+                  range_shootdown_pages=range_pages, lock_acquisitions=lock_acquisitions,
+                  hw_shootdowns=hw_shootdowns, hw_full_shootdowns=hw_full_shootdowns,
+                  hw_range_pages=hw_range_pages)
 
 
 # --- loading ------------------------------------------------------------------------------

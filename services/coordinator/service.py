@@ -70,6 +70,7 @@ class CoordinatorStats:
     shootdowns: int = 0
     ipis: int = 0
     ipis_elided: int = 0
+    broadcasts: int = 0   # shootdowns delivered as hardware broadcasts: no IPIs
     full_flushes: int = 0
     deadline_misses: int = 0
     fallbacks: int = 0    # mqtt: targets reached by the gRPC fallback
@@ -439,13 +440,16 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         latency = time.perf_counter() - t0
         s = self.stats
         s.shootdowns += 1
-        s.ipis += len(live)
-        elided = sum(wire.elided(a) for a in acks)
+        # A hardware broadcast (INVLPGB): its deliveries stand for the hardware's
+        # invalidation, not for interrupts; it is counted as one broadcast, no IPIs.
+        ipis = [] if flush.hardware else [link.cpu for link in live]
+        s.broadcasts += flush.hardware
+        s.ipis += len(ipis)
+        elided = sum(wire.elided(a) for a in acks) if ipis else 0
         s.ipis_elided += elided
         s.full_flushes += flush.pages == 0
         s.latency_s.append(latency)
-        self._count_shootdown(request, [link.cpu for link in live], elided,
-                              len(live) - len(acks), latency)
+        self._count_shootdown(request, ipis, elided, len(live) - len(acks), latency)
         return pb.ShootdownResponse(acks=acks, fenced=sorted(fenced), latency_s=latency,
                                     done_vtime_ns=finish(acks) if finish else None)
 
@@ -530,7 +534,7 @@ class CoordinatorNode(coordinator_pb2_grpc.CoordinatorServiceServicer):
         p50, p99, n = p50_p99(s.latency_s)
         return pb.CoordinatorStats(
             shootdowns=s.shootdowns, ipis=s.ipis, ipis_elided=s.ipis_elided,
-            full_flushes=s.full_flushes, deadline_misses=s.deadline_misses,
+            broadcasts=s.broadcasts, full_flushes=s.full_flushes, deadline_misses=s.deadline_misses,
             fenced_cpus=self.fencing.fenced_cpus(),
             latency_s=common_pb2.Percentiles(p50=p50, p99=p99, count=n),
             cpus_online=sum(not m.fenced for m in self.fencing.registered()),

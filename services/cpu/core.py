@@ -246,17 +246,17 @@ class CpuCore:
         (the ASID is the same everywhere, so the mm's generation is current here)."""
         tlb = self.tlb
         tlb.counters.flush_requests += 1
+        # Counted apart from this CPU's own invlpg and full flushes: the initiator's
+        # broadcast did the work (the cost model prices it there).
+        tlb.counters.flush_hardware += 1
         tlb.flushes_applied += 1
         gen = tlb.announce_gen(f.mm, max(f.mm_tlb_gen, f.new_tlb_gen))
         if f.pages:
             removed = sum(tlb.invalidate_page(f.mm, vpn)
                           for vpn in range(f.start_vpn, f.start_vpn + f.pages))
-            tlb.counters.flush_range += 1
-            tlb.counters.flush_page += f.pages
             outcome = RANGE
         else:
             removed = tlb.invalidate_mm(f.mm)
-            tlb.counters.flush_full += 1
             outcome = FULL
         if tlb.local_gen.get(f.mm, 0) >= f.new_tlb_gen - 1:
             tlb.local_gen[f.mm] = gen

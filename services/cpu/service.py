@@ -570,11 +570,12 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                        ["cpu"], [((cpu,), c.evictions)])
         yield labelled("counter", "tlbsim_tlb_flushes",
                        "Flushes applied, by kind: range (page by page), full (the whole mm, "
-                       "incl. switch_mm catch-up), elided (generation already current), not-loaded (the CPU no longer runs the mm)",
+                       "incl. switch_mm catch-up), elided (generation already current), not-loaded (the CPU no longer runs the mm), hardware (a broadcast's invalidation: no handler)",
                        ["cpu", "kind"], [((cpu, "range"), c.flush_range),
                                          ((cpu, "full"), c.flush_full),
                                          ((cpu, "elided"), c.flush_elided),
-                                         ((cpu, "not-loaded"), c.flush_not_loaded)])
+                                         ((cpu, "not-loaded"), c.flush_not_loaded),
+                                         ((cpu, "hardware"), c.flush_hardware)])
         yield labelled("counter", "tlbsim_tlb_page_invalidations",
                        "Single pages invalidated by range flushes", ["cpu"], [((cpu,), c.flush_page)])
         yield labelled("counter", "tlbsim_flush_requests", "Flush requests received",

@@ -49,6 +49,7 @@ class Counters:
     flush_full: int = 0
     flush_elided: int = 0
     flush_not_loaded: int = 0  # requests for an mm the CPU no longer runs (or runs lazily)
+    flush_hardware: int = 0  # hardware broadcasts (INVLPGB) received: no invlpg, no handler
     flush_requests: int = 0
     evictions: int = 0
 

@@ -195,6 +195,8 @@ class Flusher:
             return
         if order.hardware:
             k.stats.broadcasts += 1
+            k.stats.broadcast_full += spec.full
+            k.stats.broadcast_pages += spec.pages
         else:
             k.stats.ipis += len(targets)
         result = await k.port(order, targets)

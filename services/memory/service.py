@@ -302,6 +302,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             lock_wait_vtime_ns=wire.percentiles(k.lock_stats.all_vwaits()),
             shootdown_vtime_ns=wire.percentiles(s.shootdown_vt_ns),
             lock_inversions=k.lock_stats.inversions, broadcasts=s.broadcasts,
+            broadcast_full=s.broadcast_full, broadcast_pages=s.broadcast_pages,
             digest=kernel_digest(k) if request.digest else "")
 
     def _scope(self, order: FlushOrder) -> str:
@@ -315,7 +316,8 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     def _events(self) -> Events:
         k, s = self.kernel, self.kernel.stats
         return memory_events(s.faults, s.shootdowns, s.full_flushes, s.range_pages,
-                             k.lock_stats.acquisitions)
+                             k.lock_stats.acquisitions, s.broadcasts, s.broadcast_full,
+                             s.broadcast_pages)
 
     def _metrics(self):
         """Read at scrape time. The kernel's counts restart when a run resets the machine."""

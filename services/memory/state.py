@@ -116,6 +116,8 @@ class KernelStats:
     range_pages: int = 0          # pages named by ranged shootdowns (broadcast invalidations)
     zero_page_maps: int = 0       # read faults that mapped the shared zero page
     broadcasts: int = 0           # shootdowns sent as hardware broadcasts (no IPIs)
+    broadcast_full: int = 0       # of those, full flushes of the mm
+    broadcast_pages: int = 0      # pages the ranged ones named (one INVLPGB each)
     # --timing virtual: each shootdown's virtual latency, sent to the last ack (ns).
     shootdown_vt_ns: Samples = dataclasses.field(default_factory=Samples)
 

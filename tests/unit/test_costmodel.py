@@ -1,5 +1,7 @@
 """The cost model (issue 9): presets, TOML files and their one-line errors, the pricing
 arithmetic for IPIs and for broadcast invalidation, and its trip through the Policy."""
+import dataclasses
+
 import pytest
 
 from services.common import costmodel, wire
@@ -76,6 +78,18 @@ def test_broadcast_prices_the_initiators_instructions_and_no_interrupt():
     assert parts["ipi"] == 0
     assert parts["invalidate"] == 16 * 30 + 1 * 40 + 5 * 500
     assert parts["walk"] == 10 * 1 + 20 * 8  # refills are misses either way
+
+
+def test_hardware_broadcasts_under_an_ipi_model_are_priced_as_broadcasts():
+    """--broadcast hw with the x86 model: the shootdowns sent as INVLPGB cost the initiator
+    a broadcast per page (or one full) and a sync each, and no IPI; the rest stay IPIs. A
+    broadcast model prices every shootdown as a broadcast already: nothing counted twice."""
+    hw = dataclasses.replace(EVENTS, hw_shootdowns=3, hw_full_shootdowns=1, hw_range_pages=8)
+    parts = CostModel(name="t", **MODEL).breakdown(hw)
+    assert parts["invalidate"] == 64 * 100 + 2 * 50 + 8 * 30 + 1 * 40 + 3 * 500
+    assert parts["ipi"] == 4 * 1800  # the IPIs the other shootdowns sent
+    broadcast = CostModel(name="t", broadcast=True, **MODEL)
+    assert broadcast.breakdown(hw) == broadcast.breakdown(EVENTS)
 
 
 def test_events_subtract_to_what_followed_a_warm_up():
