@@ -177,6 +177,7 @@ SCENARIO_DEFAULTS: dict[str, dict] = {
     "munmap": {"pages": 512},
     "tlb-flush": {"pages": 16, "rounds": 2},
     "fault-scaling": {"pages": 512, "rounds": 1},
+    "fault-storm": {},  # 64 pages (its own PTE table) per thread, 3 rounds
     "mprotect": {"pages": 256, "rounds": 2},
     "mixed": {"rounds": 2},
     "fork": {"resident": 4096, "rounds": 2},

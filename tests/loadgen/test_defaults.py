@@ -22,6 +22,8 @@ HEADLINE = {
     "munmap": lambda r: r["shootdowns"] == r["rounds"] == 3 and r["ipis"] >= 3 * 3,
     "tlb-flush": lambda r: r["madvise_per_s"] > 0 and r["shootdowns"] == 4 * 16 * 2,
     "fault-scaling": lambda r: r["faulting_faults_per_s"] > 0 and r["shootdowns"] > 0,
+    # Every thread faults its own table, one round each: cpus x pages faults.
+    "fault-storm": lambda r: r["faulting_faults_per_s"] > 0 and r["faults"] == 4 * 64 * 3,
     "mprotect": lambda r: r["syscalls"]["mprotect"] > 0 and r["shootdowns"] > 0
     and r["full_flushes"] == 0,  # 16-page chunks: ranged flushes
     "mixed": lambda r: r["ops"] > 0 and r["shootdowns"] > 0,
