@@ -110,3 +110,18 @@ def make_machine(ncpus: int = 4, broken: frozenset = frozenset(), **policy) -> M
         cpus[i] = CpuCore(i, p.tlb_entries, p.tlb_ways, asids=p.asids)
         cpus[i].costs = p.cost_model
     return Machine(kernel, cpus, log, dead)
+
+
+PAGE = 4096
+
+
+async def proc(m: Machine, cpus, pages: int, write: bool = True, vma_writable: bool = True):
+    """A process on `cpus` that touched `pages` pages: (mm, base address, addresses)."""
+    mm = m.kernel.create_mm()
+    for c in cpus:
+        await m.switch(c, mm)
+    r = await m.syscall(cpus[0], "mmap", pages, vma_writable)
+    addrs = [r.address + i * PAGE for i in range(pages)]
+    for c in cpus:
+        await m.access(c, addrs, write=write)
+    return mm, r.address, addrs

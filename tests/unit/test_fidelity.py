@@ -3,20 +3,7 @@
 kernel function it follows. In-process machine, no network."""
 import pytest
 
-from tests.unit.machine import make_machine
-
-PAGE = 4096
-
-
-async def proc(m, cpus, pages, write=True, vma_writable=True):
-    mm = m.kernel.create_mm()
-    for c in cpus:
-        await m.switch(c, mm)
-    r = await m.syscall(cpus[0], "mmap", pages, vma_writable)
-    addrs = [r.address + i * PAGE for i in range(pages)]
-    for c in cpus:
-        await m.access(c, addrs, write=write)
-    return mm, r.address, addrs
+from tests.unit.machine import PAGE, make_machine, proc
 
 
 # O. mm/vmscan.c shrink_folio_list: try_to_unmap_flush() before free_unref_folios, once per

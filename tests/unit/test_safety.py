@@ -7,21 +7,7 @@ import pytest
 
 from services.common.errors import ResourceExhausted
 from services.memory.pagetable import TID_SEQ_BITS, walk
-from tests.unit.machine import make_machine
-
-PAGE = 4096
-
-
-async def proc(m, cpus, pages, write=True, vma_writable=True):
-    """A process on `cpus` that touched `pages` pages."""
-    mm = m.kernel.create_mm()
-    for c in cpus:
-        await m.switch(c, mm)
-    r = await m.syscall(cpus[0], "mmap", pages, vma_writable)
-    addrs = [r.address + i * PAGE for i in range(pages)]
-    for c in cpus:
-        await m.access(c, addrs, write=write)
-    return mm, r.address, addrs
+from tests.unit.machine import PAGE, make_machine, proc
 
 
 def entry(m, cpu, mm, addr):
