@@ -4,20 +4,7 @@ import pytest
 
 from services.common.errors import Aborted
 from services.memory.pagetable import walk
-from tests.unit.machine import make_machine
-
-PAGE = 4096
-
-
-async def parent_with(m, pages, cpus=(0,), write=True):
-    mm = m.kernel.create_mm()
-    for c in cpus:
-        await m.switch(c, mm)
-    r = await m.syscall(cpus[0], "mmap", pages, True)
-    addrs = [r.address + i * PAGE for i in range(pages)]
-    for c in cpus:
-        await m.access(c, addrs, write=write)
-    return mm, r.address, addrs
+from tests.unit.machine import PAGE, make_machine, proc
 
 
 def pte_tables(m, mm_id):
@@ -26,7 +13,7 @@ def pte_tables(m, mm_id):
 
 async def test_share_fork_allocates_no_pte_table_and_counts_sharers_apart_from_refcount():
     m = make_machine(2, fork="share")
-    mm, base, addrs = await parent_with(m, 1024, cpus=(0, 1))
+    mm, base, addrs = await proc(m, (0, 1), 1024)
     k = m.kernel
     before = dict(k.stats.tables_allocated)
     refs = [k.frames.refcount[k.walk(0, mm, [a >> 12])[0][0]] for a in addrs[:3]]
@@ -48,7 +35,7 @@ async def test_share_fork_allocates_no_pte_table_and_counts_sharers_apart_from_r
 
 async def test_reads_keep_sharing_writes_unshare_and_flush_only_the_writers_cpus():
     m = make_machine(4, fork="share")
-    mm, base, addrs = await parent_with(m, 512, cpus=(0, 1))
+    mm, base, addrs = await proc(m, (0, 1), 512)
     child = (await m.syscall(0, "fork")).child_mm
     await m.switch(2, child)
     await m.switch(3, child)
@@ -74,7 +61,7 @@ async def test_reads_keep_sharing_writes_unshare_and_flush_only_the_writers_cpus
 
 async def test_the_last_sharer_frees_the_table_only_after_the_flush():
     m = make_machine(3, fork="share")
-    mm, base, addrs = await parent_with(m, 512, cpus=(0, 1))
+    mm, base, addrs = await proc(m, (0, 1), 512)
     child = (await m.syscall(0, "fork")).child_mm
     table = pte_tables(m, mm)[0]
     await m.switch(2, child)
@@ -97,7 +84,7 @@ async def test_the_last_sharer_frees_the_table_only_after_the_flush():
 @pytest.mark.parametrize("order", [("parent", "child"), ("child", "parent")])
 async def test_exit_of_any_sharer_frees_everything_at_the_end(order):
     m = make_machine(2, fork="share")
-    mm, base, addrs = await parent_with(m, 700)
+    mm, base, addrs = await proc(m, (0,), 700)
     child = (await m.syscall(0, "fork")).child_mm
     await m.switch(1, child)
     await m.access(1, addrs[:5], write=True)  # some private copies too
@@ -111,7 +98,7 @@ async def test_exit_of_any_sharer_frees_everything_at_the_end(order):
 async def test_lock_all_sharers_orders_by_mm_id_and_unordered_is_refused():
     for lock, refused in (("lock-all-sharers", False), ("lock-all-sharers-unordered", True)):
         m = make_machine(2, fork="share", lock=lock)
-        mm, base, addrs = await parent_with(m, 8)
+        mm, base, addrs = await proc(m, (0,), 8)
         child = (await m.syscall(0, "fork")).child_mm
         await m.switch(1, child)
         if refused:  # the child (higher id) locks itself first, then the parent
@@ -127,7 +114,7 @@ async def test_lock_all_sharers_orders_by_mm_id_and_unordered_is_refused():
 
 async def test_reclaim_swaps_out_frees_only_after_acks_and_swaps_back_in():
     m = make_machine(2, frames=128)
-    mm, base, addrs = await parent_with(m, 100, cpus=(0, 1))
+    mm, base, addrs = await proc(m, (0, 1), 100)
     k = m.kernel
     checked = []
     real = k.shootdown
@@ -157,7 +144,7 @@ async def test_reclaim_through_a_shared_table_flushes_by_policy(policy, targets,
     # Parent on CPUs 0-1, its sharing child on CPU 2; CPU 3 ran something else.
     m = make_machine(4, fork="share", frames=160, shared_flush=policy)
     k = m.kernel
-    mm, base, addrs = await parent_with(m, 64, cpus=(1,))
+    mm, base, addrs = await proc(m, (1,), 64)
     await m.switch(0, mm)
     child = (await m.syscall(1, "fork")).child_mm
     await m.switch(2, child)
@@ -174,7 +161,7 @@ async def test_reclaim_through_a_shared_table_flushes_by_policy(policy, targets,
 
 async def test_partial_munmap_unshares_then_zaps_the_copy():
     m = make_machine(2, fork="share")
-    mm, base, addrs = await parent_with(m, 512)
+    mm, base, addrs = await proc(m, (0,), 512)
     child = (await m.syscall(0, "fork")).child_mm
     await m.switch(1, child)
     shared = pte_tables(m, mm)[0]
