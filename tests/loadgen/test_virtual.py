@@ -67,7 +67,7 @@ async def test_every_virtual_scenario_runs_safely(cluster, scenario):
     if scenario in ("fork", "shared-write"):
         kw.update(resident=512, children=1)
     r = safe(await run(cluster.client, vcfg(scenario, **kw)))
-    assert r["virtual"]["makespan_ns"] > 0 and r["virtual"]["late_flush_hits"] >= 0
+    assert r["virtual"]["makespan_ns"] > 0
 
 
 async def test_an_unsafe_shared_flush_is_caught_in_virtual_time(cluster):
