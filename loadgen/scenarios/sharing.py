@@ -2,21 +2,10 @@
 (mapped with MAP_POPULATE, so no fault per page) and its forked children."""
 from __future__ import annotations
 
-import dataclasses
 import random
 
 from loadgen.scenarios.base import Cpu, Driver, RunConfig, pages_at
 from tlbsim.v1 import common_pb2
-
-
-@dataclasses.dataclass
-class Family:
-    parent: int
-    base: int              # first address of the parent's resident range
-    children: list[int]
-
-    def pages(self, cfg: RunConfig) -> list[int]:
-        return pages_at(self.base, cfg.resident)
 
 
 async def parent(d: Driver, cfg: RunConfig, cpu: Cpu) -> tuple[int, int]:

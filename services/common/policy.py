@@ -206,10 +206,6 @@ class Policy:
     def uses_mqtt(self) -> bool:
         return self.transport is Transport.MQTT
 
-    @property
-    def uses_streams(self) -> bool:
-        return self.transport is Transport.STREAM
-
     def as_dict(self) -> dict:
         """Flat values (build-info labels, the report's config): enums by their spelling,
         the model by its name."""
