@@ -103,7 +103,11 @@ class Reclaimer:
                     ctx.spend(k.policy.cost_model.pte_clear_ns)
                     ends.mms.update(sharers)
                     ends.clear(vpn, table.tids[slot])
-                    table.entries[slot] = -k.swap.store()
+                    # try_to_unmap_one: every PTE of the page gets the page's one swap
+                    # entry; exclusive (pte_swp_mkexclusive) when the page was this PTE's
+                    # alone: an anonymous page is mapped writable only when it is
+                    # (PageAnonExclusive).
+                    table.entries[slot] = -k.swap.unmap(pfn, table.writable(pte))
                     table.tids[slot] = 0
                     k.frames.mapcount[pfn] -= 1
                     pages.append(pfn)
@@ -156,6 +160,11 @@ class Reclaimer:
         k.unflushed -= collections.Counter(pages)
         k.oracle.flushed(ends, k.clock())
         k.pending_local.setdefault(initiator, []).extend(local)
+        for pfn in set(pages):
+            # __remove_mapping: a page freed by reclaim leaves the swap cache (its slot
+            # stays, held by the PTEs); one a fault mapped again meanwhile stays cached.
+            if not k.frames.mapcount[pfn]:
+                k.swap.uncache(pfn)
         k.stats.reclaimed_pages += self.flusher.release(pages, [])
 
     def _keep_mapped(self, victims: list[int]) -> None:
