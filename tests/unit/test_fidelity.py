@@ -273,3 +273,27 @@ async def test_T_fork_reclaim_swap_in_write_exit_leaves_nothing_stale_and_nothin
     await m.syscall(0, "exit")
     assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
     assert k.frames.used == k.reserved_frames and len(k.swap) == 0 and len(k.lru) == 0
+
+
+# Reclaim under --broadcast hw. arch/x86/mm/tlb.c (≥ 6.15) arch_tlbbatch_add_pending: an
+#    mm with a global ASID (consider_global_asid: active on 4+ CPUs) has each unmapped page
+#    invalidated at once by INVLPGB (invlpgb_flush_user_nr_nosync), completed by the
+#    TLBSYNC in arch_tlbbatch_flush; only the other mms' CPUs join the batch's IPIs.
+@pytest.mark.parametrize("hw", [True, False])
+async def test_reclaim_of_a_global_asid_mm_broadcasts_its_pages_instead_of_ipis(hw):
+    m = make_machine(5, frames=256, hw_broadcast=hw)
+    k = m.kernel
+    wide, base, addrs = await proc(m, (1, 2, 3, 4), 100)   # running on 4 CPUs: global ASID
+    other = k.create_mm()
+    await m.switch(0, other)
+    more = await m.syscall(0, "mmap", 150, True)
+    await m.access(0, [more.address + i * PAGE for i in range(150)], write=True)
+    assert k.stats.swap_outs > 0
+    if hw:
+        assert k.stats.reclaim_ipis == 0 and k.stats.broadcast_pages == k.stats.swap_outs
+        assert m.cpus[1].tlb.counters.flush_hardware == k.stats.broadcasts > 0
+    else:
+        assert k.stats.reclaim_ipis == 4 * k.stats.reclaim_shootdowns > 0
+        assert k.stats.broadcasts == 0
+    await m.access(1, addrs)                                 # swap back in, read
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
