@@ -249,8 +249,13 @@ async def test_T_a_write_swap_in_of_a_page_another_mm_still_holds_in_swap_copies
     k = m.kernel
     parent, child, other, V = await forked_then_reclaimed(m)
     entry = pte(k, parent, V)
+    shootdowns, freed = k.stats.shootdowns, k.frames.freed_total
+    m.log.clear()
     await m.access(1, [V], write=True)
     assert pte(k, child, V) & 1 and k.stats.faults["cow"] == 1
+    # wp_page_copy: its flush (the child runs on CPU 1 alone: no IPI), the read page freed
+    assert k.stats.shootdowns == shootdowns + 1 and m.log == []
+    assert k.frames.freed_total == freed + 1 and k.stats.swap_reads == 1
     assert pte(k, parent, V) == entry and k.swap.refs(-entry) == 1
     assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
 
@@ -296,4 +301,22 @@ async def test_reclaim_of_a_global_asid_mm_broadcasts_its_pages_instead_of_ipis(
         assert k.stats.reclaim_ipis == 4 * k.stats.reclaim_shootdowns > 0
         assert k.stats.broadcasts == 0
     await m.access(1, addrs)                                 # swap back in, read
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
+
+
+async def test_T_a_page_swapped_out_of_one_mm_alone_swaps_in_writable_on_a_read():
+    """try_to_unmap_one marks the entry of an exclusive page (pte_swp_mkexclusive); do_swap_page
+    maps it writable even on a read fault (RMAP_EXCLUSIVE): no COW fault on the next write."""
+    m = make_machine(2, frames=128)
+    k = m.kernel
+    mm, base, addrs = await proc(m, (0,), 60)
+    other = k.create_mm()
+    await m.switch(1, other)
+    more = await m.syscall(1, "mmap", 60, True)
+    await m.access(1, [more.address + i * PAGE for i in range(60)], write=True)  # reclaim
+    entry = pte(k, mm, base)
+    assert entry < 0 and k.swap.exclusive(-entry)
+    await m.access(0, [base])
+    await m.access(0, [base], write=True)
+    assert pte(k, mm, base) & 1 and k.stats.faults["cow"] == 0
     assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
