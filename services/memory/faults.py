@@ -63,9 +63,13 @@ class Faults:
                 await self.sharing.unprotect(ctx, mm, table)
             slot = table.slot(vpn)
             result = None
-            if table.entries[slot] <= 0:
+            if table.entries[slot] < 0:
+                result = await self._swap_in(ctx, cpu, mm, vma, vpn, table, write)
+            elif table.entries[slot] == 0:
                 result = await self._populate(ctx, cpu, mm, vma, vpn, table, write)
-            if result is None:
+            if result is None or (write and not result.writable and result.outcome == "swapin"):
+                # (do_swap_page ends a write fault to a page it could map only read-only
+                # with do_wp_page: the copy below.)
                 pte = table.entries[slot]
                 if pte > 0 and write and not table.writable(pte):
                     result = await self._cow(ctx, cpu, mm, vpn, table)
@@ -79,14 +83,13 @@ class Faults:
 
     async def _populate(self, ctx: OpContext, cpu: int, mm: Mm, vma: Vma, vpn: int,
                         table: PteTable, write: bool) -> MissResult | None:
-        """A none or swapped PTE: zero-fill, or swap in. Installing needs no flush (not
-        present -> present), also in a shared table, where every sharer sees the page.
-        A read of a none PTE maps the shared zero page read-only (do_anonymous_page;
-        the first write copies it). Returns None when another CPU got there first."""
+        """A none PTE: zero-fill. Installing needs no flush (not present -> present),
+        also in a shared table, where every sharer sees the page. A read maps the shared
+        zero page read-only (do_anonymous_page; the first write copies it). Returns None
+        when another CPU got there first."""
         k = self.k
         slot = table.slot(vpn)
-        before = table.entries[slot]
-        if before == 0 and not write and k.zero_pfn:
+        if not write and k.zero_pfn:
             async with self.tables.pte_locked(ctx, mm, table):
                 if table.entries[slot] != 0:
                     return None
@@ -96,16 +99,65 @@ class Faults:
         fresh = await self.reclaimer.alloc_page(ctx, cpu, zero=True)  # outside the lock
         async with self.tables.pte_locked(ctx, mm, table):
             pmd = self.tables.pmd_of(mm, vpn)  # still this mm's table (not unshared)?
-            if table.entries[slot] == before and pmd.entries[pmd.slot(vpn)] is table:
-                if before < 0:
-                    k.swap.drop(-before)
-                    table.present -= 1
-                    k.stats.swap_ins += 1
-                return self.install(mm, table, vpn, fresh, vma.writable,
-                                    "anon" if before == 0 else "swapin", ctx=ctx)
-        k.frames.put(fresh)  # lost the race: back out
-        k.frames.free(fresh)
+            if table.entries[slot] == 0 and pmd.entries[pmd.slot(vpn)] is table:
+                return self.install(mm, table, vpn, fresh, vma.writable, "anon", ctx=ctx)
+        self._put(fresh)  # lost the race: back out
         return None
+
+    async def _swap_in(self, ctx: OpContext, cpu: int, mm: Mm, vma: Vma, vpn: int,
+                       table: PteTable, write: bool) -> MissResult | None:
+        """do_swap_page (mm/memory.c, ≈ v6.18): the page of the swap entry, from the swap
+        cache if it is resident (swap_cache_get_folio: every mm that faults on the entry
+        maps that one frame), else read into a new frame that joins the cache. Under the
+        lock: the entry unchanged, swap_free drops this PTE's hold on the slot; on a
+        write fault a page whose only reference is ours leaves the cache
+        (should_try_to_free_swap -> folio_free_swap, which keeps the slot while other
+        PTEs hold it). Mapped writable only when exclusive: the entry was
+        (pte_swp_exclusive), or no one else references the frame (folio_ref_count == 1)
+        — else read-only, and a write fault goes on to the copy (do_wp_page). Returns
+        None when the entry changed meanwhile (the caller re-reads the PTE)."""
+        k = self.k
+        slot = table.slot(vpn)
+        before = table.entries[slot]
+        entry = -before
+        pfn = k.swap.cached(entry)
+        if pfn:
+            k.frames.get(pfn)
+        else:
+            # The read, outside the lock (priced as a zero-fill: no swap-read price).
+            fresh = await self.reclaimer.alloc_page(ctx, cpu, zero=True)
+            pfn = k.swap.cached(entry)  # read by another fault meanwhile?
+            if pfn:
+                k.frames.get(pfn)
+                self._put(fresh)
+            elif k.swap.refs(entry):
+                pfn = fresh
+                k.swap.add_to_cache(entry, pfn)
+                k.stats.swap_reads += 1
+            else:  # every PTE let go of the slot meanwhile (zapped): nothing to read
+                self._put(fresh)
+                return None
+        async with self.tables.pte_locked(ctx, mm, table):
+            pmd = self.tables.pmd_of(mm, vpn)  # still this mm's table (not unshared)?
+            if table.entries[slot] == before and pmd.entries[pmd.slot(vpn)] is table:
+                exclusive = k.swap.exclusive(entry)
+                k.swap.drop(entry)  # swap_free
+                table.present -= 1
+                k.stats.swap_ins += 1
+                if write and k.frames.refcount[pfn] == 1:  # ours alone but for the cache
+                    exclusive |= k.swap.free_swap(pfn)
+                return self.install(mm, table, vpn, pfn, vma.writable and exclusive,
+                                    "swapin", ctx=ctx)
+        self._put(pfn)  # the entry changed meanwhile: back out
+        return None
+
+    def _put(self, pfn: int) -> None:
+        """Drop a fault's own reference to a frame it did not map; an unmapped frame it
+        was the last to hold is freed, and leaves the swap cache."""
+        k = self.k
+        if k.frames.put(pfn):
+            k.swap.uncache(pfn)
+            k.frames.free(pfn)
 
     def install(self, mm: Mm, table: PteTable, vpn: int, pfn: int, writable: bool,
                 outcome: str, replaces: int = 0, ctx: OpContext | None = None) -> MissResult:
@@ -149,8 +201,11 @@ class Faults:
                 result = MissResult("retry")
             else:
                 old_pfn, old_tid = pte_pfn(pte), table.tids[slot]
-                if k.frames.mapcount[old_pfn] == 1 and k.frames.refcount[old_pfn] == 1:
-                    # wp_page_reuse: upgrading needs no flush; the old entry stays valid
+                if (k.frames.mapcount[old_pfn] == 1 and k.frames.refcount[old_pfn] == 1
+                        and k.swap.free_swap(old_pfn)):
+                    # wp_can_reuse_anon_folio (a swap-cache page only once no PTE holds
+                    # its slot: folio_free_swap), then wp_page_reuse: upgrading needs no
+                    # flush; the old entry stays valid
                     table.entries[slot] = make_pte(old_pfn, True)
                     table.tids[slot] = tid = table.new_tid()
                     k.oracle.transition(old_tid, tid, k.clock(), Revokes.NOTHING)
@@ -162,14 +217,15 @@ class Faults:
                         table.entries[slot] = 0  # ptep_clear_flush: clear ...
                     table.present -= 1
                     k.frames.mapcount[old_pfn] -= 1
+                    if not k.frames.mapcount[old_pfn]:
+                        k.swap.uncache(old_pfn)  # its last mapping: out of the swap cache
                     zap.gather.clear_pte(vpn, old_tid, old_pfn)
                     await self.flusher.flush(mm, cpu, zap, Rule.COW_FLUSH)  # ... flush, then
                     if k.rules.keeps(Rule.COW_CLEAR_FIRST):
                         result = self.install(mm, table, vpn, fresh, True, "cow", old_tid, ctx)
                     fresh = 0
         if fresh:
-            k.frames.put(fresh)
-            k.frames.free(fresh)
+            self._put(fresh)
         self.flusher.release(zap.to_free, zap.tables)
         result.local_flushes = zap.local
         return result

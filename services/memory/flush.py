@@ -174,7 +174,7 @@ class Flusher:
         mm.tlb_gen += 1  # after changing the tables, before sending: x86 tlb_gen
         order = FlushOrder(next(k.shootdown_ids), mm.id, spec.start_vpn, spec.pages,
                            mm.tlb_gen, mm.tlb_gen, spec.freed_tables, initiator,
-                           reason=zap.reason, sent_vt=vt, hardware=self._broadcasts(mm))
+                           reason=zap.reason, sent_vt=vt, hardware=self.broadcasts(mm))
         if k.runs(initiator, mm):
             zap.local.append(order)
         running = {c for c in mm.cpumask if k.runs(c, mm)}
@@ -206,7 +206,7 @@ class Flusher:
             ctx.vt = max(ctx.vt, result.done_vt)  # the initiator waits for the last ack
         self.not_loaded(mm, result.not_loaded)
 
-    def _broadcasts(self, mm: Mm) -> bool:
+    def broadcasts(self, mm: Mm) -> bool:
         """--broadcast hw: INVLPGB, for an mm with a global ASID — active on 4 or more
         CPUs at once (consider_global_asid, mm_active_cpus_exceeds(mm, 3)); else IPIs.
         In virtual time a broadcast cost model (invlpgb: ARM's TLBI IS, which has no such

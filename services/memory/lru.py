@@ -42,25 +42,93 @@ class Lru:
 
 
 class SwapSpace:
-    """Swap is a counter and a marker: a slot per swapped-out PTE, with a reference
-    count (an unshared copy of a table duplicates its swap entries)."""
+    """Swap, one slot per swapped-out page (mm/swapfile.c, ≈ v6.18), and the swap cache.
+
+    A page gets ONE slot when reclaim first unmaps it (folio_alloc_swap); every PTE
+    that mapped it gets that same entry (try_to_unmap_one), and the slot counts the
+    PTEs holding it — the swap count: fork's and unsharing's copies add one
+    (copy_nonpresent_pte: swap_duplicate), a swap-in or a zap drops one (swap_free,
+    free_swap_and_cache). While the page's frame is resident it is in the swap cache
+    (slot -> frame), so each mm that faults on the entry maps that one frame
+    (do_swap_page: swap_cache_get_folio). The cache holds no frame reference here: a
+    frame leaves it when its last mapping goes (reclaim freeing it, or a zap or COW
+    unmapping it: Linux keeps a clean unmapped swap-cache page until reclaim takes it;
+    here it goes at once, so a later swap-in reads it again), or when no PTE holds its
+    slot any more and the fault that maps it frees the slot (folio_free_swap). A slot
+    lives while a PTE holds it or its page is cached.
+
+    `exclusive`: the slot's one PTE was the page's only mapping (pte_swp_exclusive,
+    set from PageAnonExclusive); any second reference clears it."""
 
     def __init__(self) -> None:
-        self._refs: dict[int, int] = {}
+        self._refs: dict[int, int] = {}      # slot -> PTEs holding it (> 0 only)
+        self._cache: dict[int, int] = {}     # slot -> its frame, while resident
+        self._slot_of: dict[int, int] = {}   # frame -> its slot (folio->swap)
+        self._exclusive: set[int] = set()
         self._next = 1
 
-    def store(self) -> int:
-        slot, self._next = self._next, self._next + 1
-        self._refs[slot] = 1
+    def unmap(self, pfn: int, exclusive: bool) -> int:
+        """One PTE of `pfn` becomes a swap entry: the page's slot (allocated and the frame
+        cached on its first unmap), with one reference more. Returns the slot."""
+        slot = self._slot_of.get(pfn, 0)
+        if not slot:  # folio_alloc_swap: add_to_swap puts the folio in the swap cache
+            slot, self._next = self._next, self._next + 1
+            self._cache[slot], self._slot_of[pfn] = pfn, slot
+        refs = self._refs.get(slot, 0)
+        if exclusive and not refs:
+            self._exclusive.add(slot)
+        else:
+            self._exclusive.discard(slot)
+        self._refs[slot] = refs + 1
         return slot
 
     def dup(self, slot: int) -> None:
+        """swap_duplicate: a copied PTE holds the slot too (and it is no one's alone)."""
         self._refs[slot] += 1
+        self._exclusive.discard(slot)
 
     def drop(self, slot: int) -> None:
+        """swap_free: a PTE no longer holds the slot."""
         self._refs[slot] -= 1
         if not self._refs[slot]:
             del self._refs[slot]
+            self._exclusive.discard(slot)
+
+    def refs(self, slot: int) -> int:
+        return self._refs.get(slot, 0)
+
+    def exclusive(self, slot: int) -> bool:
+        return slot in self._exclusive
+
+    def cached(self, slot: int) -> int:
+        """swap_cache_get_folio: the slot's resident frame, or 0."""
+        return self._cache.get(slot, 0)
+
+    def add_to_cache(self, slot: int, pfn: int) -> None:
+        """A frame just read from `slot` (swapin_readahead -> swap_cache_add_folio)."""
+        self._cache[slot], self._slot_of[pfn] = pfn, slot
+
+    def uncache(self, pfn: int) -> None:
+        """The frame leaves the swap cache (__swap_cache_del_folio); its slot stays
+        while PTEs hold it."""
+        slot = self._slot_of.pop(pfn, 0)
+        if slot:
+            del self._cache[slot]
+
+    def free_swap(self, pfn: int) -> bool:
+        """folio_free_swap: drop the frame's slot if no PTE holds it any more; True when
+        the frame is then no longer in the swap cache."""
+        slot = self._slot_of.get(pfn, 0)
+        if slot and self.refs(slot):
+            return False
+        self.uncache(pfn)
+        return True
+
+    @property
+    def allocated(self) -> int:
+        """Slots allocated so far: one per swapped-out page, however many PTEs map it."""
+        return self._next - 1
 
     def __len__(self) -> int:
-        return len(self._refs)
+        """Slots in use: held by a PTE or with their page cached."""
+        return len(self._refs.keys() | self._cache.keys())

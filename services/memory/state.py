@@ -97,7 +97,8 @@ class KernelStats:
     shared_tables: int = 0        # tables with share_count > 0 now
     reclaimed_pages: int = 0
     swap_outs: int = 0            # PTEs turned into swap entries
-    swap_ins: int = 0
+    swap_ins: int = 0             # swap entries a fault replaced with a page (do_swap_page)
+    swap_reads: int = 0           # of those, pages read from swap (not in the swap cache)
     reclaim_shootdowns: int = 0
     reclaim_ipis: int = 0
     fault_latency_s: Samples = dataclasses.field(default_factory=Samples)

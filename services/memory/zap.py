@@ -61,7 +61,7 @@ class Zapper:
                         for vpn, slot, swap_slot in swapped_ptes(table, start, end):
                             table.entries[slot] = 0
                             table.present -= 1
-                            self.k.swap.drop(swap_slot)
+                            self.k.swap.drop(swap_slot)  # free_swap_and_cache
                     # Frames freed after the lock is dropped; their flush already completed.
                     zap.freed += flusher.release(zap.to_free, [])
                     zap.to_free.clear()
@@ -85,6 +85,11 @@ class Zapper:
         table.present -= 1
         pfn = pte_pfn(pte)
         k.frames.mapcount[pfn] -= 1
+        if not k.frames.mapcount[pfn]:
+            # free_swap_cache: the last mapping gone, the page leaves the swap cache (at
+            # once here, not at the next reclaim: SwapSpace); PTEs holding its slot
+            # keep the slot.
+            k.swap.uncache(pfn)
         zap.gather.clear_pte(vpn, table.tids[slot], pfn)
 
     async def write_protect(self, ctx: OpContext, cpu: int, mm: Mm, start: int, end: int,

@@ -3,6 +3,7 @@
 kernel function it follows. In-process machine, no network."""
 import pytest
 
+from services.memory.pagetable import walk
 from tests.unit.machine import PAGE, make_machine, proc
 
 
@@ -180,4 +181,142 @@ async def test_H_a_read_maps_the_zero_page_and_the_first_write_copies_it(zero_pa
         assert data_frames() == 1 and k.stats.zero_page_maps == 1
     else:
         assert dict(k.stats.faults) == {"anon": 1} and m.log == []
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
+
+
+# T. One swap entry per page, and the swap cache (mm/, ≈ v6.18). Reclaim gives a page ONE
+#    slot (folio_alloc_swap) and try_to_unmap_one installs that entry in every PTE mapping
+#    it, counted by the slot's swap count (fork's copy_nonpresent_pte: swap_duplicate).
+#    do_swap_page finds the page in the swap cache (swap_cache_get_folio) and maps that
+#    one frame into each mm that faults, read-only while it is shared; a write then is
+#    do_wp_page: wp_page_copy with a one-page flush to the writer's other CPUs, or
+#    wp_page_reuse once the page is the writer's alone (folio_free_swap drops the slot).
+async def forked_then_reclaimed(m):
+    """A parent on CPUs 0 and 2 with 60 written pages, forked (the child on CPU 1), then
+    an unrelated mm's 60 pages push the parent's out to swap: (parent, child, other, V),
+    V the parent's first page, swapped out in both."""
+    k = m.kernel
+    parent, base, addrs = await proc(m, (0, 2), 60)
+    child = (await m.syscall(0, "fork")).child_mm
+    await m.switch(1, child)
+    other = k.create_mm()
+    await m.switch(0, other)
+    more = await m.syscall(0, "mmap", 60, True)
+    await m.access(0, [more.address + i * PAGE for i in range(60)], write=True)  # reclaim
+    await m.switch(0, parent)
+    return parent, child, other, addrs[0]
+
+
+def pte(k, mm: int, address: int) -> int:
+    vpn = address >> 12
+    return walk(k.mms[mm].pgd, vpn).entries[vpn % 512]
+
+
+async def test_T_a_shared_page_gets_one_swap_entry_and_swaps_in_to_one_read_only_frame():
+    m = make_machine(3, frames=128)
+    k = m.kernel
+    parent, child, other, V = await forked_then_reclaimed(m)
+    entry = pte(k, parent, V)
+    assert entry < 0 and pte(k, child, V) == entry           # try_to_unmap_one: one entry
+    assert k.swap.refs(-entry) == 2                          # held by two PTEs
+    assert k.stats.swap_outs == 2 * k.swap.allocated         # a slot per page, not per PTE
+    await m.access(1, [V])                                   # the child reads: swapped in
+    await m.access(0, [V])                                   # the parent: from the cache
+    pp, pc = pte(k, parent, V), pte(k, child, V)
+    assert pp > 0 and pp >> 1 == pc >> 1                     # one frame, mapped in both
+    assert not pp & 1 and not pc & 1                         # read-only while shared
+    assert (k.stats.swap_ins, k.stats.swap_reads) == (2, 1)
+    pfn = pp >> 1
+    assert (k.frames.mapcount[pfn], k.frames.refcount[pfn]) == (2, 2)
+    assert k.swap.refs(-entry) == 0 and k.swap.cached(-entry) == pfn
+    m.log.clear()
+    await m.access(0, [V], write=True)                       # do_wp_page -> wp_page_copy
+    assert k.stats.faults["cow"] == 1 and pte(k, parent, V) >> 1 != pfn
+    # ptep_clear_flush: one page, to the parent's other CPU, not to the child's CPU 1
+    assert m.log == [("shootdown", parent, V >> 12, 1, (2,))]
+    m.log.clear()
+    await m.access(1, [V], write=True)                       # the child's alone now:
+    assert pte(k, child, V) == pfn << 1 | 1 and m.log == []  # wp_page_reuse, no flush
+    assert k.swap.refs(-entry) == 0 and k.swap.cached(-entry) == 0  # the slot is free
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
+
+
+async def test_T_a_write_swap_in_of_a_page_another_mm_still_holds_in_swap_copies_it():
+    """should_try_to_free_swap: the write fault's page is ours alone but for the swap cache,
+    yet folio_free_swap keeps the slot (the parent's PTE holds it): not exclusive, so
+    do_swap_page maps it read-only and do_wp_page copies it. The parent's entry is kept."""
+    m = make_machine(3, frames=128)
+    k = m.kernel
+    parent, child, other, V = await forked_then_reclaimed(m)
+    entry = pte(k, parent, V)
+    shootdowns, freed = k.stats.shootdowns, k.frames.freed_total
+    m.log.clear()
+    await m.access(1, [V], write=True)
+    assert pte(k, child, V) & 1 and k.stats.faults["cow"] == 1
+    # wp_page_copy: its flush (the child runs on CPU 1 alone: no IPI), the read page freed
+    assert k.stats.shootdowns == shootdowns + 1 and m.log == []
+    assert k.frames.freed_total == freed + 1 and k.stats.swap_reads == 1
+    assert pte(k, parent, V) == entry and k.swap.refs(-entry) == 1
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
+
+
+async def test_T_fork_reclaim_swap_in_write_exit_leaves_nothing_stale_and_nothing_behind():
+    m = make_machine(3, frames=128)
+    k = m.kernel
+    parent, child, other, V = await forked_then_reclaimed(m)
+    pages = [V + i * PAGE for i in range(60)]
+    await m.access(1, pages[:30])                            # child reads half back
+    await m.access(0, pages[:20])                            # parent: from the cache
+    await m.access(0, pages[10:20], write=True)              # copies
+    await m.access(1, pages[:10], write=True)                # reuses
+    await m.syscall(1, "exit")                               # the child's entries go
+    await m.access(0, pages[20:40], write=True)              # parent: from the cache, reuses
+    assert k.stats.swap_ins > k.stats.swap_reads > 0 and k.stats.faults["cow"] >= 10
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
+    await m.syscall(0, "exit")
+    await m.switch(0, other)
+    await m.syscall(0, "exit")
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
+    assert k.frames.used == k.reserved_frames and len(k.swap) == 0 and len(k.lru) == 0
+
+
+# Reclaim under --broadcast hw. arch/x86/mm/tlb.c (≥ 6.15) arch_tlbbatch_add_pending: an
+#    mm with a global ASID (consider_global_asid: active on 4+ CPUs) has each unmapped page
+#    invalidated at once by INVLPGB (invlpgb_flush_user_nr_nosync), completed by the
+#    TLBSYNC in arch_tlbbatch_flush; only the other mms' CPUs join the batch's IPIs.
+@pytest.mark.parametrize("hw", [True, False])
+async def test_reclaim_of_a_global_asid_mm_broadcasts_its_pages_instead_of_ipis(hw):
+    m = make_machine(5, frames=256, hw_broadcast=hw)
+    k = m.kernel
+    wide, base, addrs = await proc(m, (1, 2, 3, 4), 100)   # running on 4 CPUs: global ASID
+    other = k.create_mm()
+    await m.switch(0, other)
+    more = await m.syscall(0, "mmap", 150, True)
+    await m.access(0, [more.address + i * PAGE for i in range(150)], write=True)
+    assert k.stats.swap_outs > 0
+    if hw:
+        assert k.stats.reclaim_ipis == 0 and k.stats.broadcast_pages == k.stats.swap_outs
+        assert m.cpus[1].tlb.counters.flush_hardware == k.stats.broadcasts > 0
+    else:
+        assert k.stats.reclaim_ipis == 4 * k.stats.reclaim_shootdowns > 0
+        assert k.stats.broadcasts == 0
+    await m.access(1, addrs)                                 # swap back in, read
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
+
+
+async def test_T_a_page_swapped_out_of_one_mm_alone_swaps_in_writable_on_a_read():
+    """try_to_unmap_one marks the entry of an exclusive page (pte_swp_mkexclusive); do_swap_page
+    maps it writable even on a read fault (RMAP_EXCLUSIVE): no COW fault on the next write."""
+    m = make_machine(2, frames=128)
+    k = m.kernel
+    mm, base, addrs = await proc(m, (0,), 60)
+    other = k.create_mm()
+    await m.switch(1, other)
+    more = await m.syscall(1, "mmap", 60, True)
+    await m.access(1, [more.address + i * PAGE for i in range(60)], write=True)  # reclaim
+    entry = pte(k, mm, base)
+    assert entry < 0 and k.swap.exclusive(-entry)
+    await m.access(0, [base])
+    await m.access(0, [base], write=True)
+    assert pte(k, mm, base) & 1 and k.stats.faults["cow"] == 0
     assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
