@@ -12,8 +12,9 @@ from services.memory.pagetable import PageTable, PteTable
 def _table(h, table: PageTable) -> None:
     h.update(repr((table.level, table.base_vpn, table.pfn, table.present)).encode())
     if isinstance(table, PteTable):
-        h.update(repr((table.share_count, table.wp, table.seq, table.sharers, table.entries,
-                       table.tids)).encode())
+        h.update(repr((table.share_count, table.wp, table.seq, table.sharers)).encode())
+        h.update(table.entries.tobytes())
+        h.update(table.tids.tobytes())
         return
     for slot, child in enumerate(table.entries):
         if child is not None:
