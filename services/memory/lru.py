@@ -37,8 +37,8 @@ class Lru:
 
     def add(self, pfn: int) -> None:
         where = self._where
-        if pfn >= len(where):
-            where.extend(array("I", bytes(4 * (pfn + 1 - len(where)))))
+        if pfn >= len(where):  # grown by an eighth at least, as a list grows
+            where.frombytes(bytes(4 * max(pfn + 1 - len(where), len(where) >> 3, 64)))
         readded = bool(where[pfn])
         self._queue.append(pfn)
         where[pfn] = len(self._queue)  # its older entry, if any, is dead now
@@ -57,14 +57,15 @@ class Lru:
         """Take up to n of the oldest pages off the list."""
         out: list[int] = []
         queue, where, head = self._queue, self._where, self._head
-        while self._live and len(out) < n:
+        n = min(n, self._live)
+        while len(out) < n:
             pfn = queue[head]
             head += 1
             if where[pfn] == head:  # live: its entry is at index head - 1
                 where[pfn] = 0
-                self._live -= 1
                 out.append(pfn)
         self._head = head
+        self._live -= len(out)
         self._maybe_compact()
         return out
 
