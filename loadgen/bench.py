@@ -131,17 +131,19 @@ async def memory_rss_per_page(cluster: Cluster, pid: int, sizes=RSS_PAGES) -> di
     cpu = cluster.cpus[0]
     mm = await _process_on(cluster)
     empty = vm_rss_bytes(pid)
-    rows, resident = [], 0
+    rows, resident, populating = [], 0, 0.0
     for size in sizes:
+        t0 = time.perf_counter()
         while resident < size:
             chunk = min(POPULATE_CHUNK, size - resident)
             await cluster.memory.Syscall(memory_pb2.MemSyscallRequest(
                 cpu=cpu.id, mm=mm, call=common_pb2.SyscallRequest(mmap=common_pb2.MmapArgs(
                     pages=chunk, writable=True, populate=True))), timeout=600)
             resident += chunk
+        populating += time.perf_counter() - t0
         rss = vm_rss_bytes(pid)
         rows.append({"pages": size, "rss_mib": rss / 2**20,
-                     "bytes_per_page": (rss - empty) / size})
+                     "bytes_per_page": (rss - empty) / size, "populate_s": populating})
     await cluster.reset(Policy(), 1)  # hand the frames back
     return {"empty_rss_mib": empty / 2**20, "rows": rows}
 
@@ -298,11 +300,17 @@ def print_throughput(result: dict) -> None:
         output.console.print("memory RSS: skipped (the memory service's process is not "
                              "known here: run the bench's own cluster, or `tlbsim up`)")
         return
+    print_rss(rss)
+
+
+def print_rss(rss: dict) -> None:
+    from rich.table import Table
     t = Table(title=f"memory service RSS per resident page (empty: {rss['empty_rss_mib']:.0f} MiB)")
-    for col in ("resident pages", "RSS (MiB)", "bytes per page"):
+    for col in ("resident pages", "RSS (MiB)", "bytes per page", "populating them (s)"):
         t.add_column(col, justify="right")
     for r in rss["rows"]:
-        t.add_row(f"{r['pages']:,}", f"{r['rss_mib']:.0f}", f"{r['bytes_per_page']:.0f}")
+        t.add_row(f"{r['pages']:,}", f"{r['rss_mib']:.0f}", f"{r['bytes_per_page']:.0f}",
+                  f"{r['populate_s']:.1f}")
     output.console.print(t)
 
 

@@ -12,8 +12,9 @@ from services.memory.pagetable import PageTable, PteTable
 def _table(h, table: PageTable) -> None:
     h.update(repr((table.level, table.base_vpn, table.pfn, table.present)).encode())
     if isinstance(table, PteTable):
-        h.update(repr((table.share_count, table.wp, table.seq, table.sharers, table.entries,
-                       table.tids)).encode())
+        h.update(repr((table.share_count, table.wp, table.seq, table.sharers)).encode())
+        h.update(table.entries.tobytes())
+        h.update(table.tids.tobytes())
         return
     for slot, child in enumerate(table.entries):
         if child is not None:
@@ -38,7 +39,7 @@ def kernel_digest(kernel) -> str:
                  sorted(v) if isinstance(v, set) else v)
                 for k, v in sorted(vars(s).items()) if not isinstance(v, list)]
     h.update(repr((sorted(kernel.cpu_mm.items()), counters,
-                   sorted(kernel.swap._refs.items()), len(kernel.lru._pages),
+                   sorted(kernel.swap._refs.items()), len(kernel.lru),
                    kernel.oracle.stale, kernel.oracle.checked,
                    len(kernel.oracle.revoked))).encode())
     return h.hexdigest()

@@ -24,7 +24,7 @@ class Frames:
         # it was mapped at and its mm's fork family, whose members may map it there.
         self.rmap_vpn = array("Q", [0])
         self.rmap_family = array("I", [0])
-        self._free: list[int] = []       # LIFO: a freed frame is the next one reused
+        self._free = array("I")          # LIFO: a freed frame is the next one reused
         self.used = 0
         self.freed_total = 0
 

@@ -4,7 +4,8 @@ Reclaim itself (unmap through the reverse map, one batched flush, then free) is
 in reclaim.py, because it takes locks and shoots down."""
 from __future__ import annotations
 
-from collections import OrderedDict
+from array import array
+from typing import Iterator
 
 
 def watermarks(frames: int) -> tuple[int, int]:
@@ -18,27 +19,77 @@ def watermarks(frames: int) -> tuple[int, int]:
 
 class Lru:
     """Resident data pages, oldest first. TLB hits never reach the memory service, so
-    there is no accessed bit to age by: this is FIFO, the clock with no second chance."""
+    there is no accessed bit to age by: this is FIFO, the clock with no second chance.
 
-    def __init__(self) -> None:
-        self._pages: OrderedDict[int, None] = OrderedDict()
+    Compact, for a million resident pages: a queue of pfns in an array with lazy
+    deletion. `_where[pfn]` is 1 + the queue index of the pfn's live entry (0: not on
+    the list); an entry whose index is not its pfn's `_where` is dead (removed, or
+    added again later) and skipped when it reaches the head. The queue is rebuilt
+    from its live entries once the dead and the consumed ones outnumber them, so each
+    operation is O(1) amortised. Pfns and indexes fit 32 bits (MAX_FRAMES is 2^28)."""
+
+    def __init__(self, min_compact: int = 4096) -> None:
+        self._queue = array("I")    # pfns in order of their (last) add; dead ones included
+        self._head = 0              # entries before it are consumed
+        self._where = array("I")    # pfn -> 1 + index of its live entry in _queue, or 0
+        self._live = 0
+        self._min_compact = min_compact  # below this much waste, never rebuild
 
     def add(self, pfn: int) -> None:
-        self._pages[pfn] = None
-        self._pages.move_to_end(pfn)
+        where = self._where
+        if pfn >= len(where):  # grown by an eighth at least, as a list grows
+            where.frombytes(bytes(4 * max(pfn + 1 - len(where), len(where) >> 3, 64)))
+        readded = bool(where[pfn])
+        self._queue.append(pfn)
+        where[pfn] = len(self._queue)  # its older entry, if any, is dead now
+        if readded:
+            self._maybe_compact()
+        else:
+            self._live += 1
 
     def remove(self, pfn: int) -> None:
-        self._pages.pop(pfn, None)
+        if pfn < len(self._where) and self._where[pfn]:
+            self._where[pfn] = 0
+            self._live -= 1
+            self._maybe_compact()
 
     def oldest(self, n: int) -> list[int]:
         """Take up to n of the oldest pages off the list."""
         out: list[int] = []
-        while self._pages and len(out) < n:
-            out.append(self._pages.popitem(last=False)[0])
+        queue, where, head = self._queue, self._where, self._head
+        n = min(n, self._live)
+        while len(out) < n:
+            pfn = queue[head]
+            head += 1
+            if where[pfn] == head:  # live: its entry is at index head - 1
+                where[pfn] = 0
+                out.append(pfn)
+        self._head = head
+        self._live -= len(out)
+        self._maybe_compact()
         return out
 
     def __len__(self) -> int:
-        return len(self._pages)
+        return self._live
+
+    def __iter__(self) -> Iterator[int]:
+        """The live pfns, oldest first."""
+        where = self._where
+        for i in range(self._head, len(self._queue)):
+            pfn = self._queue[i]
+            if where[pfn] == i + 1:
+                yield pfn
+
+    def __contains__(self, pfn: object) -> bool:
+        return isinstance(pfn, int) and 0 <= pfn < len(self._where) and bool(self._where[pfn])
+
+    def _maybe_compact(self) -> None:
+        waste = len(self._queue) - self._live  # consumed + dead entries
+        if waste > self._live and waste >= self._min_compact:
+            live = array("I", self)
+            for i, pfn in enumerate(live, 1):
+                self._where[pfn] = i
+            self._queue, self._head = live, 0
 
 
 class SwapSpace:

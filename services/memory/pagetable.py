@@ -1,6 +1,6 @@
 """Four-level page tables (pgd -> pud -> pmd -> pte), each one a frame.
 
-A PTE table stores, per slot, an int: `pfn << 1 | writable` for a present page,
+A PTE table stores, per slot, a signed 64-bit word: `pfn << 1 | writable` for a present page,
 0 for none, and a negative swap entry `-slot` for a page reclaimed to swap. It
 also keeps the translation id (`tid`) of each present state: every change gives
 the PTE a new tid, and the oracle remembers when each old tid stopped being valid.
@@ -16,6 +16,7 @@ and where) under its own lock, which comes before page_table_lock.
 """
 from __future__ import annotations
 
+from array import array
 from typing import Iterator
 
 from services.common.addresses import PTRS_PER_TABLE, table_index
@@ -28,6 +29,7 @@ from services.memory.locks import SimLock
 TID_SEQ_BITS = 39
 TID_UID_BITS = 24
 MAX_TABLE_UID = (1 << TID_UID_BITS) - 1
+EMPTY_SLOTS = bytes(8 * PTRS_PER_TABLE)  # a PTE table's slots, all 0 (none / no tid)
 
 
 class Table:
@@ -66,8 +68,10 @@ class PteTable(Table):
 
     def __init__(self, pfn: int, base_vpn: int, uid: int, ptl: SimLock, rmap_lock: SimLock):
         super().__init__(pfn, 1, base_vpn, uid)
-        self.entries: list[int] = [0] * PTRS_PER_TABLE
-        self.tids: list[int] = [0] * PTRS_PER_TABLE
+        # Arrays, not lists of ints: 16 bytes a slot, where a list of Python ints is ~80
+        # per present page. A tid is 63 bits, a PTE signed (a swap entry is negative).
+        self.entries: array[int] = array("q", EMPTY_SLOTS)
+        self.tids: array[int] = array("Q", EMPTY_SLOTS)
         self.ptl = ptl                # the split page-table lock
         self.share_count = 0          # extra sharers; 0 = exclusive (kept apart from refcount)
         self.seq = 0                  # changes so far: the low bits of the next tid

@@ -1,6 +1,9 @@
 """`tlbsim bench`'s throughput and memory rows over real gRPC (small sizes: the
 numbers come from the bench itself, never from a timed test)."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from loadgen.bench import faults_vs_floor, memory_rss_per_page, tlb_hits_vs_floor
 from tests.harness import InProcessCluster
@@ -17,5 +20,19 @@ async def test_throughput_and_rss_rows_measure_what_they_name():
         rss = await memory_rss_per_page(c.client, os.getpid(), sizes=(2000, 4000))
         assert [r["pages"] for r in rss["rows"]] == [2000, 4000]
         assert rss["empty_rss_mib"] > 0 and all(r["rss_mib"] > 0 for r in rss["rows"])
+        first, both = (r["populate_s"] for r in rss["rows"])  # cumulative: 4000 took longer
+        assert 0 < first < both
         stats = await c.client.memory.Stats(memory_pb2.MemoryStatsRequest())
         assert stats.used_frames == 1  # the RSS row handed its frames back (the zero page stays)
+
+
+def test_the_rss_script_prints_only_the_rss_rows_of_its_own_cluster():
+    """tools/rss_per_page.py: a 1-CPU cluster of real processes, the rows asked for."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "tools" / "rss_per_page.py"), "3000", "1500"],
+                         capture_output=True, text=True, timeout=120, cwd=root,
+                         env={**os.environ, "COLUMNS": "120"})
+    assert out.returncode == 0, out.stderr
+    assert "memory service RSS per resident page" in out.stdout
+    assert out.stdout.index("1,500") < out.stdout.index("3,000")  # in order of size
+    assert "shootdown" not in out.stdout  # none of the bench's other rows

@@ -170,7 +170,7 @@ def check_quiescent(k) -> None:
     assert k.frames.used == len(data) + len(tables) + k.reserved_frames, \
         (k.frames.used, len(data), len(tables))
     assert dict(swapped) == k.swap._refs, "swap slots"
-    assert set(k.lru._pages) == data, "the LRU is exactly the mapped pages"
+    assert set(k.lru) == data, "the LRU is exactly the mapped pages"
     assert not k.oracle.inflight and not k.k.unflushed
     assert k.stats.frames_pending_free == 0
     for mm in k.mms.values():
