@@ -28,9 +28,9 @@ def add_serve(sub) -> None:
                     "also be given as a TLBSIM_* environment variable (shown in brackets).")
     p.add_argument("service", choices=["cpu", "memory", "coordinator"])
     ids = p.add_mutually_exclusive_group()
-    ids.add_argument("--id", type=int,
+    ids.add_argument("--id", type=int, default=_env("CPU_ID"),
                      help="the CPU's id, 0..1023 (cpu only) [TLBSIM_CPU_ID]")
-    ids.add_argument("--ids", metavar="LIST",
+    ids.add_argument("--ids", default=_env("CPU_IDS"), metavar="LIST",
                      help="several CPUs in this one process, e.g. 0-15 or 0-3,8: each its "
                           "own gRPC server, port, TLB, registration, lease and metrics "
                           "port; they stop (or die) together (cpu only) [TLBSIM_CPU_IDS]")
@@ -138,21 +138,17 @@ def _serve(args) -> int:
 
 
 def _cpu_ids(args) -> list[int]:
-    """The CPUs `serve cpu` hosts: --ids or --id, else TLBSIM_CPU_IDS or TLBSIM_CPU_ID
-    (a flag beats a variable)."""
-    ids, single = args.ids, args.id
-    if ids is None and single is None:
-        ids, single = _env("CPU_IDS"), _env("CPU_ID")
-    if ids is not None:
-        return cohost.parse_ids(ids)
-    try:
-        cpu = int(single) if single is not None else -1
-    except ValueError:
-        cpu = -1
-    if not 0 <= cpu <= cohost.MAX_CPU_ID:
+    """The CPUs `serve cpu` hosts: --ids or --id (each also a variable; both at once,
+    from flags or variables, is an error rather than a guess)."""
+    if args.ids is not None and args.id is not None:
+        raise InvalidArgument("serve cpu takes --id or --ids, not both (TLBSIM_CPU_ID, "
+                              "TLBSIM_CPU_IDS)")
+    if args.ids is not None:
+        return cohost.parse_ids(args.ids)
+    if args.id is None or not 0 <= int(args.id) <= cohost.MAX_CPU_ID:
         raise InvalidArgument(f"serve cpu needs --id between 0 and {cohost.MAX_CPU_ID} "
                               "(or --ids LIST)")
-    return [cpu]
+    return [int(args.id)]
 
 
 # Security options, for every command (README "Security").

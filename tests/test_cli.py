@@ -155,14 +155,15 @@ def test_serve_cpu_bad_ids_are_one_line_errors(extra, words, capsys):
     assert words in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_ids_are_for_cpus_only_and_a_flag_beats_the_variable(monkeypatch, capsys):
+def test_ids_are_for_cpus_only_and_id_with_ids_is_an_error(monkeypatch, capsys):
     assert main(["serve", "memory", "--ids", "0-1", "--coordinator", "127.0.0.1:1"]) == \
         exitcodes.USAGE
     assert "--ids is for serve cpu" in capsys.readouterr().err
     from services.cli import _cpu_ids
     monkeypatch.setenv("TLBSIM_CPU_IDS", "4-5")
-    assert _cpu_ids(parse("serve", "cpu", "--id", "3")) == [3]
     assert _cpu_ids(parse("serve", "cpu")) == [4, 5]
+    with pytest.raises(InvalidArgument, match="--id or --ids, not both"):
+        _cpu_ids(parse("serve", "cpu", "--id", "3"))  # a flag and the other's variable
     monkeypatch.delenv("TLBSIM_CPU_IDS")
     monkeypatch.setenv("TLBSIM_CPU_ID", "7")
     assert _cpu_ids(parse("serve", "cpu")) == [7]

@@ -13,9 +13,9 @@ MAX_CPU_ID = 1023  # ids are 0..1023 (the coordinator's and the memory service's
 
 # `tlbsim up` without --cpus-per-process: one CPU per process up to this many CPUs (a
 # crash is one CPU, as on a real machine), beyond it as few processes as this many.
-# Measured on 2 cores (README "256 CPUs"): a CPU process costs ~54 MiB and ~1 CPU-second
-# of imports, a co-hosted CPU ~2 MiB and no imports, and 2 cores gain nothing from more
-# than a few busy event loops.
+# Measured on 2 cores (README "256 CPUs"): a CPU process costs ~46 MiB and ~1 CPU-second
+# of imports, a co-hosted CPU ~0.2 MiB idle and no imports; but a process is one core of
+# Python, so not all in one (fault-scaling at 16 CPUs took twice as long in one process).
 SEPARATE_UP_TO = 8
 MAX_PROCESSES = 8
 

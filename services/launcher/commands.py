@@ -158,11 +158,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--cpus-per-process", type=int, metavar="K",
         help="simulated CPUs hosted in each CPU process, each still its own gRPC server, "
              "port, TLB, lease and metrics port; a crash of the process is K CPU failures "
-             f"(chaos kill-cpu of one kills all K). Default: 1 up to "
-             f"{cohost.SEPARATE_UP_TO} CPUs, beyond that as many as keeps the CPU processes "
-             f"at {cohost.MAX_PROCESSES} (ceil(N/{cohost.MAX_PROCESSES})): a process costs "
-             "~54 MiB and a CPU-second of start-up, a co-hosted CPU ~2 MiB, and 2 cores gain "
-             "nothing from more (README \"256 CPUs\")")
+             "(chaos kill-cpu of one of them kills and restarts all K). Default: 1 up to "
+             f"{cohost.SEPARATE_UP_TO} CPUs (a crash is one CPU), beyond that "
+             f"ceil(N/{cohost.MAX_PROCESSES}), at most {cohost.MAX_PROCESSES} CPU processes: "
+             "measured on 2 cores, a CPU process costs ~46 MiB and a CPU-second to start "
+             "and a co-hosted CPU ~0.2 MiB, but one process is one core of Python "
+             "(fault-scaling at 16 CPUs: 10-12 s in 16 or 4 processes, 24 s in one) "
+             "(README \"256 CPUs\")")
     up.add_argument("--detach", action="store_true", help="leave the cluster running and exit")
     up.add_argument("--mqtt", action="store_true",
                     help="also start a mosquitto broker on a free loopback port (generated "
