@@ -27,8 +27,7 @@ class _Terminated(BaseException):
 
 def _print_cluster(info: ClusterInfo) -> None:
     rows = [(name, address, str(info.metrics.get(name, "")),
-             str(info.pids.get(info.process_of(int(name[3:])) if name[3:].isdigit()
-                               else name, "")))
+             str(info.pids.get(info.process_running(name), "")))
             for name, address in info.addresses().items()]
     if not sys.stdout.isatty():
         for name, address, metrics, _ in rows:

@@ -261,7 +261,7 @@ class LocalCluster:
                       deadline: float) -> None:
         """Every service of `addresses` (by name: cpuN, memory, ...) answers SERVING."""
         by_process = {child.name: child for child in self._children}
-        children = {name: by_process[_process_name(info, name)] for name in addresses}
+        children = {name: by_process[info.process_running(name)] for name in addresses}
         for name, address in addresses.items():
             with sync_channel(address) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
@@ -283,7 +283,7 @@ class LocalCluster:
         """The process a service name (coordinator, memory, cpuN, cpusA-B, mosquitto)
         runs in: for a co-hosted CPU, the process it shares."""
         info = self._require_info()
-        process = _process_name(info, name)
+        process = info.process_running(name)
         if process not in info.pids:
             raise LauncherError(f"no {name} in this cluster (has {', '.join(info.pids)})")
         return process
@@ -408,12 +408,6 @@ def _env_ready_timeout() -> float | None:
         raise LauncherError(f"TLBSIM_READY_TIMEOUT={value!r}: must be a positive number "
                             "of seconds")
     return seconds
-
-
-def _process_name(info: ClusterInfo, name: str) -> str:
-    """cpuN -> the process hosting CPU N; any other name is its own process."""
-    tail = name[3:] if name.startswith("cpu") else ""
-    return info.process_of(int(tail)) if tail.isdigit() else name
 
 
 def _ids_flags(ids: list[int]) -> list[str]:

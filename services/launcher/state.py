@@ -40,6 +40,12 @@ class ClusterInfo:
         """The name (in pids) of the process hosting CPU `cpu`."""
         return next((name for name, ids in self.hosts.items() if cpu in ids), f"cpu{cpu}")
 
+    def process_running(self, service: str) -> str:
+        """The process a service (coordinator, memory, cpuN, ...) runs in: for cpuN the
+        one hosting CPU N; any other name is a process of its own."""
+        tail = service[3:] if service.startswith("cpu") else ""
+        return self.process_of(int(tail)) if tail.isdigit() else service
+
     def cpus_of(self, process: str) -> list[int]:
         """The CPUs process `process` hosts ([] for coordinator, memory, ...)."""
         if process in self.hosts:

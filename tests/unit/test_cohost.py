@@ -111,6 +111,9 @@ def test_the_state_file_says_which_process_hosts_which_cpus(tmp_path: Path) -> N
     assert [again.process_of(i) for i in range(5)] == ["cpus0-3"] * 4 + ["cpu4"]
     assert again.cpus_of("cpus0-3") == [0, 1, 2, 3] and again.cpus_of("cpu4") == [4]
     assert again.cpus_of("memory") == [] and again.cpus_of("cpu9") == []
+    assert again.process_running("cpu2") == "cpus0-3"
+    assert again.process_running("cpu4") == "cpu4" and again.process_running("memory") == \
+        "memory"
 
 
 def test_a_state_file_from_before_has_one_process_per_cpu(tmp_path: Path) -> None:
