@@ -23,9 +23,11 @@ def _env(name: str, default=None):
 def add_serve(sub) -> None:
     p = sub.add_parser(
         "serve", help="run one service (cpu, memory or coordinator) in the foreground",
-        description="Run one tlbsim service until SIGTERM/SIGINT. When ready it prints one "
-                    "JSON line to stdout with its address and metrics port. Every flag can "
-                    "also be given as a TLBSIM_* environment variable (shown in brackets).")
+        description="Run one tlbsim service (or, `serve cpu --ids`, several CPUs) until "
+                    "SIGTERM/SIGINT. When ready it prints one JSON line to stdout: `nodes`, "
+                    "each hosted service's id, address and metrics port (one service's are "
+                    "also at the top level). Every flag can also be given as a TLBSIM_* "
+                    "environment variable (shown in brackets).")
     p.add_argument("service", choices=["cpu", "memory", "coordinator"])
     ids = p.add_mutually_exclusive_group()
     ids.add_argument("--id", type=int, default=_env("CPU_ID"),
