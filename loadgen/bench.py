@@ -335,7 +335,10 @@ def main(cluster_address: str | None, rounds: int, munmap_rounds: int,
                                    memory_pid=_local_memory_pid(cluster_address), quick=quick))
     else:
         with LocalCluster() as local:  # stops every process, also on Ctrl-C
-            info = local.start(BENCH_CPUS, mqtt=mosquitto_binary() is not None)
+            # One CPU per process, as the bench always measured (its 9 CPUs would
+            # otherwise be co-hosted two by two: `up --cpus-per-process`).
+            info = local.start(BENCH_CPUS, mqtt=mosquitto_binary() is not None,
+                               per_process=1)
             result = asyncio.run(bench(info.coordinator, rounds, munmap_rounds, cost_model,
                                        memory_pid=info.pids["memory"], quick=quick))
     print_bench(result)

@@ -9,6 +9,7 @@ import dataclasses
 
 import grpc
 
+from services.common.cohost import format_ids
 from services.common.chaos import CPU_KINDS, KINDS, LASTING_KINDS, ChaosPlan
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.server import channel
@@ -68,9 +69,13 @@ class Injector:
             await self.stop_broker()
             return "MQTT broker stopped"
         name = f"cpu{cpu}" if kind == "kill-cpu" else kind.split("-", 1)[1]
+        what = name
+        if kind == "kill-cpu":  # a CPU that shares its process dies with all of it
+            together = self.local.cpus_killed(name)
+            what = f"cpu {cpu}" if len(together) == 1 else \
+                f"cpus {format_ids(together)} (cpu {cpu} shares one process with them)"
         took = await self.restart(name)
         lost = " (the simulated machine is lost: start a new run)" if name == "memory" else ""
-        what = f"cpu {cpu}" if kind == "kill-cpu" else name
         return f"{what} killed and serving again after {took:.1f} s{lost}"
 
     async def heal(self, kind: str, cpu: int | None = None) -> None:

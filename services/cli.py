@@ -12,8 +12,8 @@ import logging
 import os
 import sys
 
-from services.common import exitcodes
-from services.common.errors import SimError
+from services.common import cohost, exitcodes
+from services.common.errors import InvalidArgument, SimError
 
 
 def _env(name: str, default=None):
@@ -23,20 +23,31 @@ def _env(name: str, default=None):
 def add_serve(sub) -> None:
     p = sub.add_parser(
         "serve", help="run one service (cpu, memory or coordinator) in the foreground",
-        description="Run one tlbsim service until SIGTERM/SIGINT. When ready it prints one "
-                    "JSON line to stdout with its address and metrics port. Every flag can "
-                    "also be given as a TLBSIM_* environment variable (shown in brackets).")
+        description="Run one tlbsim service (or, `serve cpu --ids`, several CPUs) until "
+                    "SIGTERM/SIGINT. When ready it prints one JSON line to stdout: `nodes`, "
+                    "each hosted service's id, address and metrics port (one service's are "
+                    "also at the top level). Every flag can also be given as a TLBSIM_* "
+                    "environment variable (shown in brackets).")
     p.add_argument("service", choices=["cpu", "memory", "coordinator"])
-    p.add_argument("--id", type=int, default=_env("CPU_ID"),
-                   help="the CPU's id, 0..1023 (cpu only) [TLBSIM_CPU_ID]")
+    ids = p.add_mutually_exclusive_group()
+    ids.add_argument("--id", type=int, default=_env("CPU_ID"),
+                     help="the CPU's id, 0..1023 (cpu only) [TLBSIM_CPU_ID]")
+    ids.add_argument("--ids", default=_env("CPU_IDS"), metavar="LIST",
+                     help="several CPUs in this one process, e.g. 0-15 or 0-3,8: each its "
+                          "own gRPC server, port, TLB, registration, lease and metrics "
+                          "port; they stop (or die) together (cpu only) [TLBSIM_CPU_IDS]")
     p.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:0"),
-                   help="gRPC listen address; port 0 picks a free port [TLBSIM_LISTEN]")
+                   help="gRPC listen address; port 0 picks a free port. With --ids: one "
+                        "address per CPU (comma-separated), or one for all: port 0 a free "
+                        "port each, port P the ports P, P+1, ... [TLBSIM_LISTEN]")
     p.add_argument("--advertise", default=_env("ADVERTISE"),
                    help="address other services reach this one at, HOST[:PORT] (default: "
                         "the listen address, 0.0.0.0 meaning 127.0.0.1); containers set "
-                        "their service name [TLBSIM_ADVERTISE]")
-    p.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", 0),
-                   help="Prometheus metrics port; 0 picks a free one, -1 disables "
+                        "their service name. With --ids: HOST alone (each CPU's port), or "
+                        "one HOST:PORT per CPU [TLBSIM_ADVERTISE]")
+    p.add_argument("--metrics-port", default=_env("METRICS_PORT", "0"), metavar="PORT",
+                   help="Prometheus metrics port; 0 picks a free one, -1 disables. With "
+                        "--ids: one per CPU, or one for all (0, -1, or P: P, P+1, ...) "
                         "[TLBSIM_METRICS_PORT]")
     p.add_argument("--memory", default=_env("MEMORY"),
                    help="the memory service's address (cpu) [TLBSIM_MEMORY]")
@@ -85,23 +96,24 @@ def liveness_from(args, cpus: int):
 
 
 def _serve(args) -> int:
-    from services.common.server import Node, serve
+    from services.common.server import Hosted, Node, serve_all
 
-    metrics_port = int(args.metrics_port)
-    if not -1 <= metrics_port <= 65535:
-        args.parser.error(f"--metrics-port {metrics_port}: a port 1..65535, 0 for a free one, "
-                          "or -1 for none")
     liveness = liveness_from(args, args.cluster_size)
-    node: Node
+    if args.service != "cpu" and args.ids is not None:
+        raise InvalidArgument(f"--ids is for serve cpu, not serve {args.service}")
+    # Bad lists are InvalidArgument: one line on stderr, exit 2 (services/cli.py main).
+    cpus = _cpu_ids(args) if args.service == "cpu" else [0]
+    listens = cohost.listen_addresses(args.listen, len(cpus))
+    metrics = cohost.metrics_ports(args.metrics_port, len(cpus))
+    advertised = cohost.advertise_addresses(args.advertise, len(cpus))
+    nodes: list[tuple[Node, dict]]
     if args.service == "cpu":
         from services.cpu.service import CpuNode
-        if args.id is None or not 0 <= int(args.id) < 1024:
-            args.parser.error("serve cpu needs --id between 0 and 1023")
         if not args.memory or not args.coordinator:
             args.parser.error("serve cpu needs --memory and --coordinator addresses")
-        node = CpuNode(int(args.id), args.memory, args.coordinator, mqtt_url=args.mqtt_url,
-                       liveness=liveness)
-        ready = {"service": "cpu", "id": int(args.id)}
+        nodes = [(CpuNode(cpu, args.memory, args.coordinator, mqtt_url=args.mqtt_url,
+                          liveness=liveness), {"id": cpu}) for cpu in cpus]
+        ready = {"service": "cpu"}
     elif args.service == "memory":
         from services.memory.service import MemoryNode
         if not args.coordinator:
@@ -110,19 +122,35 @@ def _serve(args) -> int:
         frames = int(args.frames) if args.frames else None
         if frames is not None and frames < MIN_FRAMES:
             args.parser.error(f"--frames must be at least {MIN_FRAMES}")
-        node = MemoryNode(args.coordinator, frames)
+        nodes = [(MemoryNode(args.coordinator, frames), {})]
         ready = {"service": "memory"}
     else:
         from services.coordinator.service import CoordinatorNode
-        node = CoordinatorNode(mqtt_url=args.mqtt_url, liveness=liveness)
+        nodes = [(CoordinatorNode(mqtt_url=args.mqtt_url, liveness=liveness), {})]
         ready = {"service": "coordinator"}
+    hosted = [Hosted(node, listen, None if port < 0 else port, advertise, fields)
+              for (node, fields), listen, port, advertise
+              in zip(nodes, listens, metrics, advertised)]
     try:
-        asyncio.run(serve(node, args.listen, None if metrics_port < 0 else metrics_port, ready,
-                          args.advertise or None))
+        asyncio.run(serve_all(hosted, ready))
     except OSError as e:  # the address or the metrics port is taken or not ours
         print(f"tlbsim serve {args.service}: {e.strerror or e}", file=sys.stderr)
         return exitcodes.USAGE
     return exitcodes.OK
+
+
+def _cpu_ids(args) -> list[int]:
+    """The CPUs `serve cpu` hosts: --ids or --id (each also a variable; both at once,
+    from flags or variables, is an error rather than a guess)."""
+    if args.ids is not None and args.id is not None:
+        raise InvalidArgument("serve cpu takes --id or --ids, not both (TLBSIM_CPU_ID, "
+                              "TLBSIM_CPU_IDS)")
+    if args.ids is not None:
+        return cohost.parse_ids(args.ids)
+    if args.id is None or not 0 <= int(args.id) <= cohost.MAX_CPU_ID:
+        raise InvalidArgument(f"serve cpu needs --id between 0 and {cohost.MAX_CPU_ID} "
+                              "(or --ids LIST)")
+    return [int(args.id)]
 
 
 # Security options, for every command (README "Security").

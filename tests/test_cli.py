@@ -137,3 +137,33 @@ def test_a_state_file_that_is_a_folder_or_broken_is_a_usage_error(argv, tmp_path
         assert main([*argv, "--state", str(state)]) == exitcodes.USAGE
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "cluster state" in err, err
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--ids", "5-2"], "the range 5-2 runs backwards"),
+    (["--ids", "0-3,2"], "cpu 2 is listed twice"),
+    (["--ids", "0-1024"], "ids are 0..1023"),
+    (["--ids", "0-1", "--listen", "127.0.0.1:0,127.0.0.1:0,127.0.0.1:0"], "3 values for 2"),
+    (["--ids", "0-1", "--metrics-port", "9100,x"], "not a port"),
+    (["--ids", "0-1", "--advertise", "cpus:50051"], "one HOST:PORT for 2 CPUs"),
+    (["--id", "1024"], "--id between 0 and 1023"),
+])
+def test_serve_cpu_bad_ids_are_one_line_errors(extra, words, capsys):
+    argv = ["serve", "cpu", *extra, "--memory", "127.0.0.1:1", "--coordinator", "127.0.0.1:1"]
+    assert main(argv) == exitcodes.USAGE
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_ids_are_for_cpus_only_and_id_with_ids_is_an_error(monkeypatch, capsys):
+    assert main(["serve", "memory", "--ids", "0-1", "--coordinator", "127.0.0.1:1"]) == \
+        exitcodes.USAGE
+    assert "--ids is for serve cpu" in capsys.readouterr().err
+    from services.cli import _cpu_ids
+    monkeypatch.setenv("TLBSIM_CPU_IDS", "4-5")
+    assert _cpu_ids(parse("serve", "cpu")) == [4, 5]
+    with pytest.raises(InvalidArgument, match="--id or --ids, not both"):
+        _cpu_ids(parse("serve", "cpu", "--id", "3"))  # a flag and the other's variable
+    monkeypatch.delenv("TLBSIM_CPU_IDS")
+    monkeypatch.setenv("TLBSIM_CPU_ID", "7")
+    assert _cpu_ids(parse("serve", "cpu")) == [7]

@@ -65,10 +65,13 @@ def test_cluster_info_json_round_trip(tmp_path: Path) -> None:
 
 
 def test_up_rejects_bad_cpu_count(capsys: pytest.CaptureFixture[str]) -> None:
-    args = parse("up", "--cpus", "65")
-    assert args.func(args) == 2
-    err = capsys.readouterr().err
-    assert "between 1 and 64" in err and len(err.strip().splitlines()) == 1
+    for argv, words in ((["--cpus", "257"], "--cpus must be between 1 and 256"),
+                        (["--cpus", "4", "--cpus-per-process", "0"], "between 1 and --cpus"),
+                        (["--cpus", "4", "--cpus-per-process", "5"], "between 1 and --cpus")):
+        args = parse("up", *argv)
+        assert args.func(args) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_down_without_state_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,6 +45,9 @@ NOT_RUN = {
     "tlbsim reproduce lameter-2005 --json lameter.json":
         "minutes on up to 64 CPUs in virtual time; tests/loadgen/test_virtual.py runs the "
         "mode, tests/loadgen/test_reproduce.py a table",
+    "tlbsim up --cpus 256 --detach":
+        "256 CPUs and minutes of fault-scaling on 2 cores; tests/test_cohost_processes.py "
+        "runs co-hosted CPUs",
     "tlbsim chaos partition --cpu 2 --for 3":
         "chaos is tests/test_chaos_processes.py's (real processes, every kind)",
     "tlbsim trace record --accesses -o threads-munmap.tlbt.gz -- ./threads-munmap":

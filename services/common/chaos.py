@@ -25,8 +25,9 @@ MAX_ACK_DELAY_S = 60.0
 
 # The fault kinds, with their designed outcome (README "Reliability and fault injection").
 KINDS = {
-    "kill-cpu": "SIGKILL a CPU process and start it again at its address: a shootdown "
-                "waiting on it fences it at the deadline; it rejoins with an empty TLB",
+    "kill-cpu": "SIGKILL a CPU's process and start it again at its address (a process "
+                "of `up --cpus-per-process K`: all K CPUs in it): a shootdown waiting on "
+                "it fences it at the deadline; it rejoins with an empty TLB",
     "delay-acks": "a CPU applies each flush at once but holds its ack past the deadline: "
                   "it is fenced, flushes its whole TLB and re-registers",
     "drop-flushes": "a CPU loses a fraction of flush deliveries before applying them: "

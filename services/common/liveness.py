@@ -21,7 +21,8 @@ take: derived from the cluster's size, each one configurable (README "Liveness a
   on a loaded machine); READY_PER_CPU_S per CPU on top of READY_BASE_S.
 
 For 1-8 CPUs this gives 0.25 s / 0.5 s / 1.5 s (what the fixed constants were); 16 CPUs
-0.5 / 1 / 3 s; 32 CPUs 1 / 2 / 6 s; 64 CPUs 2 / 4 / 12 s.
+0.5 / 1 / 3 s; 32 CPUs 1 / 2 / 6 s; 64 CPUs 2 / 4 / 12 s; 256 CPUs 8 / 16 / 48 s (the
+coordinator's load is per heartbeat, whether the CPUs share processes or not).
 """
 from __future__ import annotations
 

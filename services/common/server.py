@@ -304,26 +304,61 @@ async def start_server(node: Node, listen: str = "127.0.0.1:0",
     return RunningServer(server, health_servicer, node, address)
 
 
+@dataclasses.dataclass
+class Hosted:
+    """One node a process serves: where it listens, its metrics port (None: no metrics),
+    the address it advertises, and what its ready line says about it."""
+    node: Node
+    listen: str
+    metrics_port: int | None
+    advertise: str | None
+    ready: dict
+
+
 async def serve(node: Node, listen: str, metrics_port: int | None, ready: dict,
                 advertise: str | None = None) -> None:
-    """Run until SIGTERM/SIGINT; announce readiness as one JSON line on stdout."""
-    running = await start_server(node, listen, advertise)
-    info = dict(ready, event="ready", address=running.address)
-    if metrics_port is not None:
-        try:
-            metrics_server, _ = start_http_server(metrics_port, addr=bind_host(listen),
-                                                  registry=node.registry)
-        except OSError as e:  # a busy port: stop the gRPC server inside its loop, then say so
-            await running.stop()
-            raise OSError(e.errno, f"metrics port {metrics_port}: {e.strerror}") from None
-        info["metrics_port"] = metrics_server.server_port
+    """Run one node until SIGTERM/SIGINT; announce readiness as one JSON line on stdout
+    (its fields, address and metrics_port)."""
+    await serve_all([Hosted(node, listen, metrics_port, advertise, {})], ready)
+
+
+async def serve_all(hosted: Sequence[Hosted], ready: dict) -> None:
+    """Run several nodes in this process, each its own gRPC server on its own port with
+    its own metrics server, until SIGTERM/SIGINT; then stop them all. When every one
+    serves, print one JSON line: `ready`'s fields and `nodes`, each node's ready fields
+    with its address and metrics_port; a single node's are also at the top level (the
+    line one service always printed)."""
+    running: list[RunningServer] = []
+    lines: list[dict] = []
+    try:
+        for h in hosted:
+            server = await start_server(h.node, h.listen, h.advertise)
+            running.append(server)
+            line = dict(h.ready, address=server.address)
+            if h.metrics_port is not None:
+                try:
+                    metrics_server, _ = start_http_server(
+                        h.metrics_port, addr=bind_host(h.listen), registry=h.node.registry)
+                except OSError as e:
+                    raise OSError(e.errno, f"metrics port {h.metrics_port}: "
+                                           f"{e.strerror}") from None
+                line["metrics_port"] = metrics_server.server_port
+            lines.append(line)
+    except BaseException:  # a busy port: stop what started, inside the loop, then say so
+        await asyncio.gather(*(r.stop() for r in running), return_exceptions=True)
+        raise
+    info = dict(ready, event="ready")
+    if len(lines) == 1:
+        info.update(lines[0])
+    info["nodes"] = lines
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(json.dumps(info), flush=True)
-    log.info("%s serving on %s", ready.get("service"), running.address)
+    log.info("%s serving on %s", ready.get("service"),
+             ", ".join(r.address for r in running))
     await stop.wait()
     log.info("%s shutting down", ready.get("service"))
-    await running.stop()
+    await asyncio.gather(*(r.stop() for r in running))
     sys.stdout.flush()

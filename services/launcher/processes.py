@@ -31,16 +31,18 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common import prometheus
+from services.common import cohost, prometheus
 from services.common.liveness import Liveness, ready_timeout_s
 from services.common.mqtt import MqttUrl
 from services.common.server import sync_channel
 from services.launcher.brokers import free_port, mosquitto_binary, mosquitto_config, wait_listening
-from services.launcher.errors import LauncherError
+from services.launcher.errors import LauncherError, UsageError
 from services.launcher.state import (MOSQUITTO_CONF, POLL_S, STOP_GRACE_S, ClusterInfo,
                                      is_our_service, wait_gone)
 
-MAX_CPUS = 64
+# 256 runs on 2 cores and 24 GiB with CPUs co-hosted (README "256 CPUs"); the ids the
+# services accept go to 1023 (services/common/cohost.py MAX_CPU_ID).
+MAX_CPUS = 256
 
 
 @dataclass
@@ -101,24 +103,31 @@ class LocalCluster:
         self.stop_after(exc)
 
     def start(self, cpus: int, log_dir: Path | None = None, mqtt: bool = False,
-              liveness: Liveness | None = None) -> ClusterInfo:
+              liveness: Liveness | None = None,
+              per_process: int | None = None) -> ClusterInfo:
+        """Start the cluster: `per_process` CPUs in each CPU process (default: chosen by
+        the number of CPUs, cohost.default_per_process)."""
         if self._children:
             raise LauncherError("this cluster is already running")
         if not 1 <= cpus <= MAX_CPUS:
-            raise LauncherError(f"cpus must be between 1 and {MAX_CPUS}, got {cpus}")
+            raise UsageError(f"--cpus must be between 1 and {MAX_CPUS}, got {cpus}")
+        per_process = cohost.default_per_process(cpus) if per_process is None else per_process
+        if not 1 <= per_process <= cpus:
+            raise UsageError(f"--cpus-per-process {per_process}: must be between 1 and "
+                             f"--cpus ({cpus})")
         log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="tlbsim-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         if self._ready_timeout is None:
             self._ready_timeout = _env_ready_timeout() or ready_timeout_s(cpus)
         deadline = time.monotonic() + self._ready_timeout
         try:
-            return self._start(cpus, log_dir.resolve(), deadline, mqtt,
-                               liveness or Liveness.for_cluster(cpus))
+            return self._start(cohost.split(cpus, per_process), log_dir.resolve(), deadline,
+                               mqtt, liveness or Liveness.for_cluster(cpus))
         except BaseException as exc:
             self.stop_after(exc)
             raise
 
-    def _start(self, cpus: int, log_dir: Path, deadline: float, mqtt: bool,
+    def _start(self, groups: list[list[int]], log_dir: Path, deadline: float, mqtt: bool,
                liveness: Liveness) -> ClusterInfo:
         mqtt_url = self._start_mosquitto(log_dir, deadline) if mqtt else ""
         broker = ["--mqtt-url", mqtt_url] if mqtt_url else []
@@ -131,26 +140,28 @@ class LocalCluster:
         memory_address = memory["memory"]["address"]
         # The CPUs only need memory and the coordinator, so they start together.
         cpu_children = [
-            self._spawn(
-                f"cpu{i}",
-                ["--id", str(i), "--memory", memory_address, "--coordinator", coordinator_address,
-                 *broker],
-                log_dir,
-            )
-            for i in range(cpus)
+            self._spawn(cohost.process_name(ids),
+                        [*_ids_flags(ids), "--memory", memory_address,
+                         "--coordinator", coordinator_address, *broker],
+                        log_dir, service="cpu")
+            for ids in groups
         ]
-        ready = {**coordinator, **memory, **self._wait_ready(cpu_children, deadline)}
+        ready = {**coordinator, **memory}
+        for line in self._wait_ready(cpu_children, deadline).values():
+            ready.update(_cpu_lines(line))
+        names = ["coordinator", "memory", *(f"cpu{i}" for ids in groups for i in ids)]
         info = ClusterInfo(
             coordinator=coordinator_address,
             memory=memory_address,
-            cpus={i: ready[f"cpu{i}"]["address"] for i in range(cpus)},
-            metrics={name: int(line["metrics_port"]) for name, line in ready.items()},
+            cpus={i: ready[f"cpu{i}"]["address"] for ids in groups for i in ids},
+            metrics={name: int(ready[name]["metrics_port"]) for name in names},
             pids={child.name: child.proc.pid for child in self._children},
             log_dir=log_dir,
             mqtt=mqtt_url,
             liveness=liveness.as_dict(),
+            hosts={cohost.process_name(ids): ids for ids in groups if len(ids) > 1},
         )
-        self._wait_serving(info.addresses(), deadline)
+        self._wait_serving(info, info.addresses(), deadline)
         self.info = info
         return info
 
@@ -199,8 +210,8 @@ class LocalCluster:
         return url
 
     def _spawn(self, name: str, extra: list[str], log_dir: Path,
-               cmd: list[str] | None = None) -> _Child:
-        service = name.rstrip("0123456789")
+               cmd: list[str] | None = None, service: str | None = None) -> _Child:
+        service = service or name.rstrip("0123456789")
         cmd = cmd or [sys.executable, "-m", "services", "serve", service,
                       "--listen", "127.0.0.1:0", "--metrics-port", "0", *extra]
         stdout, stderr = log_dir / f"{name}.out", log_dir / f"{name}.log"
@@ -246,8 +257,11 @@ class LocalCluster:
             time.sleep(POLL_S * max(1, len(children) // 8))  # 64 files: less often
         return ready
 
-    def _wait_serving(self, addresses: dict[str, str], deadline: float) -> None:
-        children = {child.name: child for child in self._children}
+    def _wait_serving(self, info: ClusterInfo, addresses: dict[str, str],
+                      deadline: float) -> None:
+        """Every service of `addresses` (by name: cpuN, memory, ...) answers SERVING."""
+        by_process = {child.name: child for child in self._children}
+        children = {name: by_process[info.process_running(name)] for name in addresses}
         for name, address in addresses.items():
             with sync_channel(address) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
@@ -262,13 +276,29 @@ class LocalCluster:
                     time.sleep(POLL_S)
 
     # --- process-level faults (services/common/chaos.py KINDS) -------------------------
-    def kill(self, name: str) -> None:
-        """SIGKILL one service (coordinator, memory, cpuN, mosquitto) and wait until it is
-        gone: no goodbye, as a crash. Only a process that is still ours is signalled."""
+    # A CPU that shares its process (`up --cpus-per-process K`) cannot die alone: killing
+    # or restarting "cpuN" kills or restarts its whole process, every CPU in it (K CPU
+    # failures, fenced and rejoining as one would). `cpus_killed` says which.
+    def process_for(self, name: str) -> str:
+        """The process a service name (coordinator, memory, cpuN, cpusA-B, mosquitto)
+        runs in: for a co-hosted CPU, the process it shares."""
         info = self._require_info()
-        pid = info.pids.get(name)
-        if pid is None:
+        process = info.process_running(name)
+        if process not in info.pids:
             raise LauncherError(f"no {name} in this cluster (has {', '.join(info.pids)})")
+        return process
+
+    def cpus_killed(self, name: str) -> list[int]:
+        """The CPUs a kill or restart of `name` takes down with it."""
+        return self._require_info().cpus_of(self.process_for(name))
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one service's process (coordinator, memory, cpuN and every CPU it
+        shares a process with, mosquitto) and wait until it is gone: no goodbye, as a
+        crash. Only a process that is still ours is signalled."""
+        info = self._require_info()
+        name = self.process_for(name)
+        pid = info.pids[name]
         child = next((c for c in self._children if c.name == name), None)
         if child is not None:
             if child.proc.poll() is None:
@@ -281,10 +311,13 @@ class LocalCluster:
                 raise LauncherError(f"{name} (pid {pid}) did not die on SIGKILL")
 
     def restart(self, name: str, kill: bool = True) -> float:
-        """(SIGKILL and) start a service again at its address and metrics port, so every
-        peer finds it where it was; wait until it serves. Returns the seconds it took."""
+        """(SIGKILL and) start a service's process again (a co-hosted CPU: its whole
+        process) at its addresses and metrics ports, so every peer finds each service
+        where it was; wait until they serve. Returns the seconds it took."""
         info = self._require_info()
         t0 = time.monotonic()
+        if name != "mosquitto":  # a stopped broker is started again where it was
+            name = self.process_for(name)
         if kill:
             self.kill(name)
         deadline = t0 + (self._ready_timeout or ready_timeout_s(1))
@@ -295,8 +328,10 @@ class LocalCluster:
             child = self._spawn_mosquitto(info.log_dir, MqttUrl.parse(info.mqtt).port, deadline)
             info.pids[name] = child.proc.pid
             return time.monotonic() - t0
-        address = info.addresses().get(name)
-        if address is None:
+        cpus = info.cpus_of(name)
+        services = [f"cpu{i}" for i in cpus] or [name]
+        addresses = {s: a for s, a in info.addresses().items() if s in services}
+        if len(addresses) != len(services):
             raise LauncherError(f"no {name} in this cluster")
         broker = ["--mqtt-url", info.mqtt] if info.mqtt else []
         broker += _liveness_flags(info.liveness_settings())  # as it was started
@@ -305,12 +340,13 @@ class LocalCluster:
         elif name == "memory":
             extra = ["--coordinator", info.coordinator]
         else:
-            extra = ["--id", name[3:], "--memory", info.memory, "--coordinator",
+            extra = [*_ids_flags(cpus), "--memory", info.memory, "--coordinator",
                      info.coordinator, *broker]
-        extra += ["--listen", address, "--metrics-port", str(info.metrics.get(name, 0))]
-        child = self._spawn(name, extra, info.log_dir)
+        extra += ["--listen", ",".join(addresses.values()), "--metrics-port",
+                  ",".join(str(info.metrics.get(s, 0)) for s in services)]
+        child = self._spawn(name, extra, info.log_dir, service="cpu" if cpus else None)
         self._wait_ready([child], deadline)
-        self._wait_serving({name: address}, deadline)
+        self._wait_serving(info, addresses, deadline)
         info.pids[name] = child.proc.pid
         return time.monotonic() - t0
 
@@ -372,6 +408,16 @@ def _env_ready_timeout() -> float | None:
         raise LauncherError(f"TLBSIM_READY_TIMEOUT={value!r}: must be a positive number "
                             "of seconds")
     return seconds
+
+
+def _ids_flags(ids: list[int]) -> list[str]:
+    """How `serve cpu` is told its CPUs: --id N for one (as always), --ids for several."""
+    return ["--id", str(ids[0])] if len(ids) == 1 else ["--ids", cohost.format_ids(ids)]
+
+
+def _cpu_lines(line: dict) -> dict[str, dict]:
+    """A CPU process's ready line as one line per CPU it hosts, by service name."""
+    return {f"cpu{node['id']}": node for node in line.get("nodes") or [line]}
 
 
 def _liveness_flags(liveness: Liveness) -> list[str]:

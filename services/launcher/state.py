@@ -31,6 +31,27 @@ class ClusterInfo:
     # Heartbeats and lease every CPU and the coordinator run with (Liveness.as_dict());
     # a restarted service gets the same. {}: derived from the number of CPUs.
     liveness: dict = field(default_factory=dict)
+    # Which process hosts which CPUs: process name (its key in pids) -> CPU ids, for the
+    # processes of `up --cpus-per-process K` > 1 (named cpusFIRST-LAST). A CPU in none of
+    # them has a process of its own, named cpuN.
+    hosts: dict[str, list[int]] = field(default_factory=dict)
+
+    def process_of(self, cpu: int) -> str:
+        """The name (in pids) of the process hosting CPU `cpu`."""
+        return next((name for name, ids in self.hosts.items() if cpu in ids), f"cpu{cpu}")
+
+    def process_running(self, service: str) -> str:
+        """The process a service (coordinator, memory, cpuN, ...) runs in: for cpuN the
+        one hosting CPU N; any other name is a process of its own."""
+        tail = service[3:] if service.startswith("cpu") else ""
+        return self.process_of(int(tail)) if tail.isdigit() else service
+
+    def cpus_of(self, process: str) -> list[int]:
+        """The CPUs process `process` hosts ([] for coordinator, memory, ...)."""
+        if process in self.hosts:
+            return list(self.hosts[process])
+        tail = process[3:] if process.startswith("cpu") else ""
+        return [int(tail)] if tail.isdigit() and int(tail) in self.cpus else []
 
     def liveness_settings(self) -> Liveness:
         return Liveness(**self.liveness) if self.liveness else \
@@ -60,6 +81,8 @@ class ClusterInfo:
             mqtt=data.get("mqtt", ""),
             prometheus=data.get("prometheus", ""),
             liveness=dict(data.get("liveness") or {}),
+            hosts={name: [int(i) for i in ids]
+                   for name, ids in (data.get("hosts") or {}).items()},
         )
 
 
