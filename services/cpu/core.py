@@ -35,6 +35,7 @@ class Translation(Protocol):
     tid: int
     local_flushes: list
     vt: int | None  # virtual time the memory service answered at (None: wall clock)
+    overtaken: bool  # a batch's answer its PTE no longer holds: count it, fault again
 
 
 class FlushLike(Protocol):
@@ -50,6 +51,11 @@ class FlushLike(Protocol):
 MissHandler = Callable[[int, bool, "int | None"], Awaitable[Translation]]
 Pte = tuple[int, bool, int] | None  # (pfn, writable, tid) of a present PTE
 Walker = Callable[[list[int]], Awaitable[list[Pte]]]
+# The first touches (vpn, write) of the pages ahead that must fault, in access order ->
+# the memory service's answers, one per miss it handled, in order: fewer when it stopped
+# early, and an exception last when the miss after them raised (services/memory/kernel.py
+# `handle_misses` says when it stops).
+MissBatch = Callable[[list[tuple[int, bool]]], Awaitable["list[Translation | Exception]"]]
 Pause = Callable[[], Awaitable[None]]
 WALK_AHEAD = 64  # pages read per walk request: one round trip serves the misses that follow
 FAULTED = {"anon", "cow", "swapin"}
@@ -275,10 +281,16 @@ class CpuCore:
                            miss: MissHandler, walk: Walker | None = None,
                            stop_on_segv: bool = False,
                            pause: Pause | None = None, vt: int | None = None,
-                           until: int | None = None) -> AccessStats:
+                           until: int | None = None,
+                           misses: MissBatch | None = None) -> AccessStats:
         """Execute accesses (user-space byte addresses) in order. A TLB miss is served
         from a batched walk of the pages ahead when possible (valid only while no flush
-        reached this CPU since), else by the memory service's fault handler. `pause`
+        reached this CPU since), else by the memory service's fault handler. With
+        `misses` (wall-clock time only), the pages the walk found absent, or read-only
+        for the write that first touches them, are faulted in one call right after the
+        walk, and each answer is taken at its own miss, exactly where `miss` would have
+        been called (`misses_ahead` says which pages; a flush reaching the CPU since
+        makes the answers overtaken, as it would a single fault's). `pause`
         gives the caller's event loop a turn every PAUSE_EVERY_NS (flushes and
         heartbeats are served then, between runs). Raises FailedPrecondition, with the
         hits served so far recorded, once the CPU is fenced or its lease runs out.
@@ -296,6 +308,9 @@ class CpuCore:
             limit = until if until is not None else 1 << 62
         walked: dict[int, Pte] = {}
         walked_at = -1  # flushes_applied when `walked` was read
+        # vpn -> (the batch's answer for its next miss, flushes_applied when asked)
+        answered: dict[int, tuple[Translation | Exception, int]] = {}
+        batch_misses = misses if not virtual else None  # virtual: each fault at its time
         tlb, words, runs, clock = self.tlb, self._hit_words, self._hit_runs, self.clock
         i, n, span = 0, len(addresses), FIRST_RUN
         paused_ns = clock()
@@ -331,35 +346,87 @@ class CpuCore:
             tlb.lookup(mm, vpn)  # not a usable hit: counted, and a dead slot dropped
             if virtual:
                 v.advance(walk_ns)  # the page walk, in hardware
-            if walk is not None:
+            answer = answered.pop(vpn, None)
+            if walk is not None and answer is None:
                 if walked_at != tlb.flushes_applied or vpn not in walked:
-                    ahead = list(dict.fromkeys(
-                        a >> PAGE_SHIFT for a in addresses[i - 1:i - 1 + WALK_AHEAD]))
+                    window = slice(i - 1, i - 1 + WALK_AHEAD)
+                    ahead = list(dict.fromkeys(a >> PAGE_SHIFT for a in addresses[window]))
                     walked_at = tlb.flushes_applied
                     walked = dict(zip(ahead, await walk(ahead)))
+                    if batch_misses is not None and walked_at == tlb.flushes_applied:
+                        batch = self.misses_ahead(mm, vpn, addresses[window],
+                                                  writes[window] if writes else (),
+                                                  walked, answered)
+                        if batch:
+                            results = await batch_misses(batch)
+                            answered.update((v, (r, walked_at))
+                                            for (v, _), r in zip(batch, results))
+                            answer = answered.pop(vpn, None)
                 pte = walked[vpn]
-                if walked_at == tlb.flushes_applied and pte is not None and \
-                        (not write or pte[1]):
+                if answer is None and walked_at == tlb.flushes_applied and \
+                        pte is not None and (not write or pte[1]):
                     stats.misses += 1
                     self._fill(mm, vpn, Entry(*pte), bool(write))
                     continue
-            segv = await self._miss(mm, vpn, bool(write), miss, stats, virtual)
+            segv = await self._miss(mm, vpn, bool(write), miss, stats, virtual, answer)
             if segv and stop_on_segv:
                 break
         return stats
 
+    def misses_ahead(self, mm: int, vpn: int, window: Sequence[int], writes: Sequence[int],
+                     walked: dict[int, Pte], answered: dict) -> list[tuple[int, bool]]:
+        """The misses of the accesses in `window` (addresses from the current miss, on
+        `vpn`) that will surely need the fault handler, each page's first touch with
+        its write flag, in access order, up to the first access that might need it but
+        cannot go in the batch: the faults then run in the order one at a time would.
+
+        A page the walk found absent, or read-only for the write that first touches it,
+        goes in, if the TLB does not hold it now (nothing but its own fill can put it
+        there, so that touch misses). The batch ends before a page the TLB holds but the
+        walk cannot serve (it may hit or, evicted meanwhile, fault: its touch decides),
+        and before a later write to a page first read, unless the walk found it
+        writable (that write is a fault of its own, later). Any other access needs no
+        fault whatever happens: a hit, a fill from the walk, or a walk of a PTE the
+        batch made present."""
+        first_write: dict[int, bool] = {}
+        batch = []
+        for k, address in enumerate(window):
+            page = address >> PAGE_SHIFT
+            write = bool(writes[k]) if writes else False
+            pte = walked.get(page)
+            if page in first_write:  # a later touch
+                if write and not first_write[page] and not (pte is not None and pte[1]):
+                    break
+                continue
+            first_write[page] = write
+            if pte is not None and (not write or pte[1]):
+                continue  # a hit, or a fill from the walk
+            if page in answered or (page != vpn and self.tlb.holds(mm, page)):
+                break
+            batch.append((page, write))
+        return batch
+
     async def _miss(self, mm: int, vpn: int, write: bool, miss: MissHandler,
-                    stats: AccessStats, virtual: bool = False) -> bool:
+                    stats: AccessStats, virtual: bool = False,
+                    answer: "tuple[Translation | Exception, int] | None" = None) -> bool:
         """Walk (and fault); fill the TLB unless a flush overtook the walk, then retry:
-        on hardware the fill and the invalidation cannot pass each other."""
+        on hardware the fill and the invalidation cannot pass each other. `answer`: the
+        memory service's answer to this miss already (a batch), and flushes_applied when
+        it was asked: taken as `miss` would have returned it."""
         v = self.v
         while True:
             stats.misses += 1
-            before = self.tlb.flushes_applied
-            t = await miss(vpn, write, v.clock if virtual else None)
-            if virtual and t.vt is not None and t.vt > v.clock:
-                v.advance(t.vt - v.clock)  # the fault's time, interrupts taken during it
-            overtaken = self.tlb.flushes_applied != before
+            if answer is not None:
+                (got, before), answer = answer, None
+                if isinstance(got, Exception):
+                    raise got  # as the fault would have, alone
+                t = got
+            else:
+                before = self.tlb.flushes_applied
+                t = await miss(vpn, write, v.clock if virtual else None)
+                if virtual and t.vt is not None and t.vt > v.clock:
+                    v.advance(t.vt - v.clock)  # the fault's time, interrupts taken during it
+            overtaken = self.tlb.flushes_applied != before or t.overtaken
             for f in t.local_flushes:
                 self.local_flush(f, virtual)
             if t.outcome in FAULTED:
