@@ -212,6 +212,23 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
 
     @rpc
     @completes
+    async def HandleMisses(self, request, context):
+        self._check_epoch(context)
+        if len(request.writes) != len(request.vpns):
+            raise InvalidArgument(f"writes has {len(request.writes)} flags for "
+                                  f"{len(request.vpns)} vpns")
+        results, error = await self.kernel.handle_misses(
+            request.cpu, request.mm, list(zip(request.vpns, request.writes)))
+        return pb.HandleMissesResponse(
+            results=[pb.HandleMissResponse(outcome=wire.MISS_OUTCOMES[r.outcome], pfn=r.pfn,
+                                           writable=r.writable, tid=r.tid,
+                                           local_flushes=wire.flushes_to_proto(r.local_flushes),
+                                           overtaken=r.overtaken) for r in results],
+            error=pb.MissError(code=error.code.value, message=error.message,
+                               reason=error.reason) if error is not None else None)
+
+    @rpc
+    @completes
     async def Syscall(self, request, context):
         self._check_epoch(context)
         k, cpu, mm, call = self.kernel, request.cpu, request.mm, request.call

@@ -118,3 +118,39 @@ async def test_bad_policies_and_empty_calls(env):
                  grpc.StatusCode.INVALID_ARGUMENT, "add up to the words")  # no runs
     assert await state(cl) == before
     assert (await cpu.Access(cpu_pb2.AccessRequest(addresses=[base]))).hits == 1
+
+
+def misses(mm, vpns, writes=None, cpu=0):
+    return memory_pb2.HandleMissesRequest(cpu=cpu, mm=mm, vpns=vpns,
+                                          writes=writes if writes is not None
+                                          else [True] * len(vpns))
+
+
+async def digest(cl):
+    return (await cl.memory.Stats(memory_pb2.MemoryStatsRequest(digest=True))).digest
+
+
+async def test_bad_miss_batches(env):
+    c, cl, cpu, mm, base = env
+    vpn = base // PAGE
+    fresh = (await cpu.Syscall(common_pb2.SyscallRequest(
+        mmap=common_pb2.MmapArgs(pages=4, writable=True)))).address // PAGE
+    before = await digest(cl)
+    for request, text in [
+            (misses(mm, [fresh, fresh + 1], [True]), "writes has 1 flags for 2 vpns"),
+            (misses(mm, [fresh, fresh + 1, fresh]), f"vpn {fresh:#x} twice"),
+            (misses(mm, [fresh, 1 << 40]), "47-bit"),
+            (misses(mm, [fresh + i for i in range(1025)]), "at most 1024")]:
+        await expect(cl.memory.HandleMisses(request), grpc.StatusCode.INVALID_ARGUMENT, text)
+        assert await digest(cl) == before  # nothing ran, not even the good misses first
+    r = await cl.memory.HandleMisses(misses(mm, [vpn, fresh], [False, True]))  # still serving
+    assert [m.outcome for m in r.results] == [memory_pb2.MISS_OUTCOME_WALKED,
+                                              memory_pb2.MISS_OUTCOME_FAULT_ANON]
+    assert not r.HasField("error")
+
+
+async def test_a_miss_batch_that_fails_says_which_miss_and_why(env):
+    c, cl, cpu, mm, base = env
+    r = await cl.memory.HandleMisses(misses(mm, [base // PAGE], cpu=7))
+    assert list(r.results) == []  # the first miss raised: nothing ran
+    assert r.error.code == "FAILED_PRECONDITION" and "cpu 7 is not running" in r.error.message
