@@ -178,9 +178,10 @@ def _in_process(kernel: Kernel, core: CpuCore):
     async def walk(vpns: list[int]):
         return kernel.walk(0, core.loaded_mm, vpns)
 
-    async def misses(batch: list[tuple[int, bool]]):
-        results, error = await kernel.handle_misses(0, core.loaded_mm, batch)
-        return [*results, error] if error is not None else results
+    async def misses(vpns: list[int], touches):
+        ptes, batch, results, error = await kernel.walk_and_fault(0, core.loaded_mm, vpns,
+                                                                  touches)
+        return ptes, batch, [*results, error] if error is not None else results
     return {"miss": miss, "walk": walk, "misses": misses}
 
 

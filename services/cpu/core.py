@@ -24,6 +24,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 from services.common.addresses import PAGE_SHIFT
 from services.common.costmodel import DEFAULT_PRESET, CostModel, preset
 from services.common.errors import FailedPrecondition
+from services.common.misses import Pte, Touch, batchable
 from services.common.vtime import Interrupts
 from services.cpu.tlb import FULL, NOT_LOADED, RANGE, TLB_NR_DYN_ASIDS, Entry, Tlb
 
@@ -49,13 +50,14 @@ class FlushLike(Protocol):
 
 # (vpn, write, the CPU's virtual time or None) -> the walk's or the fault's answer
 MissHandler = Callable[[int, bool, "int | None"], Awaitable[Translation]]
-Pte = tuple[int, bool, int] | None  # (pfn, writable, tid) of a present PTE
 Walker = Callable[[list[int]], Awaitable[list[Pte]]]
-# The first touches (vpn, write) of the pages ahead that must fault, in access order ->
-# the memory service's answers, one per miss it handled, in order: fewer when it stopped
-# early, and an exception last when the miss after them raised (services/memory/kernel.py
-# `handle_misses` says when it stops).
-MissBatch = Callable[[list[tuple[int, bool]]], Awaitable["list[Translation | Exception]"]]
+# The read-ahead walk that also faults the window's batchable misses in the same call:
+# (distinct vpns, the window's touches) -> (their PTEs, read before any fault; the batch
+# faulted, (vpn, write) in order; the answers, one per miss handled: fewer when it
+# stopped early, an exception last when the miss after them raised). services/memory/
+# kernel.py `walk_and_fault` and `handle_misses` say when a batch stops.
+WalkMisses = Callable[[list[int], list[Touch]],
+                      Awaitable["tuple[list[Pte], list[tuple[int, bool]], list[Translation | Exception]]"]]
 Pause = Callable[[], Awaitable[None]]
 WALK_AHEAD = 64  # pages read per walk request: one round trip serves the misses that follow
 FAULTED = {"anon", "cow", "swapin"}
@@ -282,15 +284,15 @@ class CpuCore:
                            stop_on_segv: bool = False,
                            pause: Pause | None = None, vt: int | None = None,
                            until: int | None = None,
-                           misses: MissBatch | None = None) -> AccessStats:
+                           misses: WalkMisses | None = None) -> AccessStats:
         """Execute accesses (user-space byte addresses) in order. A TLB miss is served
         from a batched walk of the pages ahead when possible (valid only while no flush
         reached this CPU since), else by the memory service's fault handler. With
-        `misses` (wall-clock time only), the pages the walk found absent, or read-only
-        for the write that first touches them, are faulted in one call right after the
-        walk, and each answer is taken at its own miss, exactly where `miss` would have
-        been called (`misses_ahead` says which pages; a flush reaching the CPU since
-        makes the answers overtaken, as it would a single fault's). `pause`
+        `misses` (wall-clock time only) in place of `walk`, the pages the walk finds
+        absent, or read-only for the write that first touches them, are faulted in the
+        same call, and each answer is taken at its own miss, exactly where `miss` would
+        have been called (services/common/misses.py says which pages; a flush reaching
+        the CPU since makes the answers overtaken, as it would a single fault's). `pause`
         gives the caller's event loop a turn every PAUSE_EVERY_NS (flushes and
         heartbeats are served then, between runs). Raises FailedPrecondition, with the
         hits served so far recorded, once the CPU is fenced or its lease runs out.
@@ -352,16 +354,16 @@ class CpuCore:
                     window = slice(i - 1, i - 1 + WALK_AHEAD)
                     ahead = list(dict.fromkeys(a >> PAGE_SHIFT for a in addresses[window]))
                     walked_at = tlb.flushes_applied
-                    walked = dict(zip(ahead, await walk(ahead)))
-                    if batch_misses is not None and walked_at == tlb.flushes_applied:
-                        batch = self.misses_ahead(mm, vpn, addresses[window],
-                                                  writes[window] if writes else (),
-                                                  walked, answered)
-                        if batch:
-                            results = await batch_misses(batch)
-                            answered.update((v, (r, walked_at))
-                                            for (v, _), r in zip(batch, results))
-                            answer = answered.pop(vpn, None)
+                    if batch_misses is None:
+                        walked = dict(zip(ahead, await walk(ahead)))
+                    else:
+                        touches = self.touches(mm, vpn, addresses[window],
+                                               writes[window] if writes else (), answered)
+                        ptes, batch, results = await batch_misses(ahead, touches)
+                        walked = dict(zip(ahead, ptes))
+                        answered.update((v, (r, walked_at))
+                                        for (v, _), r in zip(batch, results))
+                        answer = answered.pop(vpn, None)
                 pte = walked[vpn]
                 if answer is None and walked_at == tlb.flushes_applied and \
                         pte is not None and (not write or pte[1]):
@@ -373,38 +375,16 @@ class CpuCore:
                 break
         return stats
 
-    def misses_ahead(self, mm: int, vpn: int, window: Sequence[int], writes: Sequence[int],
-                     walked: dict[int, Pte], answered: dict) -> list[tuple[int, bool]]:
-        """The misses of the accesses in `window` (addresses from the current miss, on
-        `vpn`) that will surely need the fault handler, each page's first touch with
-        its write flag, in access order, up to the first access that might need it but
-        cannot go in the batch: the faults then run in the order one at a time would.
-
-        A page the walk found absent, or read-only for the write that first touches it,
-        goes in, if the TLB does not hold it now (nothing but its own fill can put it
-        there, so that touch misses). The batch ends before a page the TLB holds but the
-        walk cannot serve (it may hit or, evicted meanwhile, fault: its touch decides),
-        and before a later write to a page first read, unless the walk found it
-        writable (that write is a fault of its own, later). Any other access needs no
-        fault whatever happens: a hit, a fill from the walk, or a walk of a PTE the
-        batch made present."""
-        first_write: dict[int, bool] = {}
-        batch = []
+    def touches(self, mm: int, vpn: int, window: Sequence[int], writes: Sequence[int],
+                answered: dict) -> list[Touch]:
+        """The window's accesses as services/common/misses.py `batchable` reads them:
+        (vpn, write, held), held when the TLB holds the page or an answer is pending."""
+        holds, out = self.tlb.holds, []
         for k, address in enumerate(window):
             page = address >> PAGE_SHIFT
-            write = bool(writes[k]) if writes else False
-            pte = walked.get(page)
-            if page in first_write:  # a later touch
-                if write and not first_write[page] and not (pte is not None and pte[1]):
-                    break
-                continue
-            first_write[page] = write
-            if pte is not None and (not write or pte[1]):
-                continue  # a hit, or a fill from the walk
-            if page in answered or (page != vpn and self.tlb.holds(mm, page)):
-                break
-            batch.append((page, write))
-        return batch
+            out.append((page, bool(writes[k]) if writes else False,
+                        page in answered or (page != vpn and holds(mm, page))))
+        return out
 
     async def _miss(self, mm: int, vpn: int, write: bool, miss: MissHandler,
                     stats: AccessStats, virtual: bool = False,

@@ -110,8 +110,8 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         self._walk_seconds = histogram(
             "tlbsim_page_walk_duration_seconds",
             "Page walks at the memory service, round trip seen by the CPU (a batch walk "
-            "reads up to 64 pages; a miss walk may fault; misses: the pages a batch walk "
-            "found absent, faulted in one call)", ["cpu", "kind"],
+            "reads up to 64 pages, and faults the window's absent pages in the same call; a miss "
+            "walk may fault)", ["cpu", "kind"],
             self.registry if metrics else None)
         self._walk_timers = {k: self._walk_seconds.labels(str(cpu_id), k)
                              for k in self.walks} if self._walk_seconds else {}
@@ -466,21 +466,24 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 self._walked("batch", t0)
                 return [(p.pfn, p.writable, p.tid) if p.present else None for p in r.ptes]
 
-            async def misses(batch: list[tuple[int, bool]]):
+            async def misses(vpns: list[int], touches: list[tuple[int, bool, bool]]):
                 not_fenced_since()
                 t0 = time.perf_counter()
-                r = await self._to_memory(self.memory.HandleMisses,
-                    memory_pb2.HandleMissesRequest(cpu=self.id, mm=mm,
-                                                   vpns=[v for v, _ in batch],
-                                                   writes=[w for _, w in batch]))
-                self._walked("misses", t0)
-                answers: list = [_Miss(m) for m in r.results]
+                r = await self._to_memory(self.memory.Walk, memory_pb2.WalkRequest(
+                    cpu=self.id, mm=mm, vpns=vpns, touch_vpns=[t[0] for t in touches],
+                    touch_writes=[t[1] for t in touches],
+                    touch_held=[t[2] for t in touches]))
+                self._walked("batch", t0)
+                answers: list = [_Miss(m) for m in r.misses]
+                if answers:
+                    self.walks["misses"] += 1
                 faulted = sum(1 for a in answers if a.outcome in FAULTED)
                 if faulted:  # the program waited once for them all: each its share
                     fault_latency.extend([(time.perf_counter() - t0) / len(answers)] * faulted)
                 if r.HasField("error"):
                     answers.append(error_of(r.error.code, r.error.message, r.error.reason))
-                return answers
+                ptes = [(p.pfn, p.writable, p.tid) if p.present else None for p in r.ptes]
+                return ptes, list(zip(r.missed_vpns, r.missed_writes)), answers
 
             try:
                 s = await self.core.run_accesses(
@@ -602,8 +605,8 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                        ["cpu"], [((cpu,), c.flush_requests)])
         yield labelled("counter", "tlbsim_page_walks",
                        "Page walks at the memory service by kind (batch: read-ahead of up "
-                       "to 64 pages; miss: one page, may fault; misses: the pages a batch "
-                       "walk found absent, faulted in one call)", ["cpu", "kind"],
+                       "to 64 pages; miss: one page, may fault; misses: batch walks that also "
+                       "faulted the window's absent pages)", ["cpu", "kind"],
                        [((cpu, k), n) for k, n in self.walks.items()])
         yield labelled("gauge", "tlbsim_cpu_fenced", "1 while the CPU is fenced", ["cpu"],
                        [((cpu,), int(self.core.fenced))])

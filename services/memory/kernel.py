@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 from services.common.addresses import PTRS_PER_TABLE, USER_VPN_END, page_range
 from services.common.clock import Clock, monotonic
 from services.common.errors import InvalidArgument, NotFound, OutOfRange, SimError
+from services.common.misses import Touch, batchable
 from services.common.policy import Policy
 from services.memory.audit import TlbDump, audit
 from services.memory.faults import Faults
@@ -161,6 +162,27 @@ class Kernel:
         if not 0 <= vpn < USER_VPN_END:
             raise OutOfRange(f"vpn {vpn:#x} is past the 47-bit user address space")
         return await self.faults.handle_miss(cpu, self.k.running(cpu, mm_id), vpn, write, vt)
+
+    async def walk_and_fault(self, cpu: int, mm_id: int, vpns: list[int],
+                             touches: Sequence[Touch]
+                             ) -> tuple[list[Pte | None], list[tuple[int, bool]],
+                                        list[MissResult], SimError | None]:
+        """The CPU's read-ahead walk of `vpns` and, in the same call, the faults its
+        window's `touches` will surely need (services/common/misses.py `batchable` on the
+        PTEs read first, before any fault), run by `handle_misses`: (the PTEs, the batch,
+        its answers, the error of the miss after them). Bad input changes nothing."""
+        if len(touches) > MAX_MISS_BATCH:
+            raise InvalidArgument(f"{len(touches)} touches in one window: at most "
+                                  f"{MAX_MISS_BATCH}")
+        ptes = self.walk(cpu, mm_id, vpns)
+        walked = dict(zip(vpns, ptes))
+        if any(page not in walked for page, _, _ in touches):
+            raise InvalidArgument("a touch names a page the walk does not read")
+        batch = batchable(touches, walked)
+        if not batch:
+            return ptes, [], [], None
+        results, error = await self.handle_misses(cpu, mm_id, batch)
+        return ptes, batch, results, error
 
     async def handle_misses(self, cpu: int, mm_id: int, misses: Sequence[tuple[int, bool]]
                             ) -> tuple[list[MissResult], SimError | None]:

@@ -40,9 +40,10 @@ class Machine:
         async def walk(vpns: list[int]):
             return self.kernel.walk(cpu, core.loaded_mm, vpns)
 
-        async def misses(batch: list[tuple[int, bool]]):
-            results, error = await self.kernel.handle_misses(cpu, core.loaded_mm, batch)
-            return [*results, error] if error is not None else results
+        async def misses(vpns: list[int], touches):
+            ptes, batch, results, error = await self.kernel.walk_and_fault(
+                cpu, core.loaded_mm, vpns, touches)
+            return ptes, batch, [*results, error] if error is not None else results
 
         writes = [int(w) for w in write] if isinstance(write, list) else \
             [int(write)] * len(addresses)
