@@ -1,6 +1,6 @@
-"""Batched misses (services/cpu/core.py `misses_ahead`, kernel.handle_misses) against
-the one-at-a-time path, on the in-process machine: the same random program run both
-ways gives the same access counts, the same words reported to the oracle, the same
+"""Batched misses (services/common/misses.py `batchable`, Kernel.walk_and_fault and
+handle_misses) against the one-at-a-time path, on the in-process machine: the same
+random program run both ways gives the same access counts, the same words reported to the oracle, the same
 TLB contents in the same LRU order, and the same machine (kernel_digest: page tables,
 frames, counters, the oracle's verdicts)."""
 from __future__ import annotations
