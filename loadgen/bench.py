@@ -7,7 +7,9 @@
   when mosquitto is installed) and are skipped, with a note, otherwise.
 - munmap of 512 pages, one shootdown per page vs gathered (the quiet LATR variant).
 - TLB-hit accesses per second in one CPU service vs its TLB alone in this process;
-  faults per second at the memory service vs the same call on present pages; the
+  faults per second at the memory service vs the same call on present pages; faults
+  through a CPU service (an Access of 64 fresh pages) vs the domain in this process and
+  vs one gRPC call moving as many items; the
   memory service's RSS per resident page at 100k and 1M pages (`--quick`: 100k only).
 These machines are shared and noisy: compare the ratios, not the absolute numbers.
 """
@@ -30,6 +32,7 @@ from services.common.policy import FlushMode, ForkMode, Policy, Transport
 from services.common.stats import p50_p99
 from services.cpu.core import CpuCore
 from services.cpu.tlb import Entry
+from services.memory.kernel import Kernel
 from tlbsim.v1 import common_pb2, coordinator_pb2, cpu_pb2, memory_pb2
 
 TARGETS = (1, 2, 4, 8)
@@ -113,6 +116,77 @@ async def faults_vs_floor(cluster: Cluster, pages: int, rounds: int) -> dict:
     faults, walks = statistics.median(fault_rates), statistics.median(walk_rates)
     return {"pages": pages, "rounds": rounds, "faults_per_s": faults,
             "floor_walks_per_s": walks, "ratio": faults / walks if walks else 0.0}
+
+
+FRESH_PAGES = 64  # an Access of this many fresh pages: one read-ahead window
+
+
+async def cpu_faults_vs_floor(cluster: Cluster, rounds: int) -> dict:
+    """Faults per second through a CPU service: `Access` writes to FRESH_PAGES fresh
+    pages (one CPU), timed at the client, interleaved round by round with two floors:
+    the same Access run by a `CpuCore` on a `Kernel` in this process (the domain alone:
+    no RPC), and a `Walk` of as many pages in one gRPC call (what moving a batch of that
+    size costs), in items per second."""
+    policy = Policy()
+    await cluster.reset(policy, 1)
+    cpu = cluster.cpus[0]
+    mm = await _process_on(cluster)
+    kernel = Kernel(policy, _no_shootdown)
+    core = CpuCore(0, policy.tlb_entries, policy.tlb_ways)
+    local_mm = kernel.create_mm()
+    core.switch(local_mm, kernel.switch_mm(0, local_mm))
+    served: list[float] = []
+    floor: list[float] = []
+    rpc_items: list[float] = []
+    writes = b"\x01" * FRESH_PAGES
+    for _ in range(rounds):
+        base = (await cpu.stub.Syscall(common_pb2.SyscallRequest(
+            mmap=common_pb2.MmapArgs(pages=FRESH_PAGES, writable=True)))).address
+        request = cpu_pb2.AccessRequest(addresses=[base + i * 4096 for i in range(FRESH_PAGES)],
+                                        writes=writes)
+        t0 = time.perf_counter()
+        r = await cpu.stub.Access(request)
+        served.append(r.faults / (time.perf_counter() - t0))
+        if r.faults != FRESH_PAGES:
+            raise AssertionError(f"{FRESH_PAGES - r.faults} of the fresh pages did not fault")
+        local = (await kernel.mmap(0, local_mm, FRESH_PAGES, True)).address
+        addresses = [local + i * 4096 for i in range(FRESH_PAGES)]
+        t0 = time.perf_counter()
+        s = await core.run_accesses(addresses, writes, **_in_process(kernel, core))
+        words, runs = core.take_hits()
+        kernel.report_accesses(array("Q", words), array("q", runs), local_mm)
+        floor.append(s.faults / (time.perf_counter() - t0))
+        if s.faults != FRESH_PAGES:
+            raise AssertionError(f"the floor faulted {s.faults} of {FRESH_PAGES} pages")
+        walk = memory_pb2.WalkRequest(cpu=cpu.id, mm=mm,
+                                      vpns=[(base >> 12) + i for i in range(FRESH_PAGES)])
+        t0 = time.perf_counter()
+        w = await cluster.memory.Walk(walk)
+        rpc_items.append(len(w.ptes) / (time.perf_counter() - t0))
+    service, domain = statistics.median(served), statistics.median(floor)
+    return {"pages": FRESH_PAGES, "rounds": rounds, "faults_per_s": service,
+            "floor_domain_faults_per_s": domain,
+            "floor_rpc_items_per_s": statistics.median(rpc_items),
+            "ratio": service / domain if domain else 0.0}
+
+
+def _in_process(kernel: Kernel, core: CpuCore):
+    """The CPU's miss, walk and batch calls straight into a kernel (no RPC)."""
+    async def miss(vpn: int, write: bool, vt: int | None):
+        return await kernel.handle_miss(0, core.loaded_mm, vpn, write, vt)
+
+    async def walk(vpns: list[int]):
+        return kernel.walk(0, core.loaded_mm, vpns)
+
+    async def misses(vpns: list[int], touches):
+        ptes, batch, results, error = await kernel.walk_and_fault(0, core.loaded_mm, vpns,
+                                                                  touches)
+        return ptes, batch, [*results, error] if error is not None else results
+    return {"miss": miss, "walk": walk, "misses": misses}
+
+
+async def _no_shootdown(order, targets):
+    raise AssertionError("the in-process floor's faults need no shootdown")
 
 
 def vm_rss_bytes(pid: int) -> int:
@@ -228,6 +302,7 @@ async def bench(coordinator: str, rounds: int, munmap_rounds: int,
                                             RSS_PAGES[:1] if quick else RSS_PAGES)
         hits = await tlb_hits_vs_floor(cluster, rounds=10)
         faults = await faults_vs_floor(cluster, pages=1000, rounds=3)
+        cpu_faults = await cpu_faults_vs_floor(cluster, rounds=rounds)
         shootdowns, skipped = [], []
         for transport in Transport:
             if transport is Transport.MQTT and not await _has_broker(cluster):
@@ -240,6 +315,7 @@ async def bench(coordinator: str, rounds: int, munmap_rounds: int,
         flush_ceiling = await costbench.ceiling_sweep(cluster, model=cost_model)  # issue 9
     return {"shootdown": shootdowns, "skipped_transports": skipped, "munmap_512": munmap,
             "fork": fork, "flush_ceiling": flush_ceiling, "tlb_hits": hits, "faults": faults,
+            "cpu_faults": cpu_faults,
             "memory_rss": rss,
             "elapsed_s": round(time.perf_counter() - t0, 2)}
 
@@ -294,6 +370,13 @@ def print_throughput(result: dict) -> None:
               f"{h['floor_hits_per_s']:,.0f}", f"{h['ratio']:.2f}x")
     t.add_row("faults at the memory service", f"{f['faults_per_s']:,.0f}", "page present",
               f"{f['floor_walks_per_s']:,.0f}", f"{f['ratio']:.2f}x")
+    c = result.get("cpu_faults")
+    if c is not None:
+        t.add_row(f"faults through a CPU service (Access of {c['pages']} fresh pages)",
+                  f"{c['faults_per_s']:,.0f}", "the domain, in-process",
+                  f"{c['floor_domain_faults_per_s']:,.0f}", f"{c['ratio']:.2f}x")
+        t.add_row("", "", f"a Walk of {c['pages']} pages per gRPC call (items)",
+                  f"{c['floor_rpc_items_per_s']:,.0f}", "")
     output.console.print(t)
     rss = result.get("memory_rss")
     if rss is None:

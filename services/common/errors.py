@@ -59,3 +59,10 @@ class ResourceExhausted(SimError):
 
 class Unavailable(SimError):
     code = Code.UNAVAILABLE
+
+
+def error_of(code: str, message: str, reason: str = "") -> SimError:
+    """The domain error a status code name stands for (an error carried as data, e.g. one
+    miss of a batch): what the adapters map back to the same code."""
+    kinds = {cls.code.value: cls for cls in SimError.__subclasses__()}
+    return kinds.get(code, SimError)(message, reason)

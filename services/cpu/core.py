@@ -24,6 +24,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 from services.common.addresses import PAGE_SHIFT
 from services.common.costmodel import DEFAULT_PRESET, CostModel, preset
 from services.common.errors import FailedPrecondition
+from services.common.misses import Pte, Touch, batchable
 from services.common.vtime import Interrupts
 from services.cpu.tlb import FULL, NOT_LOADED, RANGE, TLB_NR_DYN_ASIDS, Entry, Tlb
 
@@ -35,6 +36,7 @@ class Translation(Protocol):
     tid: int
     local_flushes: list
     vt: int | None  # virtual time the memory service answered at (None: wall clock)
+    overtaken: bool  # a batch's answer its PTE no longer holds: count it, fault again
 
 
 class FlushLike(Protocol):
@@ -48,8 +50,14 @@ class FlushLike(Protocol):
 
 # (vpn, write, the CPU's virtual time or None) -> the walk's or the fault's answer
 MissHandler = Callable[[int, bool, "int | None"], Awaitable[Translation]]
-Pte = tuple[int, bool, int] | None  # (pfn, writable, tid) of a present PTE
 Walker = Callable[[list[int]], Awaitable[list[Pte]]]
+# The read-ahead walk that also faults the window's batchable misses in the same call:
+# (distinct vpns, the window's touches) -> (their PTEs, read before any fault; the batch
+# faulted, (vpn, write) in order; the answers, one per miss handled: fewer when it
+# stopped early, an exception last when the miss after them raised). services/memory/
+# kernel.py `walk_and_fault` and `handle_misses` say when a batch stops.
+WalkMisses = Callable[[list[int], list[Touch]],
+                      Awaitable["tuple[list[Pte], list[tuple[int, bool]], list[Translation | Exception]]"]]
 Pause = Callable[[], Awaitable[None]]
 WALK_AHEAD = 64  # pages read per walk request: one round trip serves the misses that follow
 FAULTED = {"anon", "cow", "swapin"}
@@ -275,10 +283,16 @@ class CpuCore:
                            miss: MissHandler, walk: Walker | None = None,
                            stop_on_segv: bool = False,
                            pause: Pause | None = None, vt: int | None = None,
-                           until: int | None = None) -> AccessStats:
+                           until: int | None = None,
+                           misses: WalkMisses | None = None) -> AccessStats:
         """Execute accesses (user-space byte addresses) in order. A TLB miss is served
         from a batched walk of the pages ahead when possible (valid only while no flush
-        reached this CPU since), else by the memory service's fault handler. `pause`
+        reached this CPU since), else by the memory service's fault handler. With
+        `misses` (wall-clock time only) in place of `walk`, the pages the walk finds
+        absent, or read-only for the write that first touches them, are faulted in the
+        same call, and each answer is taken at its own miss, exactly where `miss` would
+        have been called (services/common/misses.py says which pages; a flush reaching
+        the CPU since makes the answers overtaken, as it would a single fault's). `pause`
         gives the caller's event loop a turn every PAUSE_EVERY_NS (flushes and
         heartbeats are served then, between runs). Raises FailedPrecondition, with the
         hits served so far recorded, once the CPU is fenced or its lease runs out.
@@ -296,6 +310,9 @@ class CpuCore:
             limit = until if until is not None else 1 << 62
         walked: dict[int, Pte] = {}
         walked_at = -1  # flushes_applied when `walked` was read
+        # vpn -> (the batch's answer for its next miss, flushes_applied when asked)
+        answered: dict[int, tuple[Translation | Exception, int]] = {}
+        batch_misses = misses if not virtual else None  # virtual: each fault at its time
         tlb, words, runs, clock = self.tlb, self._hit_words, self._hit_runs, self.clock
         i, n, span = 0, len(addresses), FIRST_RUN
         paused_ns = clock()
@@ -331,35 +348,65 @@ class CpuCore:
             tlb.lookup(mm, vpn)  # not a usable hit: counted, and a dead slot dropped
             if virtual:
                 v.advance(walk_ns)  # the page walk, in hardware
-            if walk is not None:
+            answer = answered.pop(vpn, None)
+            if walk is not None and answer is None:
                 if walked_at != tlb.flushes_applied or vpn not in walked:
-                    ahead = list(dict.fromkeys(
-                        a >> PAGE_SHIFT for a in addresses[i - 1:i - 1 + WALK_AHEAD]))
+                    window = slice(i - 1, i - 1 + WALK_AHEAD)
+                    ahead = list(dict.fromkeys(a >> PAGE_SHIFT for a in addresses[window]))
                     walked_at = tlb.flushes_applied
-                    walked = dict(zip(ahead, await walk(ahead)))
+                    if batch_misses is None:
+                        walked = dict(zip(ahead, await walk(ahead)))
+                    else:
+                        touches = self.touches(mm, vpn, addresses[window],
+                                               writes[window] if writes else (), answered)
+                        ptes, batch, results = await batch_misses(ahead, touches)
+                        walked = dict(zip(ahead, ptes))
+                        answered.update((v, (r, walked_at))
+                                        for (v, _), r in zip(batch, results))
+                        answer = answered.pop(vpn, None)
                 pte = walked[vpn]
-                if walked_at == tlb.flushes_applied and pte is not None and \
-                        (not write or pte[1]):
+                if answer is None and walked_at == tlb.flushes_applied and \
+                        pte is not None and (not write or pte[1]):
                     stats.misses += 1
                     self._fill(mm, vpn, Entry(*pte), bool(write))
                     continue
-            segv = await self._miss(mm, vpn, bool(write), miss, stats, virtual)
+            segv = await self._miss(mm, vpn, bool(write), miss, stats, virtual, answer)
             if segv and stop_on_segv:
                 break
         return stats
 
+    def touches(self, mm: int, vpn: int, window: Sequence[int], writes: Sequence[int],
+                answered: dict) -> list[Touch]:
+        """The window's accesses as services/common/misses.py `batchable` reads them:
+        (vpn, write, held), held when the TLB holds the page or an answer is pending."""
+        holds, out = self.tlb.holds, []
+        for k, address in enumerate(window):
+            page = address >> PAGE_SHIFT
+            out.append((page, bool(writes[k]) if writes else False,
+                        page in answered or (page != vpn and holds(mm, page))))
+        return out
+
     async def _miss(self, mm: int, vpn: int, write: bool, miss: MissHandler,
-                    stats: AccessStats, virtual: bool = False) -> bool:
+                    stats: AccessStats, virtual: bool = False,
+                    answer: "tuple[Translation | Exception, int] | None" = None) -> bool:
         """Walk (and fault); fill the TLB unless a flush overtook the walk, then retry:
-        on hardware the fill and the invalidation cannot pass each other."""
+        on hardware the fill and the invalidation cannot pass each other. `answer`: the
+        memory service's answer to this miss already (a batch), and flushes_applied when
+        it was asked: taken as `miss` would have returned it."""
         v = self.v
         while True:
             stats.misses += 1
-            before = self.tlb.flushes_applied
-            t = await miss(vpn, write, v.clock if virtual else None)
-            if virtual and t.vt is not None and t.vt > v.clock:
-                v.advance(t.vt - v.clock)  # the fault's time, interrupts taken during it
-            overtaken = self.tlb.flushes_applied != before
+            if answer is not None:
+                (got, before), answer = answer, None
+                if isinstance(got, Exception):
+                    raise got  # as the fault would have, alone
+                t = got
+            else:
+                before = self.tlb.flushes_applied
+                t = await miss(vpn, write, v.clock if virtual else None)
+                if virtual and t.vt is not None and t.vt > v.clock:
+                    v.advance(t.vt - v.clock)  # the fault's time, interrupts taken during it
+            overtaken = self.tlb.flushes_applied != before or t.overtaken
             for f in t.local_flushes:
                 self.local_flush(f, virtual)
             if t.outcome in FAULTED:

@@ -101,6 +101,11 @@ class Tlb:
         self.counters.hits += 1
         return slot.entry
 
+    def holds(self, mm: int, vpn: int) -> bool:
+        """Is there a live entry for (mm, vpn)? No LRU move, no count: a peek."""
+        slot = self._set(mm, vpn).get((mm, vpn))
+        return slot is not None and self._alive(mm, slot)
+
     def hits_from(self, mm: int, addresses: Sequence[int], writes: Sequence[int], start: int,
                   stop: int, words: array) -> int:
         """The hot path: from addresses[start] up to addresses[stop] (byte addresses),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
+from services.common.stats import Samples  # timings, not state (and no stable repr)
 from services.memory.pagetable import PageTable, PteTable
 
 
@@ -37,7 +38,7 @@ def kernel_digest(kernel) -> str:
     s = kernel.stats
     counters = [(k, sorted(v.items()) if isinstance(v, dict) else
                  sorted(v) if isinstance(v, set) else v)
-                for k, v in sorted(vars(s).items()) if not isinstance(v, list)]
+                for k, v in sorted(vars(s).items()) if not isinstance(v, (list, Samples))]
     h.update(repr((sorted(kernel.cpu_mm.items()), counters,
                    sorted(kernel.swap._refs.items()), len(kernel.lru),
                    kernel.oracle.stale, kernel.oracle.checked,

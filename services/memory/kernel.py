@@ -31,13 +31,15 @@ from typing import Iterator, Sequence
 
 from services.common.addresses import PTRS_PER_TABLE, USER_VPN_END, page_range
 from services.common.clock import Clock, monotonic
-from services.common.errors import InvalidArgument, NotFound, OutOfRange
+from services.common.errors import InvalidArgument, NotFound, OutOfRange, SimError
+from services.common.misses import Touch, batchable
 from services.common.policy import Policy
 from services.memory.audit import TlbDump, audit
 from services.memory.faults import Faults
 from services.memory.flush import Flusher
 from services.memory.mm import Mm, Vma
 from services.memory.oracle import Revokes
+from services.memory.pagetable import walk
 from services.memory.reclaim import Reclaimer
 from services.memory.rules import Rule, Rules
 from services.memory.sharing import Sharing, tables_of_vmas
@@ -52,6 +54,10 @@ __all__ = ["Kernel", "FlushOrder", "MissResult", "ShootdownPort", "ShootdownResu
 # One populating mmap faults in at most this many pages (~6 s, ~300 MiB): bounded work
 # per request, like every other call (munmap and friends walk only populated tables).
 MAX_POPULATE_PAGES = 1 << 20
+# Misses a CPU resolves in one batch: its read-ahead window is 64 pages (cpu/core.py).
+MAX_MISS_BATCH = 1024
+FILLS = ("walked", "anon", "cow", "swapin")  # outcomes the CPU fills its TLB from
+TABLE_LEVELS = 4
 DEFAULT_FRAMES = 1 << 24  # 64 GiB of simulated memory; arrays grow only as frames are used
 
 
@@ -156,6 +162,89 @@ class Kernel:
         if not 0 <= vpn < USER_VPN_END:
             raise OutOfRange(f"vpn {vpn:#x} is past the 47-bit user address space")
         return await self.faults.handle_miss(cpu, self.k.running(cpu, mm_id), vpn, write, vt)
+
+    async def walk_and_fault(self, cpu: int, mm_id: int, vpns: list[int],
+                             touches: Sequence[Touch]
+                             ) -> tuple[list[Pte | None], list[tuple[int, bool]],
+                                        list[MissResult], SimError | None]:
+        """The CPU's read-ahead walk of `vpns` and, in the same call, the faults its
+        window's `touches` will surely need (services/common/misses.py `batchable` on the
+        PTEs read first, before any fault), run by `handle_misses`: (the PTEs, the batch,
+        its answers, the error of the miss after them). Bad input changes nothing."""
+        if len(touches) > MAX_MISS_BATCH:
+            raise InvalidArgument(f"{len(touches)} touches in one window: at most "
+                                  f"{MAX_MISS_BATCH}")
+        ptes = self.walk(cpu, mm_id, vpns)
+        walked = dict(zip(vpns, ptes))
+        if any(page not in walked for page, _, _ in touches):
+            raise InvalidArgument("a touch names a page the walk does not read")
+        batch = batchable(touches, walked)
+        if not batch:
+            return ptes, [], [], None
+        results, error = await self.handle_misses(cpu, mm_id, batch)
+        return ptes, batch, results, error
+
+    async def handle_misses(self, cpu: int, mm_id: int, misses: Sequence[tuple[int, bool]]
+                            ) -> tuple[list[MissResult], SimError | None]:
+        """Several misses of one CPU, (vpn, write) in access order, each exactly as
+        `handle_miss` alone would run it (its own locks, its own accounting), one after
+        another; the CPU takes each answer at its own miss, later than one at a time
+        would, so nothing may run here that could revoke an earlier answer.
+
+        Stops after a miss the CPU must act on before the next one, as it would have
+        between two calls: a RETRY (it accesses that page again first), one that hands
+        back flushes it owes itself, and a segv (the access may stop there; if not, the
+        page's next touch faults again, and may come before the next page's); at a miss that
+        raises, which is returned (the ones before it happened), not raised; and before
+        a miss (not the first) that may revoke an earlier answer: one whose allocation
+        may reclaim, or a write through a shared table (unshare). An answer whose PTE
+        changed anyway by the end (another CPU's call) is marked overtaken: the CPU
+        counts it and faults again, as if a flush had overtaken it. Bad input raises
+        InvalidArgument before anything ran."""
+        if len(misses) > MAX_MISS_BATCH:
+            raise InvalidArgument(f"{len(misses)} misses in one batch: at most {MAX_MISS_BATCH}")
+        seen: set[int] = set()
+        for vpn, _ in misses:
+            if not 0 <= vpn < USER_VPN_END:
+                raise InvalidArgument(f"vpn {vpn:#x} is past the 47-bit user address space")
+            if vpn in seen:
+                raise InvalidArgument(f"vpn {vpn:#x} twice in one batch: a batch holds "
+                                      "each page's first miss only")
+            seen.add(vpn)
+        results: list[MissResult] = []
+        for vpn, write in misses:
+            if results and self._may_revoke(mm_id, vpn, write):
+                break
+            try:
+                r = await self.handle_miss(cpu, mm_id, vpn, write)
+            except SimError as e:
+                return self._still_current(mm_id, misses, results), e
+            results.append(r)
+            if r.outcome in ("retry", "segv", "prot") or r.local_flushes:
+                break
+        return self._still_current(mm_id, misses, results), None
+
+    def _may_revoke(self, mm_id: int, vpn: int, write: bool) -> bool:
+        """Could this miss's fault revoke a translation the batch already answered?"""
+        k = self.k
+        # An allocation at or below the low watermark reclaims (reclaim.py); the fault
+        # may first take a frame for each missing table level.
+        if k.frames.free_count <= k.low_watermark + TABLE_LEVELS:
+            return True
+        mm = k.mms.get(mm_id)
+        table = walk(mm.pgd, vpn) if mm is not None and not mm.exited else None
+        return bool(write and table is not None and table.share_count)
+
+    def _still_current(self, mm_id: int, misses: Sequence[tuple[int, bool]],
+                       results: list[MissResult]) -> list[MissResult]:
+        """Mark overtaken each answer whose PTE no longer holds it."""
+        mm = self.k.mms.get(mm_id)
+        for (vpn, _), r in zip(misses, results):
+            if r.outcome in FILLS and (mm is None or mm.exited or
+                                       self.tables.hw_pte(mm, vpn) != (r.pfn, r.writable,
+                                                                       r.tid)):
+                r.overtaken = True
+        return results
 
     # --- system calls ------------------------------------------------------------------------
     async def mmap(self, cpu: int, mm_id: int, pages: int, writable: bool,

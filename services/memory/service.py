@@ -191,13 +191,31 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         return pb.MemSwitchMmResponse(tlb_gen=gen, lazy=lazy)
 
     @rpc
+    @completes
     async def Walk(self, request, context):
         self._check_epoch(context)
         if len(request.vpns) > MAX_WALK_PAGES:
             raise InvalidArgument(f"walk of {len(request.vpns)} pages: at most {MAX_WALK_PAGES}")
-        ptes = self.kernel.walk(request.cpu, request.mm, list(request.vpns))
-        return pb.WalkResponse(ptes=[pb.Pte(present=True, pfn=p[0], writable=p[1], tid=p[2])
-                                     if p else pb.Pte() for p in ptes])
+        n = len(request.touch_vpns)
+        if len(request.touch_writes) != n or len(request.touch_held) != n:
+            raise InvalidArgument(f"touches: {n} vpns, {len(request.touch_writes)} write "
+                                  f"flags, {len(request.touch_held)} held flags")
+        vpns = list(request.vpns)
+        if not n:
+            ptes = self.kernel.walk(request.cpu, request.mm, vpns)
+            return pb.WalkResponse(ptes=_ptes(ptes))
+        ptes, batch, results, error = await self.kernel.walk_and_fault(
+            request.cpu, request.mm, vpns,
+            list(zip(request.touch_vpns, request.touch_writes, request.touch_held)))
+        return pb.WalkResponse(
+            ptes=_ptes(ptes), missed_vpns=[v for v, _ in batch],
+            missed_writes=[w for _, w in batch],
+            misses=[pb.HandleMissResponse(outcome=wire.MISS_OUTCOMES[r.outcome], pfn=r.pfn,
+                                          writable=r.writable, tid=r.tid,
+                                          local_flushes=wire.flushes_to_proto(r.local_flushes),
+                                          overtaken=r.overtaken) for r in results],
+            error=pb.MissError(code=error.code.value, message=error.message,
+                               reason=error.reason) if error is not None else None)
 
     @rpc
     @completes
@@ -390,6 +408,11 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         h["flush_pages"].update((p.flush,), s.flush_pages)
         for hist in h.values():
             yield hist.family()
+
+
+def _ptes(ptes) -> list[pb.Pte]:
+    return [pb.Pte(present=True, pfn=p[0], writable=p[1], tid=p[2]) if p else pb.Pte()
+            for p in ptes]
 
 
 def _vtime(request) -> int | None:

@@ -67,6 +67,7 @@ class MissResult:
     tid: int = 0
     local_flushes: list[FlushOrder] = dataclasses.field(default_factory=list)
     vt: int | None = None  # virtual time the fault returned at
+    overtaken: bool = False  # a batch's answer no longer current (kernel.handle_misses)
 
 
 @dataclasses.dataclass

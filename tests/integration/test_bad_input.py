@@ -4,6 +4,7 @@ import grpc
 import pytest
 
 from services.common import wire
+from services.common.errors import InvalidArgument
 from services.common.policy import Policy
 from tests.harness import InProcessCluster
 from tlbsim.v1 import (common_pb2, coordinator_pb2, cpu_pb2, memory_pb2)
@@ -118,3 +119,61 @@ async def test_bad_policies_and_empty_calls(env):
                  grpc.StatusCode.INVALID_ARGUMENT, "add up to the words")  # no runs
     assert await state(cl) == before
     assert (await cpu.Access(cpu_pb2.AccessRequest(addresses=[base]))).hits == 1
+
+
+def window(mm, vpns, touches, cpu=0):
+    """A Walk that also faults the window's batchable misses: touches (vpn, write, held)."""
+    return memory_pb2.WalkRequest(cpu=cpu, mm=mm, vpns=vpns,
+                                  touch_vpns=[t[0] for t in touches],
+                                  touch_writes=[t[1] for t in touches],
+                                  touch_held=[t[2] for t in touches])
+
+
+async def digest(cl):
+    return (await cl.memory.Stats(memory_pb2.MemoryStatsRequest(digest=True))).digest
+
+
+async def test_bad_fault_windows(env):
+    c, cl, cpu, mm, base = env
+    vpn = base // PAGE
+    fresh = (await cpu.Syscall(common_pb2.SyscallRequest(
+        mmap=common_pb2.MmapArgs(pages=4, writable=True)))).address // PAGE
+    good = [(fresh, True, False), (fresh + 1, True, False)]
+    before = await digest(cl)
+    short = window(mm, [fresh, fresh + 1], good)
+    del short.touch_held[1]
+    for request, text in [
+            (short, "touches: 2 vpns, 2 write flags, 1 held flags"),
+            (window(mm, [fresh], good), "a touch names a page the walk does not read"),
+            (window(mm, [fresh, 1 << 40], good), "47-bit"),
+            (window(mm, [fresh], [(fresh, True, False)] * 1025), "at most 1024")]:
+        await expect(cl.memory.Walk(request), grpc.StatusCode.INVALID_ARGUMENT
+                     if "47-bit" not in text else grpc.StatusCode.OUT_OF_RANGE, text)
+        assert await digest(cl) == before  # nothing ran, not even the good misses first
+    r = await cl.memory.Walk(window(mm, [vpn, fresh], [(vpn, True, False), (fresh, True, False)]))
+    assert list(r.missed_vpns) == [fresh] and list(r.missed_writes) == [True]  # still serving
+    assert [m.outcome for m in r.misses] == [memory_pb2.MISS_OUTCOME_FAULT_ANON]
+    assert r.ptes[0].present and not r.ptes[1].present  # read before the fault
+    assert not r.HasField("error")
+
+
+async def test_bad_miss_batches_in_the_domain_run_nothing(env):
+    c, cl, cpu, mm, base = env
+    node = c.memory.node
+    fresh = (await cpu.Syscall(common_pb2.SyscallRequest(
+        mmap=common_pb2.MmapArgs(pages=4, writable=True)))).address // PAGE
+    before = await digest(cl)
+    for bad in ([(fresh, True), (fresh, False)], [(fresh, True), (1 << 40, True)],
+                [(fresh + i, True) for i in range(1025)]):
+        with pytest.raises(InvalidArgument):
+            await node.kernel.handle_misses(0, mm, bad)
+        assert await digest(cl) == before
+
+
+async def test_a_fault_window_of_an_exited_mm_is_refused_by_its_walk(env):
+    c, cl, cpu, mm, base = env
+    fresh = (await cpu.Syscall(common_pb2.SyscallRequest(
+        mmap=common_pb2.MmapArgs(pages=4, writable=True)))).address // PAGE
+    await cpu.Syscall(common_pb2.SyscallRequest(exit=common_pb2.ExitArgs()))
+    await expect(cl.memory.Walk(window(mm, [fresh], [(fresh, True, False)])),
+                 grpc.StatusCode.FAILED_PRECONDITION, "exited")  # the walk refuses first

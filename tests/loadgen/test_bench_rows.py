@@ -5,7 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadgen.bench import faults_vs_floor, memory_rss_per_page, tlb_hits_vs_floor
+from loadgen.bench import (FRESH_PAGES, cpu_faults_vs_floor, faults_vs_floor,
+                           memory_rss_per_page, tlb_hits_vs_floor)
 from tests.harness import InProcessCluster
 from tlbsim.v1 import memory_pb2
 
@@ -17,6 +18,11 @@ async def test_throughput_and_rss_rows_measure_what_they_name():
         assert hits["hits_per_s"] > 0 and hits["floor_hits_per_s"] > 0 and hits["ratio"] > 0
         faults = await faults_vs_floor(c.client, pages=20, rounds=1)  # raises unless each
         assert faults["faults_per_s"] > 0 and faults["floor_walks_per_s"] > 0  # call faulted
+        through = await cpu_faults_vs_floor(c.client, rounds=2)  # raises unless each faulted
+        assert through["pages"] == FRESH_PAGES and through["faults_per_s"] > 0
+        assert through["floor_domain_faults_per_s"] > 0 and through["floor_rpc_items_per_s"] > 0
+        cpu_stats = await c.client.memory.Stats(memory_pb2.MemoryStatsRequest())
+        assert cpu_stats.faults["anon"] == 2 * FRESH_PAGES  # the service's: not the floor's
         rss = await memory_rss_per_page(c.client, os.getpid(), sizes=(2000, 4000))
         assert [r["pages"] for r in rss["rows"]] == [2000, 4000]
         assert rss["empty_rss_mib"] > 0 and all(r["rss_mib"] > 0 for r in rss["rows"])

@@ -21,14 +21,17 @@ class Machine:
     log: list[tuple]
     dead: set[int]
     batch_walks: bool = True
+    batch_misses: bool = True  # the walk's absent pages faulted in one call (wall clock)
 
     async def switch(self, cpu: int, mm: int) -> None:
         gen = self.kernel.switch_mm(cpu, mm)
         self.cpus[cpu].switch(mm, gen, lazy=not mm and self.kernel.policy.lazy_tlb)
 
-    async def access(self, cpu: int, addresses: list[int], write: bool = False,
-                     vt: int | None = None, until: int | None = None):
-        """`vt`: in virtual time, the batch starts then (`until`: the quantum's end)."""
+    async def access(self, cpu: int, addresses: list[int], write: bool | list[bool] = False,
+                     vt: int | None = None, until: int | None = None,
+                     stop_on_segv: bool = False):
+        """`vt`: in virtual time, the batch starts then (`until`: the quantum's end).
+        `write`: for every access, or one flag per access."""
         core = self.cpus[cpu]
 
         async def miss(vpn: int, w: bool, at: int | None):
@@ -37,11 +40,19 @@ class Machine:
         async def walk(vpns: list[int]):
             return self.kernel.walk(cpu, core.loaded_mm, vpns)
 
+        async def misses(vpns: list[int], touches):
+            ptes, batch, results, error = await self.kernel.walk_and_fault(
+                cpu, core.loaded_mm, vpns, touches)
+            return ptes, batch, [*results, error] if error is not None else results
+
+        writes = [int(w) for w in write] if isinstance(write, list) else \
+            [int(write)] * len(addresses)
         mm = core.loaded_mm
         try:
-            return await core.run_accesses(addresses, [int(write)] * len(addresses), miss,
+            return await core.run_accesses(addresses, writes, miss,
                                            walk if self.batch_walks else None,
-                                           vt=vt, until=until)
+                                           stop_on_segv=stop_on_segv, vt=vt, until=until,
+                                           misses=misses if self.batch_misses else None)
         finally:  # what was served is reported, also when the CPU stopped (fenced)
             words, times = core.take_hits()
             self.report(words, times, mm)
