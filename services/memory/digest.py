@@ -40,7 +40,8 @@ def kernel_digest(kernel) -> str:
                  sorted(v) if isinstance(v, set) else v)
                 for k, v in sorted(vars(s).items()) if not isinstance(v, (list, Samples))]
     h.update(repr((sorted(kernel.cpu_mm.items()), counters,
-                   sorted(kernel.swap._refs.items()), len(kernel.lru),
+                   sorted(kernel.swap._refs.items()), sorted(kernel.swap._cache.items()),
+                   len(kernel.lru),
                    kernel.oracle.stale, kernel.oracle.checked,
                    len(kernel.oracle.revoked))).encode())
     return h.hexdigest()
