@@ -113,8 +113,11 @@ def test_a_killed_process_of_two_cpus_is_two_failures_then_both_rejoin(tmp_path:
                 kills[0].join(60)
                 await all_rejoined(cluster, 4)
                 await cluster.discover(4)
+                # wait_for_ready: the channel to the killed process may still be backing
+                # off from its refused connections, and would fail at once without it.
                 dumps = [await cluster.cpus[i].stub.DumpTlb(cpu_pb2.DumpTlbRequest(),
-                                                            timeout=10) for i in (2, 3)]
+                                                            timeout=10, wait_for_ready=True)
+                         for i in (2, 3)]
                 again = await run(cluster, RunConfig("munmap", Policy(), cpus=4, pages=64,
                                                      rounds=1))
                 return report, dumps, again

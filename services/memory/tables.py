@@ -113,10 +113,6 @@ class Tables:
         assert isinstance(table, Directory), f"no pmd covers vpn {vpn:#x}"
         return table
 
-    def has_freeable(self, mm: Mm, start: int, end: int) -> bool:
-        return any(not t.share_count and not mm.overlaps(t.base_vpn, t.base_vpn + PTRS_PER_TABLE)
-                   for t in self.pte_tables(mm, start, end))
-
     @staticmethod
     def unlink_free(mm: Mm, start: int, end: int, gather: Gather) -> None:
         """free_pgtables: unhook tables no VMA needs any more; they go through the gather.
