@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 from typing import Iterable, Iterator
 
 from services.memory.gather import FlushSpec, Gather, capacity
@@ -92,15 +91,18 @@ class Flusher:
         """Drop the gathered references; free what reaches zero. Returns pages freed."""
         k = self.k
         frames, freed = k.frames, 0
-        k.stats.frames_freed_without_ack += sum(
-            1 for pfn in itertools.chain(pages, (t.pfn for t in tables)) if k.unflushed[pfn])
+        # Only a frame this frees counts as freed without ack: a reference dropped while
+        # another holder keeps the frame (reclaim, whose flush is still in flight, after
+        # a fault mapped the page again from the swap cache) frees nothing.
         for pfn in pages:
             if frames.put(pfn):
+                k.stats.frames_freed_without_ack += k.unflushed[pfn] > 0
                 frames.free(pfn)
                 k.lru.remove(pfn)
                 freed += 1
         for table in tables:
             if frames.put(table.pfn):
+                k.stats.frames_freed_without_ack += k.unflushed[table.pfn] > 0
                 frames.free(table.pfn)
                 k.stats.tables_freed += 1
         k.stats.pages_freed += freed

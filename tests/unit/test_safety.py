@@ -312,3 +312,56 @@ async def test_R_a_fault_waits_for_the_zap_flush_only_in_mm_mode(lock, fault_wai
     await zap
     await fault
     clean(m)
+
+
+# Reclaim's flush in flight, a fault maps the page again from the swap cache
+# (do_swap_page: swap_cache_get_folio) and the mm unmaps it: that drops the fault's
+# reference only. Reclaim still holds the frame, and frees it after its own flush; no
+# frame was freed before its flush was acked (the soak's frames_freed_without_ack).
+async def test_a_page_mapped_from_the_swap_cache_during_reclaims_flush_is_freed_after_it():
+    m = make_machine(3, frames=256)
+    k = m.kernel
+    r, victim, _, release, pressure, a = await _reclaim_in_flight(m, "mprotect", 1, False)
+    pfn = k.swap.cached(-pte(m, a, victim))
+    assert pfn and k.k.unflushed[pfn]                # reclaim's flush not acked yet
+    freed = k.frames.gen[pfn]
+    await m.access(2, [victim])                      # swapped in: that very frame
+    assert pte(m, a, victim) >> 1 == pfn
+    await m.syscall(2, "munmap", victim, 1)
+    assert k.frames.gen[pfn] == freed and k.stats.frames_freed_without_ack == 0
+    release.set()
+    await asyncio.wait_for(pressure, 10)
+    assert k.frames.gen[pfn] == freed + 1            # freed once, by reclaim, after its flush
+    assert k.stats.frames_freed_without_ack == 0
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
+
+
+# The zero page is mapped by every read of a page never written (do_anonymous_page),
+# and each zap gathers it like any page; two munmaps of zero-page mappings, the first's
+# flush in flight, release it twice. Neither frees it (it is pinned): nothing was freed
+# before its flush was acked. (The chaos soak counted this once: its mixed workload
+# reads pages that MADV_DONTNEED emptied.)
+async def test_the_zero_page_released_while_another_flush_of_it_is_in_flight_is_not_freed():
+    m = make_machine(4)
+    k = m.kernel
+    a, _, in_a = await proc(m, (0, 1), 1, write=False)        # two mms, each reading one
+    b, _, in_b = await proc(m, (2, 3), 1, write=False)        # page: the zero page
+    assert pte(m, a, in_a[0]) >> 1 == pte(m, b, in_b[0]) >> 1 == k.k.zero_pfn
+    started, release = asyncio.Event(), asyncio.Event()
+    real = k.shootdown
+
+    async def port(order, targets):
+        if not started.is_set():
+            started.set()
+            await release.wait()
+        return await real(order, targets)
+
+    k.shootdown = port
+    first = asyncio.create_task(m.syscall(0, "munmap", in_a[0], 1))
+    await asyncio.wait_for(started.wait(), 5)
+    assert k.k.unflushed[k.k.zero_pfn]                        # its flush not acked yet
+    await asyncio.wait_for(m.syscall(2, "munmap", in_b[0], 1), 5)
+    release.set()
+    await asyncio.wait_for(first, 5)
+    assert k.stats.frames_freed_without_ack == 0 and not k.frames.is_free(k.k.zero_pfn)
+    assert k.oracle.stale == 0 and k.audit(m.dumps())[1] == []
