@@ -23,15 +23,9 @@ from services.common.chaos import MACHINE_LOST
 from services.common.policy import Policy
 from services.launcher import LocalCluster, load_state, mosquitto_binary
 from tlbsim.v1 import common_pb2, coordinator_pb2, cpu_pb2, memory_pb2
+from tests.processes import ROOT, all_rejoined, tlbsim
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def tlbsim(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "loadgen", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 def in_background(fn, *args) -> threading.Thread:
@@ -43,16 +37,6 @@ def in_background(fn, *args) -> threading.Thread:
 
 async def memory_stats(cluster: Cluster) -> memory_pb2.MemoryStats:
     return await cluster.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=10)
-
-
-async def all_rejoined(cluster: Cluster, n: int, timeout: float = 30) -> None:
-    for _ in range(int(timeout / 0.1)):
-        listing = await cluster.coordinator.ListCpus(coordinator_pb2.ListCpusRequest(),
-                                                     timeout=5, wait_for_ready=True)
-        if sum(not c.fenced for c in listing.cpus) >= n:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("the CPUs did not all rejoin")
 
 
 def test_coordinator_restarted_during_munmaps_loses_no_shootdown(tmp_path: Path) -> None:

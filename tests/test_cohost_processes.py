@@ -22,35 +22,15 @@ from loadgen.runner import run
 from loadgen.scenarios import RunConfig
 from services.common.policy import Policy
 from services.launcher import LocalCluster, free_port, load_state
-from tlbsim.v1 import coordinator_pb2, cpu_pb2
+from tlbsim.v1 import cpu_pb2
+from tests.processes import ROOT, all_rejoined, listing, tlbsim
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def tlbsim(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "loadgen", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         return r.read().decode()
-
-
-async def listing(cluster: Cluster) -> dict[int, coordinator_pb2.CpuInfo]:
-    response = await cluster.coordinator.ListCpus(coordinator_pb2.ListCpusRequest(),
-                                                  timeout=5, wait_for_ready=True)
-    return {c.cpu: c for c in response.cpus}
-
-
-async def all_rejoined(cluster: Cluster, n: int, timeout: float = 30) -> None:
-    for _ in range(int(timeout / 0.1)):
-        if sum(not c.fenced for c in (await listing(cluster)).values()) >= n:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("the CPUs did not all rejoin")
 
 
 def test_cohosted_cpus_are_each_their_own_service_and_stop_together(tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ from loadgen.scenarios import RunConfig
 from services.common.policy import Policy
 from services.launcher import LocalCluster
 from tlbsim.v1 import coordinator_pb2, cpu_pb2
+from tests.processes import ROOT, tlbsim
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -42,12 +42,6 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
-
-
-def tlbsim(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "loadgen", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 def test_killed_cpu_process_is_fenced_and_rejoins_flushed(tmp_path: Path) -> None:
