@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from services.common.errors import SimError
 from services.memory.pagetable import PageTable
-from tests.unit.workbench import PAGE, Workbench
+from tests.unit.machine import PAGE
+from tests.unit.workbench import Workbench
 
 EXAMPLES = int(os.environ.get("TLBSIM_PROPERTY_EXAMPLES", "150"))
 NCPUS = 4

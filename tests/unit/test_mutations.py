@@ -12,7 +12,8 @@ import pytest
 
 from services.memory.pagetable import walk
 from services.memory.rules import Rule
-from tests.unit.workbench import PAGE, Workbench
+from tests.unit.machine import PAGE
+from tests.unit.workbench import Workbench
 
 
 async def munmap_with_readers(wb: Workbench) -> None:

@@ -22,9 +22,7 @@ from typing import Awaitable, Callable
 from services.common.errors import SimError
 from services.memory.kernel import FlushOrder, ShootdownResult
 from services.memory.rules import Rule
-from tests.unit.machine import Machine, make_machine
-
-PAGE = 4096
+from tests.unit.machine import Machine, make_machine, proc
 
 
 @dataclasses.dataclass
@@ -37,7 +35,7 @@ class Workbench:
     def __init__(self, ncpus: int = 4, broken: frozenset[Rule] = frozenset(),
                  turns: Callable[[], int] = lambda: 20, **policy):
         self.m: Machine = make_machine(ncpus, broken=broken, **policy)
-        self.k = self.m.kernel
+        self.k = self.kernel = self.m.kernel  # `kernel`: machine.proc runs on this too
         self.turns = turns  # event-loop turns the port gives the targets, each time
         self.ws: dict[int, WorkingSet] = {}
         self.tasks: list[asyncio.Task] = []
@@ -63,15 +61,10 @@ class Workbench:
     async def process(self, cpus, pages: int, write: bool = True, writable: bool = True):
         """A process on `cpus`, each of which touched its `pages` pages and keeps them as
         its working set."""
-        mm = self.k.create_mm()
+        mm, base, addrs = await proc(self, cpus, pages, write, writable)
         for c in cpus:
-            await self.switch(c, mm)
-        r = await self.syscall(cpus[0], "mmap", pages, writable)
-        addrs = [r.address + i * PAGE for i in range(pages)]
-        for c in cpus:
-            await self.access(c, addrs, write=write)
             self.ws[c] = WorkingSet(addrs, write)
-        return mm, r.address, addrs
+        return mm, base, addrs
 
     def background(self, cpu: int) -> None:
         """The CPU runs its working set once more, in the background."""
