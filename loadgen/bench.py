@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from array import array
 from pathlib import Path
 
 import grpc
@@ -28,6 +27,7 @@ from loadgen.cluster import Cluster
 from loadgen.runner import run
 from loadgen.scenarios import RunConfig
 from services.common import wire
+from services.common.addresses import pack_addresses
 from services.common.policy import FlushMode, ForkMode, Policy, Transport
 from services.common.stats import p50_p99
 from services.cpu.core import CpuCore
@@ -61,12 +61,12 @@ async def tlb_hits_vs_floor(cluster: Cluster, rounds: int) -> dict:
         mmap=common_pb2.MmapArgs(pages=HIT_PAGES, writable=True)))).address
     pages = [base + i * 4096 for i in range(HIT_PAGES)]
     await cpu.Access(cpu_pb2.AccessRequest(addresses=pages))  # fault in, fill the TLB
-    request = cpu_pb2.AccessRequest(addresses=pages * HIT_REPEATS)
+    addresses = pages * HIT_REPEATS
+    request = cpu_pb2.AccessRequest(packed_addresses=pack_addresses(addresses))
     floor_core = CpuCore(0, policy.tlb_entries, policy.tlb_ways)
     floor_core.switch(1, 0)
     for i, address in enumerate(pages):
         floor_core.tlb.fill(1, address >> 12, Entry(i + 1, True, i + 1))
-    addresses = array("Q", request.addresses)
     served, floor = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -142,8 +142,8 @@ async def cpu_faults_vs_floor(cluster: Cluster, rounds: int) -> dict:
     for _ in range(rounds):
         base = (await cpu.stub.Syscall(common_pb2.SyscallRequest(
             mmap=common_pb2.MmapArgs(pages=FRESH_PAGES, writable=True)))).address
-        request = cpu_pb2.AccessRequest(addresses=[base + i * 4096 for i in range(FRESH_PAGES)],
-                                        writes=writes)
+        request = cpu_pb2.AccessRequest(packed_addresses=pack_addresses(
+            base + i * 4096 for i in range(FRESH_PAGES)), writes=writes)
         t0 = time.perf_counter()
         r = await cpu.stub.Access(request)
         served.append(r.faults / (time.perf_counter() - t0))
@@ -153,8 +153,7 @@ async def cpu_faults_vs_floor(cluster: Cluster, rounds: int) -> dict:
         addresses = [local + i * 4096 for i in range(FRESH_PAGES)]
         t0 = time.perf_counter()
         s = await core.run_accesses(addresses, writes, **_in_process(kernel, core))
-        words, runs = core.take_hits()
-        kernel.report_accesses(array("Q", words), array("q", runs), local_mm)
+        kernel.report_accesses(core.take_hits(), local_mm)
         floor.append(s.faults / (time.perf_counter() - t0))
         if s.faults != FRESH_PAGES:
             raise AssertionError(f"the floor faulted {s.faults} of {FRESH_PAGES} pages")

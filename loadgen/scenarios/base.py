@@ -15,7 +15,7 @@ import grpc
 
 from loadgen.cluster import Cluster, Cpu
 from loadgen.vsched import DEFAULT_QUANTUM_NS, VirtualScheduler
-from services.common.addresses import PAGE_SIZE
+from services.common.addresses import PAGE_SIZE, pack_addresses
 from services.common.costmodel import Events
 from services.common.chaos import MACHINE_LOST
 from services.common.errors import (REASON_CPU_FENCED, REASON_CPU_LEFT, REASON_MACHINE_LOST,
@@ -277,8 +277,8 @@ class Driver:
         writes = writes or (b"\x01" * len(addresses) if write else b"")
         vs = self.virtual
         if vs is None:
-            req = cpu_pb2.AccessRequest(addresses=addresses, stop_on_segv=stop_on_segv,
-                                        writes=writes)
+            req = cpu_pb2.AccessRequest(packed_addresses=pack_addresses(addresses),
+                                        stop_on_segv=stop_on_segv, writes=writes)
             r = await self._call(cpu, cpu.stub.Access, req)
             if r is not None:
                 self.m.add(r)
@@ -287,7 +287,8 @@ class Driver:
         while done < len(addresses):
             vt = await vs.turn(cpu.id)
             start = vt if start is None else start
-            req = cpu_pb2.AccessRequest(addresses=addresses[done:], writes=writes[done:],
+            req = cpu_pb2.AccessRequest(packed_addresses=pack_addresses(addresses[done:]),
+                                        writes=writes[done:],
                                         stop_on_segv=stop_on_segv, vtime_ns=vt,
                                         until_vtime_ns=vt + vs.quantum_ns)
             r = await self._call(cpu, cpu.stub.Access, req)

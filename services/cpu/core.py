@@ -2,9 +2,10 @@
 
 TLB hits never leave the CPU; a miss calls the injected `miss` coroutine (the
 memory service's walk/fault handler). Every hit, and every TLB fill, is recorded
-for the oracle as a word, tid << 1 | write, and each run of up to RUN_HITS hits
-served without a pause as (hits, CLOCK_MONOTONIC ns before the first, after the
-last): one clock read per run instead of one per hit; a fill is a run of its own
+for the oracle (services/common/hits.py) in runs of up to RUN_HITS hits served
+without a pause, each run with CLOCK_MONOTONIC ns before its first access and after
+its last: one clock read per run instead of one per hit, and one word per distinct
+translation served in it instead of one per hit; a fill is a run of its own
 (services/memory/oracle.py says why that stays safe).
 
 Fencing and the lease (the invariant the coordinator relies on): a fenced CPU serves
@@ -18,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from array import array
 from typing import Awaitable, Callable, Protocol, Sequence
 
 from services.common.addresses import PAGE_SHIFT
 from services.common.costmodel import DEFAULT_PRESET, CostModel, preset
 from services.common.errors import FailedPrecondition
+from services.common.hits import HitLog, HitReport
 from services.common.misses import Pte, Touch, batchable
 from services.common.vtime import Interrupts
 from services.cpu.tlb import FULL, NOT_LOADED, RANGE, TLB_NR_DYN_ASIDS, Entry, Tlb
@@ -145,8 +146,7 @@ class CpuCore:
         # The lease, on `clock`: no translation is served at or after it. None: no
         # lease (a CPU that is not a cluster member, e.g. in domain tests).
         self.lease_until_ns: int | None = None
-        self._hit_words = array("Q")
-        self._hit_runs = array("q")  # (hits, first_ns, last_ns) per run
+        self._hits = HitLog()  # what it served since its last report, for the oracle
 
     def reset(self, tlb_entries: int, tlb_ways: int, asids: int = TLB_NR_DYN_ASIDS,
               costs: CostModel | None = None) -> None:
@@ -313,7 +313,7 @@ class CpuCore:
         # vpn -> (the batch's answer for its next miss, flushes_applied when asked)
         answered: dict[int, tuple[Translation | Exception, int]] = {}
         batch_misses = misses if not virtual else None  # virtual: each fault at its time
-        tlb, words, runs, clock = self.tlb, self._hit_words, self._hit_runs, self.clock
+        tlb, log, clock = self.tlb, self._hits, self.clock
         i, n, span = 0, len(addresses), FIRST_RUN
         paused_ns = clock()
         while i < n:
@@ -327,9 +327,10 @@ class CpuCore:
                 await pause()
                 first_ns = paused_ns = clock()
             self._may_serve(mm, first_ns)
-            j = tlb.hits_from(mm, addresses, writes, i, stop, words)  # TLB hits: no I/O
+            logged = len(log.words)
+            j = tlb.hits_from(mm, addresses, writes, i, stop, log)  # TLB hits: no I/O
             if j > i:
-                runs.extend((j - i, first_ns, clock()))
+                log.run(first_ns, clock(), logged)
                 stats.hits += j - i
                 stats.accesses += j - i
                 if virtual:
@@ -426,8 +427,7 @@ class CpuCore:
         now = self.clock()
         self._may_serve(mm, now)
         self.tlb.fill(mm, vpn, entry)
-        self._hit_words.append(entry.tid << 1 | write)
-        self._hit_runs.extend((1, now, now))
+        self._hits.add((entry.tid << 1 | write,), now, now)
 
     def _may_serve(self, mm: int, now_ns: int) -> None:
         """Before a run of hits or a fill: still unfenced, within the lease, on `mm`."""
@@ -438,11 +438,8 @@ class CpuCore:
 
     def record_hits(self, words: Sequence[int], first_ns: int, last_ns: int) -> None:
         """Record one run of hits made outside `run_accesses` (tests drive the TLB directly)."""
-        self._hit_words.extend(words)
-        self._hit_runs.extend((len(words), first_ns, last_ns))
+        self._hits.add(words, first_ns, last_ns)
 
-    def take_hits(self) -> tuple[bytes, bytes]:
-        """The hits recorded since the last call, for the oracle: (words, runs)."""
-        words, runs = self._hit_words.tobytes(), self._hit_runs.tobytes()
-        self._hit_words, self._hit_runs = array("Q"), array("q")
-        return words, runs
+    def take_hits(self) -> HitReport:
+        """What it served since the last call, for the oracle."""
+        return self._hits.take()

@@ -14,12 +14,12 @@ import asyncio
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import grpc
 
 from services.common import wire
-from services.common.addresses import USER_VA_END, vpn_of
+from services.common.addresses import USER_VA_END, user_addresses, vpn_of
 from services.common.costmodel import CostModel, tlb_events
 from services.common.chaos import ChaosCounts, ChaosPlan, epoch_metadata
 from services.common.errors import (REASON_CPU_FENCED, FailedPrecondition, InvalidArgument,
@@ -416,17 +416,21 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     @rpc
     @completes
     async def Access(self, request, context):
-        n = len(request.addresses)
+        packed = request.packed_addresses
+        if packed and request.addresses:
+            raise InvalidArgument("addresses and packed_addresses: give one of the two")
+        n = len(packed) // 8 if packed else len(request.addresses)
         if n > MAX_ACCESSES:
             raise InvalidArgument(f"{n} accesses in one request: at most {MAX_ACCESSES}")
         if request.writes and len(request.writes) != n:
             raise InvalidArgument(f"writes has {len(request.writes)} flags for {n} addresses")
-        # A list: upb copies it out fastest, and max() and the TLB's slices are fastest
-        # on one (an array("Q") copy and its max() cost ~14 ms per 100k addresses).
-        addresses = request.addresses[:]
-        if n and max(addresses) >= USER_VA_END:
-            for a in addresses:
-                vpn_of(a)  # raises, naming the first bad address
+        if packed:  # ~1 ms per 100k addresses; the repeated field's copy and max() ~6 ms
+            addresses: Sequence[int] = user_addresses(packed)
+        else:  # a list: upb copies it out fastest
+            addresses = request.addresses[:]
+            if n and max(addresses) >= USER_VA_END:
+                for a in addresses:
+                    vpn_of(a)  # raises, naming the first bad address
         async with self._exec:
             mm = self._require_runnable()
             fault_latency: list[float] = []
@@ -513,10 +517,10 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                             wait_for_ready=True)
 
     async def _report_hits(self, mm: int) -> None:
-        words, runs = self.core.take_hits()
-        if words:
-            await self._to_memory(self.memory.ReportAccesses,
-                memory_pb2.ReportAccessesRequest(cpu=self.id, tids=words, runs=runs, mm=mm))
+        report = self.core.take_hits()
+        if report.words:
+            await self._to_memory(self.memory.ReportAccesses, memory_pb2.ReportAccessesRequest(
+                cpu=self.id, tids=report.words, runs=report.runs, counts=report.counts, mm=mm))
 
     @reachable
     @rpc

@@ -20,13 +20,13 @@ flushes the whole TLB (a CR3 write).
 from __future__ import annotations
 
 import dataclasses
-from array import array
-from collections import OrderedDict
-from itertools import compress
-from operator import or_
-from typing import Iterator, NamedTuple, Sequence
+from collections import Counter, OrderedDict, deque
+from itertools import repeat
+from operator import and_, attrgetter, gt, itemgetter, lshift, mod, or_, rshift, xor
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from services.common.addresses import PAGE_SHIFT
+from services.common.hits import HitLog
 
 
 class Entry(NamedTuple):
@@ -38,6 +38,11 @@ class Entry(NamedTuple):
 class _Slot(NamedTuple):
     entry: Entry
     epoch: int  # the mm's flush epoch at fill time; older epochs are dead
+
+
+# C-level field getters for the TLB's hot path (Tlb._serve_all maps them)
+_ENTRY, _EPOCH = itemgetter(0), itemgetter(1)
+_WRITABLE, _TID = attrgetter("writable"), attrgetter("tid")
 
 
 @dataclasses.dataclass
@@ -107,59 +112,71 @@ class Tlb:
         return slot is not None and self._alive(mm, slot)
 
     def hits_from(self, mm: int, addresses: Sequence[int], writes: Sequence[int], start: int,
-                  stop: int, words: array) -> int:
+                  stop: int, log: HitLog) -> int:
         """The hot path: from addresses[start] up to addresses[stop] (byte addresses),
-        serve every access that hits a live entry permitting it, recording
-        tid << 1 | write for the oracle; stop at the first that does not and return
-        its index (`stop` if none)."""
+        serve every access that hits a live entry permitting it, recording its word,
+        tid << 1 | write, for the oracle (services/common/hits.py); stop at the first
+        that does not and return its index (`stop` if none)."""
         chunk = addresses[start:stop]
         written = writes[start:stop] if writes else b""
-        served = self._serve_all(mm, chunk, written, words)
+        served = self._serve_all(mm, chunk, written, log)
         if served < len(chunk):  # the accesses before the first non-hit were served
-            return self._serve_each(mm, addresses, writes, start + served, stop, words)
+            return self._serve_each(mm, addresses, writes, start + served, stop, log)
         return stop
 
     def _serve_all(self, mm: int, addresses: Sequence[int], writes: Sequence[int],
-                   words: array) -> int:
-        """Serve a run of accesses that all hit in one go: each distinct address is
-        looked up once, then its page moved in its set's LRU order as one access after
-        another would have left it. If some would not hit, serve only the accesses
-        before the first of them; return how many were served."""
+                   log: HitLog) -> int:
+        """Serve a run of accesses that all hit in one go: each distinct access (address,
+        write) is looked up once, its page moved in its set's LRU order as one access
+        after another would have left it, and its word logged once with how many
+        accesses it served. If some would not hit, serve only the accesses before the
+        first of them; return how many were served. Each step maps a C function over
+        the distinct accesses: no Python bytecode runs per access."""
         sets, nsets, epoch = self._sets, self.nsets, self._epoch.get(mm, 0)
-        spread = mm * 0x9E3779B1
-        written = set(compress(addresses, writes)) if writes else ()
-        latest_first = list(dict.fromkeys(reversed(addresses)))  # by last access, newest first
-        word: dict[int, int] = {}
-        lru: list[tuple[OrderedDict, tuple[int, int]]] = []
-        failing: list[int] = []
-        for address in latest_first:
-            vpn = address >> PAGE_SHIFT
-            key = (mm, vpn)
-            s = sets[(vpn ^ spread) % nsets]
-            slot = s.get(key)
-            if slot is None or slot.epoch != epoch or \
-                    (address in written and not slot.entry.writable):
-                failing.append(address)
-            else:
-                word[address] = slot.entry.tid << 1
-                lru.append((s, key))
-        if failing:
-            first = min(addresses.index(a) for a in failing)
-            return self._serve_all(mm, addresses[:first], writes[:first], words) if first else 0
-        for s, key in reversed(lru):  # oldest last access first: the newest ends up last
-            s.move_to_end(key)
-        served = map(word.__getitem__, addresses)
-        words.extend(map(or_, served, writes) if writes else served)
+        # Each distinct access, newest first (by its last occurrence), with its count:
+        # address << 1 | write, or the address alone when all are reads.
+        if writes:
+            counted = Counter(reversed(list(map(or_, map(lshift, addresses, repeat(1)),
+                                                writes))))
+            distinct = list(counted)
+            vpns = list(map(rshift, distinct, repeat(PAGE_SHIFT + 1)))
+        else:
+            counted = Counter(reversed(addresses))
+            distinct = list(counted)
+            vpns = list(map(rshift, distinct, repeat(PAGE_SHIFT)))
+        keys = list(zip(repeat(mm), vpns))
+        where = list(map(sets.__getitem__, map(mod, map(
+            xor, vpns, repeat(mm * 0x9E3779B1)), repeat(nsets))))
+        slots: list[Any] = list(map(OrderedDict.get, where, keys))  # None: not held
+        entries = list(map(_ENTRY, slots)) if None not in slots else None
+        if entries is None or set(map(_EPOCH, slots)) - {epoch} or (writes and any(map(
+                gt, map(and_, distinct, repeat(1)), map(_WRITABLE, entries)))):
+            return self._serve_hitting(mm, addresses, writes, log, distinct, slots, epoch)
+        deque(map(OrderedDict.move_to_end, reversed(where), reversed(keys)), maxlen=0)
+        words = map(lshift, map(_TID, entries), repeat(1))
+        log.words.extend(map(or_, words, map(and_, distinct, repeat(1))) if writes else words)
+        log.counts.extend(counted.values())
         self.counters.hits += len(addresses)
         return len(addresses)
 
+    def _serve_hitting(self, mm: int, addresses: Sequence[int], writes: Sequence[int],
+                       log: HitLog, distinct: list[int], slots: list, epoch: int) -> int:
+        """`_serve_all` of a run where some access would not hit: the accesses before
+        the first of them (its first access to that address, or earlier)."""
+        shift = 1 if writes else 0
+        failing = [access >> shift for access, slot in zip(distinct, slots)
+                   if slot is None or slot.epoch != epoch or
+                   (access & shift and not slot.entry.writable)]
+        first = min(map(addresses.index, failing))
+        return self._serve_all(mm, addresses[:first], writes[:first], log) if first else 0
+
     def _serve_each(self, mm: int, addresses: Sequence[int], writes: Sequence[int],
-                    start: int, stop: int, words: array) -> int:
+                    start: int, stop: int, log: HitLog) -> int:
         """`hits_from` one access at a time (`lookup`'s work, inlined), up to the first
-        access that does not hit."""
+        access that does not hit: a word per access."""
         sets, nsets, epoch = self._sets, self.nsets, self._epoch.get(mm, 0)
         spread = mm * 0x9E3779B1
-        record = words.append
+        record = log.words.append
         i = start
         while i < stop:
             vpn = addresses[i] >> PAGE_SHIFT
@@ -174,6 +191,7 @@ class Tlb:
             s.move_to_end(key)
             record(slot.entry.tid << 1 | write)
             i += 1
+        log.counts.extend([1] * (i - start))
         self.counters.hits += i - start
         return i
 

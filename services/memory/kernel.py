@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 from services.common.addresses import PTRS_PER_TABLE, USER_VPN_END, page_range
 from services.common.clock import Clock, monotonic
 from services.common.errors import InvalidArgument, NotFound, OutOfRange, SimError
+from services.common.hits import HitReport
 from services.common.misses import Touch, batchable
 from services.common.policy import Policy
 from services.memory.audit import TlbDump, audit
@@ -400,13 +401,14 @@ class Kernel:
                              vt=ctx.vt)
 
     # --- the oracle and the audit -------------------------------------------------------------
-    def report_accesses(self, words: Sequence[int], runs: Sequence[int], mm: int = 0) -> int:
-        return self.k.oracle.check_hits(words, runs, mm)
+    def report_accesses(self, report: HitReport, mm: int = 0) -> int:
+        return sum(self.judge_accesses(report, mm))
 
-    def judge_accesses(self, words: Sequence[int], runs: Sequence[int],
-                       mm: int = 0) -> Iterator[int]:
-        """`report_accesses` in chunks (Oracle.judge), for a caller with an event loop."""
-        return self.k.oracle.judge(words, runs, mm)
+    def judge_accesses(self, report: HitReport, mm: int = 0) -> Iterator[int]:
+        """A CPU's hit report judged in chunks (Oracle.judge), for a caller with an event
+        loop: the stale counts. Raises InvalidArgument, judging nothing, on a bad report."""
+        words, runs, counts = report.decode()
+        return self.k.oracle.judge(words, runs, mm, counts)
 
     def audit(self, dumps: list[TlbDump]) -> tuple[int, list[str]]:
         return audit(self.k, dumps)

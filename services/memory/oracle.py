@@ -27,11 +27,12 @@ What ends: every use (unmap, COW copy, free), only writes (write-protect), or
 nothing (a permission upgrade: the old read-only entry stays valid, followed
 through its successors).
 
-Hits, fills, and the time of a run. A CPU reports one word per access it serves
-from its TLB *and one per TLB fill* (a batched walk's entry or a fault's result):
-tid << 1 | write, tid 0 meaning "no translation" (always stale: a fill of
-nothing). Words come in runs of (hits, first_ns, last_ns), served in one
-synchronous stretch; a fill is a run of its own. A run is atomic in the
+Hits, fills, and the time of a run. A CPU reports every access it serves from
+its TLB *and every TLB fill* (a batched walk's entry or a fault's result) as a
+word, tid << 1 | write, tid 0 meaning "no translation" (always stale: a fill of
+nothing), with the number of accesses it stands for (services/common/hits.py).
+Words come in runs of (words, first_ns, last_ns), served in one synchronous
+stretch; a fill is a run of its own. A run is atomic in the
 simulated machine: a CPU takes flush requests, and checks its lease, only
 between runs (services/cpu/core.py), so the run is judged at its start,
 first_ns. That is exact for every CPU that acknowledged its flush (the ack is
@@ -52,6 +53,8 @@ from __future__ import annotations
 
 import collections
 import enum
+from itertools import repeat
+from operator import gt, rshift
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from services.common.errors import InvalidArgument
@@ -227,49 +230,64 @@ class Oracle:
             return bool(mine and tid in mine) or bool(left and tid_table(tid) in left)
         return False
 
-    @staticmethod
-    def validate(words: Sequence[int], runs: Sequence[int]) -> None:
-        if len(runs) % 3 or any(h <= 0 for h in runs[0::3]) or sum(runs[0::3]) != len(words):
-            raise InvalidArgument("hit report: runs must be (hits > 0, first_ns, last_ns) "
-                                  "triples whose hits add up to the words")
-        if any(runs[k + 1] > runs[k + 2] for k in range(0, len(runs), 3)):
-            raise InvalidArgument("hit report: a run ends before it starts")
+    def _suspects(self, words: set[int], mm: int) -> set[int]:
+        """The words that `_suspect` picks, with C-level set work when only `revoked`
+        (or tid 0) can make one stale: the common case, judged for every report."""
+        if self.table_wp or (mm and (self.revoked_for.get(mm) or self.left.get(mm))):
+            return {w for w in words if self._suspect(w, mm)}
+        tids = set(map(rshift, words, repeat(1)))
+        ended = set(filter(self.revoked.__contains__, tids))
+        if 0 in tids:
+            ended.add(0)
+        return {w for w in words if w >> 1 in ended} if ended else set()
 
-    def judge(self, words: Sequence[int], runs: Sequence[int], mm: int = 0) -> Iterator[int]:
-        """Judge a report of `words` (tid << 1 | write) served in `runs` (flat
-        (hits, first_ns, last_ns) triples covering the words in order) by a CPU running
-        `mm`; yields after every CHUNK_WORDS words or so (the stale count found since
-        the last yield), so the caller can give its event loop a turn in between.
-        Validates first: a bad report changes nothing. Revocations made between chunks
-        are stamped later than every hit already reported, so chunking changes no
-        verdict."""
-        self.validate(words, runs)
-        self.checked += len(words)
+    @staticmethod
+    def validate(words: Sequence[int], runs: Sequence[int],
+                 counts: Sequence[int] | None = None) -> None:
+        if len(runs) % 3 or (runs and min(runs[0::3]) <= 0) or sum(runs[0::3]) != len(words):
+            raise InvalidArgument("hit report: runs must be (words > 0, first_ns, last_ns) "
+                                  "triples whose words add up to the report's")
+        if any(map(gt, runs[1::3], runs[2::3])):
+            raise InvalidArgument("hit report: a run ends before it starts")
+        if counts is not None and (len(counts) != len(words) or 0 in counts):
+            raise InvalidArgument("hit report: counts must give each word the accesses "
+                                  "(> 0) it stands for")
+
+    def judge(self, words: Sequence[int], runs: Sequence[int], mm: int = 0,
+              counts: Sequence[int] | None = None) -> Iterator[int]:
+        """Judge a report of `words` (tid << 1 | write), each standing for counts[i]
+        accesses (None: one each), served in `runs` (flat (words, first_ns, last_ns)
+        triples covering the words in order) by a CPU running `mm`; yields after every
+        CHUNK_WORDS words or so (the stale count found since the last yield), so the
+        caller can give its event loop a turn in between. Validates first: a bad report
+        changes nothing. Revocations made between chunks are stamped later than every
+        hit already reported, so chunking changes no verdict."""
+        self.validate(words, runs, counts)
+        self.checked += sum(counts) if counts is not None else len(words)
         seen: set[int] = set()
         suspects: set[int] = set()
         for at in range(0, len(words), CHUNK_WORDS):  # which distinct words could be stale
             fresh = set(words[at:at + CHUNK_WORDS]) - seen
             seen |= fresh
-            suspects.update(w for w in fresh if self._suspect(w, mm))
+            suspects |= self._suspects(fresh, mm)
             yield 0
         if not suspects:
             return
         stale = pos = done = 0
         for k in range(0, len(runs), 3):
-            hits, first_ns, last_ns = runs[k:k + 3]
-            run = words[pos:pos + hits]
-            pos += hits
+            n, first_ns, last_ns = runs[k:k + 3]
+            run = words[pos:pos + n]
             found = suspects.intersection(run)
             if found:
-                counts = collections.Counter(run) if len(found) > 8 else None
-                for w in found:
+                for w, hits in self._tally(run, counts[pos:pos + n] if counts is not None else None,
+                                           found).items():
                     tid, write = w >> 1, bool(w & 1)
-                    n = counts[w] if counts is not None else run.count(w)
                     if self.is_stale(tid, write, first_ns, mm):
-                        stale += n
+                        stale += hits
                     elif self.is_stale(tid, write, last_ns, mm):
-                        self.straddled += n
-            done += hits
+                        self.straddled += hits
+            pos += n
+            done += n
             if done >= CHUNK_WORDS:
                 self.stale += stale
                 yield stale
@@ -277,9 +295,25 @@ class Oracle:
         self.stale += stale
         yield stale
 
-    def check_hits(self, words: Sequence[int], runs: Sequence[int], mm: int = 0) -> int:
+    @staticmethod
+    def _tally(run: Sequence[int], counts: Sequence[int] | None,
+               found: set[int]) -> dict[int, int]:
+        """The accesses in `run` of each word in `found`."""
+        if counts is None:
+            if len(found) > 8:
+                every = collections.Counter(run)
+                return {w: every[w] for w in found}
+            return {w: run.count(w) for w in found}
+        tally: dict[int, int] = {}
+        for w, c in zip(run, counts):
+            if w in found:
+                tally[w] = tally.get(w, 0) + c
+        return tally
+
+    def check_hits(self, words: Sequence[int], runs: Sequence[int], mm: int = 0,
+                   counts: Sequence[int] | None = None) -> int:
         """`judge` in one go: the stale count."""
-        return sum(self.judge(words, runs, mm))
+        return sum(self.judge(words, runs, mm, counts))
 
     def entry_valid(self, entry_tid: int, writable: bool, current_tid: int,
                     mm: int = 0) -> bool:

@@ -6,7 +6,6 @@ import collections
 import contextlib
 import logging
 import time
-from array import array
 
 import grpc
 
@@ -14,6 +13,7 @@ from services.common import wire
 from services.common.chaos import check_epoch, epoch_of, new_boot
 from services.common.costmodel import Events, memory_events
 from services.common.errors import InvalidArgument, Unavailable
+from services.common.hits import HitReport
 from services.common.metrics import ListHistogram, labelled, node_registry
 from services.common.policy import Policy, SharedFlush
 from services.common.server import channel, completes, rpc
@@ -271,15 +271,12 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     @rpc
     async def ReportAccesses(self, request, context):
         self._check_epoch(context)
-        words, runs = array("Q"), array("q")
-        if len(request.tids) % 8 or len(request.runs) % 24:
-            raise InvalidArgument("report: tids must be 8-byte values and runs 24-byte triples")
-        words.frombytes(request.tids)
-        runs.frombytes(request.runs)
+        parts = self.kernel.judge_accesses(
+            HitReport(request.tids, request.runs, request.counts), request.mm)
         stale = 0
         # In chunks, giving the loop a turn in between: a report of a million stale
         # hits must not hold up every other call while it is judged.
-        for part in self.kernel.judge_accesses(words, runs, request.mm):
+        for part in parts:
             stale += part
             await asyncio.sleep(0)
         self._reports[request.cpu] += 1

@@ -1,10 +1,13 @@
 """Bad input over real gRPC: the right status code, a message naming the problem,
 unchanged state, and a service that keeps serving."""
+from array import array
+
 import grpc
 import pytest
 
 from services.common import wire
-from services.common.errors import InvalidArgument
+from services.common.addresses import pack_addresses, user_addresses
+from services.common.errors import InvalidArgument, OutOfRange
 from services.common.policy import Policy
 from tests.harness import InProcessCluster
 from tlbsim.v1 import (common_pb2, coordinator_pb2, cpu_pb2, memory_pb2)
@@ -67,7 +70,34 @@ async def test_bad_access_addresses(env):
                  grpc.StatusCode.INVALID_ARGUMENT, "not canonical")
     await expect(cpu.Access(cpu_pb2.AccessRequest(addresses=[base], writes=b"\x01\x01")),
                  grpc.StatusCode.INVALID_ARGUMENT, "writes has 2 flags for 1")
+    # the same checks on packed addresses, which are checked without decoding each
+    for bad, code, text in [(0x0001_0000_0000_0000, grpc.StatusCode.INVALID_ARGUMENT,
+                             "0x1000000000000 is not canonical"),
+                            (0x0000_8000_0000_0000, grpc.StatusCode.INVALID_ARGUMENT,
+                             "0x800000000000 is not canonical"),
+                            (0xFFFF_8000_0000_1000, grpc.StatusCode.OUT_OF_RANGE, "kernel half")]:
+        await expect(cpu.Access(cpu_pb2.AccessRequest(
+            packed_addresses=pack_addresses([base, 0x7FFF_FFFF_F000, bad, base]))), code, text)
+    await expect(cpu.Access(cpu_pb2.AccessRequest(packed_addresses=bytes(12))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "12 bytes: 8 bytes each")
+    await expect(cpu.Access(cpu_pb2.AccessRequest(addresses=[base],
+                                                  packed_addresses=pack_addresses([base]))),
+                 grpc.StatusCode.INVALID_ARGUMENT, "give one of the two")
+    await expect(cpu.Access(cpu_pb2.AccessRequest(packed_addresses=pack_addresses([base]),
+                                                  writes=b"\x01\x01")),
+                 grpc.StatusCode.INVALID_ARGUMENT, "writes has 2 flags for 1")
     assert await state(cl) == before
+    r = await cpu.Access(cpu_pb2.AccessRequest(
+        packed_addresses=pack_addresses([base, base + 4096]), writes=b"\x00\x01"))
+    assert r.accesses == 2 and r.segv == 0
+
+
+def test_packed_addresses_round_trip_and_name_the_first_bad_one():
+    addresses = [0, 1, 0x7FFF_FFFF_FFFF, 0x1234_5678_9ABC]
+    assert list(user_addresses(pack_addresses(addresses))) == addresses
+    for bad in (1 << 47, 1 << 48, 1 << 56, 1 << 63):
+        with pytest.raises((InvalidArgument, OutOfRange), match=f"{bad:#x}"):
+            user_addresses(pack_addresses([5, bad, 1 << 62]))
 
 
 async def test_unknown_mm_and_exited_mm(env):
@@ -116,7 +146,12 @@ async def test_bad_policies_and_empty_calls(env):
     await expect(cl.memory.ReportAccesses(memory_pb2.ReportAccessesRequest(tids=b"123")),
                  grpc.StatusCode.INVALID_ARGUMENT, "8-byte")
     await expect(cl.memory.ReportAccesses(memory_pb2.ReportAccessesRequest(tids=bytes(16))),
-                 grpc.StatusCode.INVALID_ARGUMENT, "add up to the words")  # no runs
+                 grpc.StatusCode.INVALID_ARGUMENT, "add up to the report's")  # no runs
+    one_run = array("q", (2, 0, 0)).tobytes()
+    for counts in (array("I", [1]), array("I", [1, 0])):  # a count short; a word for none
+        await expect(cl.memory.ReportAccesses(memory_pb2.ReportAccessesRequest(
+            tids=bytes(16), runs=one_run, counts=counts.tobytes())),
+            grpc.StatusCode.INVALID_ARGUMENT, "counts must give each word")
     assert await state(cl) == before
     assert (await cpu.Access(cpu_pb2.AccessRequest(addresses=[base]))).hits == 1
 

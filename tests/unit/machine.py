@@ -5,7 +5,7 @@ an event log, and can simulate CPUs that never answer (fenced at once)."""
 from __future__ import annotations
 
 import dataclasses
-from array import array
+from services.common.hits import HitReport
 
 from services.common import vtime
 from services.common.policy import Policy
@@ -54,14 +54,10 @@ class Machine:
                                            stop_on_segv=stop_on_segv, vt=vt, until=until,
                                            misses=misses if self.batch_misses else None)
         finally:  # what was served is reported, also when the CPU stopped (fenced)
-            words, times = core.take_hits()
-            self.report(words, times, mm)
+            self.report(core.take_hits(), mm)
 
-    def report(self, words: bytes, runs: bytes, mm: int = 0) -> int:
-        w, r = array("Q"), array("q")
-        w.frombytes(words)
-        r.frombytes(runs)
-        return self.kernel.report_accesses(list(w), list(r), mm)
+    def report(self, report: HitReport, mm: int = 0) -> int:
+        return self.kernel.report_accesses(report, mm)
 
     def apply_local(self, cpu: int, result, virtual: bool = False) -> None:
         for f in result.local_flushes:

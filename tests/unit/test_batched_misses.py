@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from services.common.errors import FailedPrecondition, InvalidArgument, SimError
+from services.common.hits import HitReport
 from services.memory.digest import kernel_digest
 from tests.unit.machine import PAGE, make_machine
 
@@ -52,14 +53,15 @@ async def run(program, batched: bool):
         finally:
             calls["handle_miss"] = alone  # its own faults are not the CPU's calls
     m.kernel.handle_miss, m.kernel.handle_misses = one, batch  # type: ignore[method-assign]
-    reports: list[tuple[bytes, list[int]]] = []
+    reports: list[tuple[bytes, bytes, list[int]]] = []
     report = m.report
 
-    def recorded(words: bytes, runs: bytes, mm: int = 0) -> int:
+    def recorded(hits: HitReport, mm: int = 0) -> int:
         r = array("q")
-        r.frombytes(runs)
-        reports.append((words, list(r[0::3])))  # the words and run lengths, not the times
-        return report(words, runs, mm)
+        r.frombytes(hits.runs)
+        # the words, their counts and the run lengths, not the times
+        reports.append((hits.words, hits.counts, list(r[0::3])))
+        return report(hits, mm)
     m.report = recorded  # type: ignore[method-assign]
 
     mm = m.kernel.create_mm()

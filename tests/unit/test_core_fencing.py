@@ -4,6 +4,7 @@ flight brings back. On a fake clock: nothing sleeps."""
 import pytest
 
 from services.common.errors import FailedPrecondition
+from services.common.hits import HitReport
 from tests.unit.machine import make_machine
 
 PAGE = 4096
@@ -62,7 +63,7 @@ async def test_a_lease_that_runs_out_during_a_long_access_stops_it_at_the_next_r
         await core.run_accesses(addrs * 2000, b"", miss, walk)
     assert core.fenced and core.fence_reason == "lease"
     assert len(core.tlb) == 0  # flushed: nothing old can be served any more
-    words, runs = core.take_hits()
+    runs = core.take_hits().runs
     from array import array
     r = array("q")
     r.frombytes(runs)
@@ -95,7 +96,7 @@ async def test_a_cpu_fenced_while_its_walk_or_fault_is_out_fills_nothing(path):
     miss, walk = handlers(m, 0, before_reply=lambda: core.fence("deadline"))
     with pytest.raises(FailedPrecondition, match="missed a shootdown deadline"):
         await core.run_accesses(addrs, b"", miss, walk)
-    assert len(core.tlb) == 0 and core.take_hits() == (b"", b"")
+    assert len(core.tlb) == 0 and core.take_hits() == HitReport()
 
 
 async def test_a_long_access_gives_the_event_loop_a_turn_between_runs():

@@ -2,6 +2,7 @@
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from services.common.hits import HitReport
 from tests.unit.machine import make_machine
 
 PAGE = 4096
@@ -76,7 +77,7 @@ async def munmap_while_cpu1_runs_before_its_ipi(m, mm, base, addrs) -> list[int]
         t0 = core.clock()
         words = [core.tlb.lookup(mm, a >> 12).tid << 1 for a in addrs]
         core.record_hits(words, t0, core.clock())
-        seen.append(m.report(*core.take_hits()))
+        seen.append(m.report(core.take_hits()))
         return await real_port(order, targets)
 
     m.kernel.shootdown = port
@@ -214,12 +215,12 @@ async def test_write_through_a_stale_writable_entry_after_mprotect_is_stale():
     entry = m.cpus[1].tlb.lookup(mm, base >> 12)
     await m.syscall(0, "mprotect", base, 1, False)
     t = m.cpus[1].clock()
-    assert m.report(*_hits([(entry.tid << 1) | 1], [t])) == 1   # a write: stale
-    assert m.report(*_hits([entry.tid << 1], [t])) == 0         # a read: still valid
+    assert m.report(_hits([(entry.tid << 1) | 1], [t])) == 1   # a write: stale
+    assert m.report(_hits([entry.tid << 1], [t])) == 0         # a read: still valid
 
 
 def _hits(words, times):
     """One run per hit, at its time."""
     from array import array
     runs = [x for t in times for x in (1, t, t)]
-    return array("Q", words).tobytes(), array("q", runs).tobytes()
+    return HitReport(array("Q", words).tobytes(), array("q", runs).tobytes())

@@ -9,6 +9,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from services.common.errors import FailedPrecondition
+from services.common.hits import HitReport
 from services.common.liveness import Liveness
 from services.coordinator.fencing import Fencing
 from services.cpu.core import CpuCore
@@ -171,7 +172,7 @@ async def test_fence_during_a_batched_walk_fills_nothing():
 
     with pytest.raises(FailedPrecondition, match="missed a shootdown deadline"):
         await core.run_accesses(addrs, b"", miss, walk)
-    assert len(core.tlb) == 0 and core.take_hits() == (b"", b"")
+    assert len(core.tlb) == 0 and core.take_hits() == HitReport()
 
 
 class Protocol(RuleBasedStateMachine):

@@ -1,7 +1,11 @@
-"""The oracle's hit report: words, one per hit or fill, in timed runs (oracle.py
-docstring). A run is atomic: judged at its start; a revocation inside it leaves the
+"""The oracle's hit report: words, for the hits and fills of each translation, in
+timed runs (oracle.py docstring, services/common/hits.py). A run is atomic: judged at its start; a revocation inside it leaves the
 run's hits unjudged as stale, and counts them as straddling."""
+from collections import Counter
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.common.errors import InvalidArgument
 from services.memory.oracle import CHUNK_WORDS, Oracle, Revokes
@@ -151,3 +155,42 @@ def test_judging_a_million_stale_hits_is_chunked():
     assert sum(chunks) == o.stale == len(words)
     assert len(chunks) >= len(words) // CHUNK_WORDS
     assert max(chunks) <= CHUNK_WORDS + 4096  # a chunk ends at the first run past it
+
+
+@settings(max_examples=200, deadline=None)
+@given(revoked=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 60),
+                                  st.sampled_from(list(Revokes))), max_size=6),
+       report=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 10),
+                                 st.lists(st.tuples(st.integers(0, 6), st.booleans()),
+                                          min_size=1, max_size=12)), max_size=8))
+def test_a_report_with_counts_gets_the_verdicts_of_one_word_per_access(revoked, report):
+    """What the CPU sends (one word per distinct translation in a run, with its count)
+    is judged exactly as the report of one word per access it stands for."""
+    def oracle():
+        o = Oracle()
+        for tid, at, revokes in revoked:
+            o.revoke([tid], at, revokes)
+        return o
+
+    each, compact = oracle(), oracle()
+    words, rs, counted, counts, crs = [], [], [], [], []
+    for first, length, accesses in report:
+        run = [word(tid, write) for tid, write in accesses]
+        words += run
+        rs += [len(run), first, first + length]
+        tally = Counter(run)
+        counted += tally
+        counts += tally.values()
+        crs += [len(tally), first, first + length]
+    stale = each.check_hits(words, rs)
+    assert compact.check_hits(counted, crs, counts=counts) == stale
+    assert (compact.stale, compact.checked, compact.straddled) == \
+        (each.stale, each.checked, each.straddled)
+
+
+@pytest.mark.parametrize("counts", [[1], [1, 0]])
+def test_counts_must_give_each_word_its_accesses(counts):
+    o = Oracle()
+    with pytest.raises(InvalidArgument, match="counts"):
+        o.check_hits([word(7), word(8)], runs((2, 10, 20)), counts=counts)
+    assert o.checked == 0

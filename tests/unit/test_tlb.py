@@ -1,8 +1,11 @@
 """The TLB alone: LRU, epochs, and the x86 flush generation rule (flush_tlb_func)."""
+from collections import Counter
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.common.hits import HitLog
 from services.cpu.tlb import ELIDED, FULL, RANGE, Entry, Tlb
 
 
@@ -101,21 +104,41 @@ def test_bad_geometry(entries, ways):
 
 
 def test_hits_from_serves_the_run_of_hits_and_stops_where_the_slow_path_starts():
-    from array import array
     tlb = filled(vpns=range(4))
     tlb.fill(1, 9, Entry(9, False, 9))           # read-only
-    words = array("Q")
+    log = HitLog()
     vpns = [a << 12 for a in (0, 1, 2, 9, 3, 5)]  # byte addresses of these pages
     # reads: 0,1,2 hit, 9 hits (read-only is fine), 3 hits, 5 misses
-    assert tlb.hits_from(1, vpns, b"", 0, len(vpns), words) == 5
-    assert list(words) == [1000 << 1, 1001 << 1, 1002 << 1, 9 << 1, 1003 << 1]
+    assert tlb.hits_from(1, vpns, b"", 0, len(vpns), log) == 5
+    assert served(log) == {1000 << 1: 1, 1001 << 1: 1, 1002 << 1: 1, 9 << 1: 1, 1003 << 1: 1}
     # a write to the read-only entry stops the run there
-    assert tlb.hits_from(1, vpns, b"\x01" * 6, 0, len(vpns), words) == 3
+    log = HitLog()
+    assert tlb.hits_from(1, vpns, b"\x01" * 6, 0, len(vpns), log) == 3
+    assert served(log) == {1000 << 1 | 1: 1, 1001 << 1 | 1: 1, 1002 << 1 | 1: 1}
     # a run ends at `stop` even when more would hit
-    assert tlb.hits_from(1, vpns, b"", 1, 2, words) == 2
+    assert tlb.hits_from(1, vpns, b"", 1, 2, log) == 2
     tlb.apply_flush(1, 0, 0, new_gen=1, mm_gen=1)  # full flush: every entry dead
-    assert tlb.hits_from(1, vpns, b"", 0, len(vpns), words) == 0
+    assert tlb.hits_from(1, vpns, b"", 0, len(vpns), log) == 0
     assert tlb.counters.hits == 5 + 3 + 1
+
+
+def served(log: HitLog) -> Counter:
+    """The accesses each word stands for in `log` (a word may come more than once)."""
+    tally: Counter = Counter()
+    for w, n in zip(log.words, log.counts, strict=True):
+        tally[w] += n
+    return tally
+
+
+def test_a_run_of_hits_is_logged_as_one_word_per_distinct_access_with_its_count():
+    tlb = filled(vpns=range(4))
+    log = HitLog()
+    addresses = [vpn << 12 for vpn in (0, 1, 0, 2)] * 3 + [8]
+    writes = [0, 0, 1, 0] * 3 + [0]
+    assert tlb.hits_from(1, addresses, writes, 0, len(addresses), log) == 13
+    # page 0: 3 reads and 3 writes of one address, 1 read of another; pages 1, 2: 3 reads
+    assert len(log.words) == 5
+    assert served(log) == {1000 << 1: 4, 1000 << 1 | 1: 3, 1001 << 1: 3, 1002 << 1: 3}
 
 
 @settings(max_examples=200, deadline=None)
@@ -125,9 +148,8 @@ def test_hits_from_serves_the_run_of_hits_and_stops_where_the_slow_path_starts()
        with_writes=st.booleans())
 def test_serving_a_run_in_bulk_equals_serving_it_access_by_access(filled_pages, accesses,
                                                                   with_writes):
-    """Same stopping point, oracle words, LRU order (hence later evictions) and counts."""
-    from array import array
-
+    """Same stopping point, the same accesses for each oracle word, LRU order (hence
+    later evictions) and counters."""
     def tlb():
         t = Tlb(16, 4)  # small: the fills evict, so LRU order matters
         for vpn, writable in filled_pages:
@@ -137,9 +159,10 @@ def test_serving_a_run_in_bulk_equals_serving_it_access_by_access(filled_pages, 
     addresses = [vpn << 12 | offset for vpn, offset, _ in accesses]
     writes = bytes(int(w) for _, _, w in accesses) if with_writes else b""
     bulk, each = tlb(), tlb()
-    bulk_words, each_words = array("Q"), array("Q")
-    stop = bulk.hits_from(1, addresses, writes, 0, len(addresses), bulk_words)
-    assert stop == each._serve_each(1, addresses, writes, 0, len(addresses), each_words)
-    assert bulk_words == each_words
+    bulk_log, each_log = HitLog(), HitLog()
+    stop = bulk.hits_from(1, addresses, writes, 0, len(addresses), bulk_log)
+    assert stop == each._serve_each(1, addresses, writes, 0, len(addresses), each_log)
+    assert len(each_log.words) == stop and set(each_log.counts) <= {1}  # a word per access
+    assert served(bulk_log) == served(each_log)
     assert [list(s) for s in bulk._sets] == [list(s) for s in each._sets]
     assert bulk.counters == each.counters
