@@ -33,13 +33,18 @@ import asyncio
 import bisect
 import collections
 import dataclasses
+import operator
 import time
 
 from loadgen.scenarios.base import Cpu, Driver
 from services.common.addresses import PAGE_SHIFT, PAGE_SIZE, PTE_TABLE_PAGES
 from tlbsim.v1 import common_pb2, memory_pb2
 
-ACCESS_BATCH = 4096
+# Accesses per Access call at most. In wall-clock time, at full speed, the accesses of
+# consecutive access events of one task (lackey writes a batch per 1,024 pages or fewer)
+# go in one call, up to this many: nothing happens between them in the trace, and each
+# call is three round trips (the Access, its hit report, its reply) however short.
+ACCESS_BATCH = 1 << 16
 
 
 def pages_of(length: int) -> int:
@@ -54,17 +59,22 @@ class Seg:
     writable: bool
 
 
+_START = operator.attrgetter("start")
+
+
 class PageMap:
     """The program's pages → the simulator's, as sorted non-overlapping segments."""
 
     def __init__(self, segs: list[Seg] | None = None):
         self.segs: list[Seg] = segs or []
+        self._last: Seg | None = None  # the last segment found: most lookups are in it
 
     def copy(self) -> "PageMap":
         return PageMap([dataclasses.replace(s) for s in self.segs])
 
     def _split(self, at: int) -> None:
-        i = bisect.bisect_right([s.start for s in self.segs], at) - 1
+        self._last = None
+        i = bisect.bisect_right(self.segs, at, key=_START) - 1
         if i >= 0 and self.segs[i].start < at < self.segs[i].end:
             s = self.segs[i]
             self.segs.insert(i + 1, Seg(at, s.end, s.sim + at - s.start, s.writable))
@@ -78,16 +88,22 @@ class PageMap:
 
     def remove(self, start: int, end: int) -> list[Seg]:
         gone = self.pieces(start, end)
+        self._last = None
         self.segs = [s for s in self.segs if not (start <= s.start and s.end <= end)]
         return gone
 
     def add(self, seg: Seg) -> None:
-        bisect.insort(self.segs, seg, key=lambda s: s.start)
+        self._last = None
+        bisect.insort(self.segs, seg, key=_START)
 
     def lookup(self, page: int) -> Seg | None:
-        i = bisect.bisect_right([s.start for s in self.segs], page) - 1
+        last = self._last
+        if last is not None and last.start <= page < last.end:
+            return last
+        i = bisect.bisect_right(self.segs, page, key=_START) - 1
         if i >= 0 and self.segs[i].start <= page < self.segs[i].end:
-            return self.segs[i]
+            self._last = self.segs[i]
+            return self._last
         return None
 
     def gap(self, page: int) -> tuple[int, int]:
@@ -140,6 +156,10 @@ class Replayer:
         self.no_effect: Counts = collections.Counter()
         self.advice: Counts = collections.Counter()    # madvise advice without a simulated effect
         self.counters: Counts = collections.Counter()  # implicit_munmaps, implicit_mappings, ...
+        # In virtual time each recorded batch keeps its own turns of the scheduler; paced
+        # (--speed), its own time.
+        self.merge = speed <= 0 and d.virtual is None
+        self._held: tuple[Task, list[int], bytearray] | None = None  # accesses not yet sent
 
     # --- tasks, CPUs and mms ---------------------------------------------------------------
     def _space(self) -> Space:
@@ -217,16 +237,19 @@ class Replayer:
         t0 = time.perf_counter()
         for e in self.events:
             if self.d.stopping:  # Ctrl-C: the report covers the events replayed so far
-                return
+                break
             if self.speed > 0 and "t" in e:
                 delay = t0 + e["t"] / self.speed - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
             await self.event(e)
+        await self._send_held()
 
     async def event(self, e: dict) -> None:
         task = self._task(e["tid"])
         op = e["op"]
+        if self._held is not None and (op != "access" or self._held[0] is not task):
+            await self._send_held()
         if op == "access":
             await self._access(task, e["pages"])
             return
@@ -341,30 +364,35 @@ class Replayer:
         return True
 
     async def _access(self, task: Task, pages: list[list[int]]) -> None:
+        """The event's accesses, added to those held for the task (sent now unless
+        consecutive events may be merged)."""
         if task.ended:
             raise ValueError(f"task {task.tid} accesses memory after it ended")
-        addresses: list[int] = []
-        writes = bytearray()
+        _, addresses, writes = self._held = self._held or (task, [], bytearray())
         for page, write in pages:
             seg = task.space.pages.lookup(page)
             if seg is None:
                 lo, hi = task.space.pages.gap(page)
-                await self._flush_accesses(task, addresses, writes)
-                addresses, writes = [], bytearray()
+                await self._send_held()
                 await self._map(task, lo, hi - lo, True, implicit=True)
                 seg = task.space.pages.lookup(page)
                 assert seg is not None, "the page was just mapped"
                 self.counters["accesses_outside_mappings"] += 1
+                _, addresses, writes = self._held = (task, [], bytearray())
             addresses.append((seg.sim + page - seg.start) << PAGE_SHIFT)
             writes.append(write)
             self.counters["access_pages"] += 1
             if len(addresses) >= ACCESS_BATCH:
-                await self._flush_accesses(task, addresses, writes)
-                addresses, writes = [], bytearray()
-        await self._flush_accesses(task, addresses, writes)
+                await self._send_held()
+                _, addresses, writes = self._held = (task, [], bytearray())
+        if not self.merge:
+            await self._send_held()
 
-    async def _flush_accesses(self, task: Task, addresses: list[int], writes) -> None:
-        if addresses:
+    async def _send_held(self) -> None:
+        """One Access of the accesses held, on their task's CPU."""
+        held, self._held = self._held, None
+        if held is not None and held[1]:
+            task, addresses, writes = held
             cpu = await self._run_on(task)
             await self.d.access(cpu, addresses, writes=bytes(writes))
             self.counters["access_batches"] += 1

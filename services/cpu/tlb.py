@@ -117,6 +117,8 @@ class Tlb:
         serve every access that hits a live entry permitting it, recording its word,
         tid << 1 | write, for the oracle (services/common/hits.py); stop at the first
         that does not and return its index (`stop` if none)."""
+        if start < stop and not self.holds(mm, addresses[start] >> PAGE_SHIFT):
+            return start  # after a miss the next access often misses too: no bulk attempt
         chunk = addresses[start:stop]
         written = writes[start:stop] if writes else b""
         served = self._serve_all(mm, chunk, written, log)

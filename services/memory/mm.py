@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import operator
 
 from services.memory.locks import LockClass, RwLock, SimLock
 from services.memory.pagetable import Directory
 
 MMAP_BASE_VPN = 0x10000          # first mmap address: 256 MiB
 HUGE_ALIGN_PAGES = 512           # mappings of 2 MiB or more start on a 2 MiB boundary
+
+
+_START = operator.attrgetter("start")
 
 
 @dataclasses.dataclass
@@ -39,7 +43,7 @@ class Mm:
 
     # --- VMAs ------------------------------------------------------------------------
     def find_vma(self, vpn: int) -> Vma | None:
-        i = bisect.bisect_right([v.start for v in self.vmas], vpn) - 1
+        i = bisect.bisect_right(self.vmas, vpn, key=_START) - 1
         if i >= 0 and self.vmas[i].start <= vpn < self.vmas[i].end:
             return self.vmas[i]
         return None
@@ -69,7 +73,7 @@ class Mm:
         return start
 
     def insert(self, vma: Vma) -> None:
-        bisect.insort(self.vmas, vma, key=lambda v: v.start)
+        bisect.insort(self.vmas, vma, key=_START)
 
     def carve(self, start: int, end: int) -> list[Vma]:
         """Split VMAs at the range's edges; return the pieces inside it (still listed)."""

@@ -90,6 +90,27 @@ async def test_accesses_are_replayed_and_fault(cluster):
     assert r["tlb_hit_rate"] > 0.5
 
 
+async def test_consecutive_access_events_of_a_task_go_in_one_access(cluster):
+    """At full speed the accesses between two other events are one Access call (up to
+    ACCESS_BATCH); paced, each recorded batch is its own. The same accesses either way:
+    the same faults, hits and misses."""
+    path = os.path.join(FIXTURES, "ls-accesses.tlbt.gz")
+    _, events = read_trace(path)
+    access_events = sum(e["op"] == "access" for e in events)
+    spans = sum(e["op"] == "access" and (k == 0 or events[k - 1]["op"] != "access")
+                for k, e in enumerate(events))  # one task: runs of access events
+    merged = (await replay(cluster, path))["results"]
+    paced = (await run(cluster.client, RunConfig(
+        "replay", Policy(deadline_s=10.0), cpus=4, rounds=1, trace=path,
+        speed=1e9)))["results"]  # paced so fast that nothing waits
+    outside = merged["replay"]["accesses_outside_mappings"]  # each splits a batch
+    assert spans <= merged["replay"]["access_batches"] <= spans + outside
+    assert access_events <= paced["replay"]["access_batches"] <= access_events + outside
+    for key in ("faults", "segv", "tlb_hit_rate", "stale_accesses"):
+        assert merged[key] == paced[key], key
+    assert merged["replay"]["access_pages"] == paced["replay"]["access_pages"]
+
+
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace is not installed")
 async def test_record_then_replay_sort_matches_an_independent_strace_count(cluster, tmp_path):
     data = tmp_path / "numbers.txt"
