@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -144,6 +145,15 @@ def test_trace_file_round_trip(tmp_path):
 def test_trace_reader_rejects_malformed_files_with_the_line(lines, where):
     with pytest.raises(TraceError, match=where):
         parse_lines(lines)
+
+
+@pytest.mark.parametrize("bad", [[1, 2], [1], [-1, 0], "x", [1.5, 0], [1, 0, 0], ["1", 0]])
+def test_a_bad_access_page_is_named_among_good_ones(bad):
+    pages = [[7, 0], [8, 1]] * 50 + [bad] + [[9, 0]]
+    with pytest.raises(TraceError, match=re.escape(f"line 2: access pages must be [page, "
+                                                   f"0|1] pairs, got {bad!r}")):
+        parse_lines(_trace_lines([{"op": "access", "tid": 1, "pages": pages}]))
+    assert parse_lines(_trace_lines([{"op": "access", "tid": 1, "pages": pages[:100]}]))
 
 
 def test_trace_reader_rejects_a_file_that_is_not_gzip(tmp_path):
