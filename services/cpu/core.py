@@ -106,6 +106,16 @@ class VirtualCpu:
             self.interrupts.idle_until(at)
             self.clock = at
 
+    def mark(self) -> tuple:
+        """What `rewind` restores: the clock and what `start` changes."""
+        return self.clock, self.idle, list(self.interrupts.pending), self.interrupts_taken
+
+    def rewind(self, mark: tuple) -> None:
+        """Undo a `start` for work that was refused (bad input changes no state) — unless
+        an interrupt was taken since: its handler ran on this timeline, and stays."""
+        if self.interrupts_taken == mark[3]:
+            self.clock, self.idle, self.interrupts.pending = mark[0], mark[1], mark[2]
+
     def advance(self, ns: float) -> None:
         """The CPU works `ns`; interrupts arriving meanwhile are taken during it."""
         self.clock = self.interrupts.run(self.clock + round(ns))

@@ -530,11 +530,16 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             mm = self._require_runnable()
             virtual = request.HasField("vtime_ns")
             v = self.core.v
+            mark = v.mark()
             if virtual:  # the call starts at the CPU's clock (later if it took interrupts)
                 v.start(request.vtime_ns)
                 request.vtime_ns = v.clock
-            r = await self._to_memory(self.memory.Syscall,
-                memory_pb2.MemSyscallRequest(cpu=self.id, mm=mm, call=request))
+            try:
+                r = await self._to_memory(self.memory.Syscall,
+                    memory_pb2.MemSyscallRequest(cpu=self.id, mm=mm, call=request))
+            except grpc.aio.AioRpcError:
+                v.rewind(mark)  # refused: the memory service changed nothing, nor does the CPU
+                raise
             if virtual and r.result.HasField("vtime_ns"):
                 v.advance(r.result.vtime_ns - v.clock)  # interrupts meanwhile: taken during
             for f in r.local_flushes:  # the initiator flushes itself

@@ -92,6 +92,22 @@ async def test_bad_access_addresses(env):
     assert r.accesses == 2 and r.segv == 0
 
 
+async def test_a_refused_call_in_virtual_time_leaves_the_cpus_clock(env):
+    """The CPU starts a call at its virtual time before the memory service checks it: a
+    refusal must undo that (found by the RPC fuzzer: the clock moved)."""
+    c, cl, cpu, mm, base = env
+    before = await state(cl)
+    clock = (await cpu.DumpTlb(cpu_pb2.DumpTlbRequest())).virtual.clock_ns
+    await expect(cpu.Syscall(common_pb2.SyscallRequest(
+        mprotect=common_pb2.MprotectArgs(address=base, pages=0), vtime_ns=clock + 10**6)),
+        grpc.StatusCode.INVALID_ARGUMENT, "at least 1")
+    assert (await cpu.DumpTlb(cpu_pb2.DumpTlbRequest())).virtual.clock_ns == clock
+    assert await state(cl) == before
+    r = await cpu.Syscall(common_pb2.SyscallRequest(
+        mprotect=common_pb2.MprotectArgs(address=base, pages=1), vtime_ns=clock + 10**6))
+    assert r.vtime_ns >= clock + 10**6  # accepted: it ran from there
+
+
 def test_packed_addresses_round_trip_and_name_the_first_bad_one():
     addresses = [0, 1, 0x7FFF_FFFF_FFFF, 0x1234_5678_9ABC]
     assert list(user_addresses(pack_addresses(addresses))) == addresses
