@@ -13,7 +13,7 @@ from services.common.liveness import Liveness
 from services.common import wire
 from services.common.policy import Policy
 from services.common.server import channel
-from tlbsim.v1 import (coordinator_pb2, coordinator_pb2_grpc, cpu_pb2, cpu_pb2_grpc, memory_pb2,
+from tlbsim.v1 import (coordinator_pb2, coordinator_pb2_grpc, cpu_pb2_grpc, memory_pb2,
                        memory_pb2_grpc)
 
 RPC_TIMEOUT_S = 60.0

@@ -25,7 +25,7 @@ from services.common.addresses import PAGE_SHIFT
 from services.common.costmodel import DEFAULT_PRESET, CostModel, preset
 from services.common.errors import FailedPrecondition
 from services.common.hits import HitLog, HitReport
-from services.common.misses import Pte, Touch, batchable
+from services.common.misses import Pte, Touch
 from services.common.vtime import Interrupts
 from services.cpu.tlb import FULL, NOT_LOADED, RANGE, TLB_NR_DYN_ASIDS, Entry, Tlb
 

@@ -11,7 +11,6 @@ from loadgen.vsched import VirtualScheduler
 from services.common import vtime
 from services.common.costmodel import preset
 from services.common.policy import Policy
-from services.memory.locks import LockClass
 from tests.unit.machine import make_machine
 
 
