@@ -184,6 +184,8 @@ def test_a_report_with_counts_gets_the_verdicts_of_one_word_per_access(revoked, 
         crs += [len(tally), first, first + length]
     stale = each.check_hits(words, rs)
     assert compact.check_hits(counted, crs, counts=counts) == stale
+    # the suspects' set-work shortcut picks what the word-by-word check would
+    assert each._suspects(set(words), 0) == {w for w in words if each._suspect(w, 0)}
     assert (compact.stale, compact.checked, compact.straddled) == \
         (each.stale, each.checked, each.straddled)
 
