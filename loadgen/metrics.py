@@ -128,6 +128,7 @@ _SCALARS = [
     Metric("reclaim_ipis", "reclaim IPIs"),
     Metric("swap_outs", "PTEs swapped out"),
     Metric("swap_ins", "pages swapped in"),
+    Metric("swap_reads", "pages read from swap"),
     # Safety: always shown.
     Metric("stale_accesses", "stale accesses", safety=True),
     Metric("audit_violations", "audit violations", safety=True),

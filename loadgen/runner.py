@@ -131,6 +131,7 @@ async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: f
         "reclaimed_pages": mem.reclaimed_pages,
         "swap_outs": mem.swap_outs,
         "swap_ins": mem.swap_ins,
+        "swap_reads": mem.swap_reads,
         "reclaim_shootdowns": mem.reclaim_shootdowns,
         "reclaim_ipis": mem.reclaim_ipis,
         "lock_order_violations": mem.lock_order_violations,

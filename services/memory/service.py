@@ -308,6 +308,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             tables_allocated=dict(s.tables_allocated), unshares=s.unshares,
             tables_dropped=s.tables_dropped, shared_tables=s.shared_tables,
             reclaimed_pages=s.reclaimed_pages, swap_outs=s.swap_outs, swap_ins=s.swap_ins,
+            swap_reads=s.swap_reads,
             reclaim_shootdowns=s.reclaim_shootdowns, reclaim_ipis=s.reclaim_ipis,
             lock_order_reports=k.validator.reports[:10],
             frames_freed_without_ack=s.frames_freed_without_ack,
@@ -371,6 +372,8 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             s.swap_outs
         yield "counter", "tlbsim_swap_ins", "Pages brought back from swap by a fault", \
             s.swap_ins
+        yield "counter", "tlbsim_swap_reads", \
+            "Of the swap-ins, pages read from swap (not found in the swap cache)", s.swap_reads
         yield "counter", "tlbsim_reclaim_shootdowns", \
             "Reclaim's batched flushes (one per batch of pages unmapped)", s.reclaim_shootdowns
         yield "counter", "tlbsim_reclaim_ipis", \

@@ -49,6 +49,7 @@ async def test_swapout_flush_targets(cluster, policy):
                                            shared_flush=policy))
     r = report["results"]
     assert r["reclaimed_pages"] > 0 and r["reclaim_ipis"] > 0
+    assert 0 < r["swap_reads"] <= r["swap_ins"]  # the swap-ins not found in the swap cache
     if policy == "unsafe-mm-only":  # Linus's rule exists because of this
         assert r["stale_accesses"] > 0 and failed(report)
     else:
