@@ -279,8 +279,8 @@ class Oracle:
             run = words[pos:pos + n]
             found = suspects.intersection(run)
             if found:
-                for w, hits in self._tally(run, counts[pos:pos + n] if counts is not None else None,
-                                           found).items():
+                weights = counts[pos:pos + n] if counts is not None else None
+                for w, hits in self._tally(run, weights, found).items():
                     tid, write = w >> 1, bool(w & 1)
                     if self.is_stale(tid, write, first_ns, mm):
                         stale += hits

@@ -1,6 +1,7 @@
 """The oracle's hit report: words, for the hits and fills of each translation, in
-timed runs (oracle.py docstring, services/common/hits.py). A run is atomic: judged at its start; a revocation inside it leaves the
-run's hits unjudged as stale, and counts them as straddling."""
+timed runs (oracle.py docstring, services/common/hits.py). A run is atomic: judged at
+its start; a revocation inside it leaves the run's hits unjudged as stale, and counts
+them as straddling."""
 from collections import Counter
 
 import pytest
