@@ -103,15 +103,16 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         self._tasks: list[asyncio.Task] = []
         self._channels: list[grpc.aio.Channel] = []
         # Metrics: the TLB counts in plain ints (read at scrape time); walks are counted
-        # and timed once per memory-service round trip, never per lookup.
+        # and timed once per memory-service round trip, never per lookup, under one kind:
+        # batch (a read-ahead Walk), misses (a Walk that also faulted), miss (HandleMiss).
         self.walks = {"batch": 0, "miss": 0, "misses": 0}
         self.registry = node_registry(metrics, "cpu", self._geometry, self._metrics,
                                       lambda: tlb_events(self.core.tlb.counters))
         self._walk_seconds = histogram(
             "tlbsim_page_walk_duration_seconds",
-            "Page walks at the memory service, round trip seen by the CPU (a batch walk "
-            "reads up to 64 pages, and faults the window's absent pages in the same call; a miss "
-            "walk may fault)", ["cpu", "kind"],
+            "Page walks at the memory service, round trip seen by the CPU (batch: a walk "
+            "of up to 64 pages; misses: such a walk that also faulted the window's absent "
+            "pages; miss: one page's walk, which may fault)", ["cpu", "kind"],
             self.registry if metrics else None)
         self._walk_timers = {k: self._walk_seconds.labels(str(cpu_id), k)
                              for k in self.walks} if self._walk_seconds else {}
@@ -477,10 +478,8 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                     cpu=self.id, mm=mm, vpns=vpns, touch_vpns=[t[0] for t in touches],
                     touch_writes=[t[1] for t in touches],
                     touch_held=[t[2] for t in touches]))
-                self._walked("batch", t0)
                 answers: list = [_Miss(m) for m in r.misses]
-                if answers:
-                    self.walks["misses"] += 1
+                self._walked("misses" if answers else "batch", t0)  # one kind per call
                 faulted = sum(1 for a in answers if a.outcome in FAULTED)
                 if faulted:  # the program waited once for them all: each its share
                     fault_latency.extend([(time.perf_counter() - t0) / len(answers)] * faulted)
