@@ -50,7 +50,7 @@ class Cluster:
         return epoch_metadata(self.epoch)
 
     def _open(self, address: str) -> grpc.aio.Channel:
-        ch = channel(address)
+        ch = channel(address, own_connection=True)  # discover's fresh look is fresh
         self._channels.append(ch)
         return ch
 

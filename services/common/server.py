@@ -93,11 +93,18 @@ class Channel:
 
 
 def channel(address: str, default_timeout: float = DEFAULT_DEADLINE_S,
-            security: Security | None = None) -> Channel:
+            security: Security | None = None, own_connection: bool = False) -> Channel:
     """The one way a tlbsim process opens a channel: message limits, a deadline on every
-    unary call, TLS when a CA is configured, the admin token on admin calls."""
+    unary call, TLS when a CA is configured, the admin token on admin calls.
+
+    `own_connection`: grpc shares one connection per address among a process's channels,
+    so a new channel to a peer that was down inherits the old connection's reconnect
+    backoff (up to seconds) and fails UNAVAILABLE although the peer serves again. A
+    caller that opens channels afresh to find restarted peers asks for its own."""
     security = Security.from_env() if security is None else security
     creds, options = _channel_settings(security)
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     inner = grpc.aio.insecure_channel(address, options=options) if creds is None else \
         grpc.aio.secure_channel(address, creds, options=options)
     return Channel(inner, default_timeout, security.token)
