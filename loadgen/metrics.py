@@ -121,6 +121,7 @@ _SCALARS = [
     Metric("tables_dropped", "shared tables dropped whole"),
     Metric("aborted_writes", "writes refused (lock order)"),
     Metric("lock_order_violations", "lock-order inversions refused"),
+    Metric("reports_lost", "access reports lost (unjudged: a CPU died)"),
     Metric("reclaimed_pages", "pages reclaimed"),
     Metric("reclaim_ipis_per_page", "reclaim IPIs per reclaimed page"),
     Metric("reclaim_flushes_per_page", "reclaim flushes per reclaimed page"),

@@ -34,7 +34,7 @@ Block = tuple[str, list[tuple[str, str]]]
 RUN_KEYS = ["ops_per_s", "shootdowns", "full_flushes", "ipis", "ipis_elided", "broadcasts",
             "pages_freed", "faults", "faults_per_s", "tlb_hit_rate", "munmap_latency_ms", "fault_latency_ms",
             "lock_wait_ms", "contended_locks", "shootdown_latency_ms", "unshares",
-            "reclaimed_pages", "lock_order_violations"]
+            "reclaimed_pages", "lock_order_violations", "reports_lost"]
 SAFETY_KEYS = ["stale_accesses", "audit_violations", "frames_freed_without_ack",
                "deadline_misses"]
 

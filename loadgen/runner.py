@@ -135,6 +135,8 @@ async def collect(cluster: Cluster, cfg: RunConfig, m: Measurements, duration: f
         "reclaim_shootdowns": mem.reclaim_shootdowns,
         "reclaim_ipis": mem.reclaim_ipis,
         "lock_order_violations": mem.lock_order_violations,
+        # Access reports promised and never sent (a CPU died first): accesses unjudged.
+        "reports_lost": mem.reports_lost,
         "lock_order_reports": list(mem.lock_order_reports),
         "ops_per_s": round(m.ops / duration, 1) if duration else 0.0,
         "syscalls": dict(sorted(m.syscalls.items())),

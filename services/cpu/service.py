@@ -7,12 +7,16 @@ keeps its membership with the coordinator: register, attach a flush stream,
 heartbeat; when fenced, flush everything and register again. The membership's rules
 (when to flush, when the lease runs, what a registration claims) are
 services/cpu/membership.py; here are the calls and one timer for the lease.
+
+An Access that called the memory service sends its hit report after answering (its
+walks promised it: services/memory/promises.py); one that did not awaits it.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Sequence
 
@@ -40,6 +44,7 @@ if TYPE_CHECKING:  # aiomqtt is imported only when a CPU uses it
 log = logging.getLogger("tlbsim.cpu")
 
 RPC_TIMEOUT_S = 30.0
+REPORT_DRAIN_S = 5.0  # a stopping CPU waits this long for its last access report
 MAX_ACCESSES = 1 << 20  # per request: bounded work and memory
 
 
@@ -100,6 +105,11 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         self._reachable = asyncio.Event()  # cleared while partitioned: nothing goes out
         self._reachable.set()
         self._exec = asyncio.Lock()  # one task at a time
+        # Access reports sent after their Access answered (services/memory/promises.py):
+        # tokens (incarnation << 32 | sequence), and the one in flight.
+        self._incarnation = secrets.randbits(31) | 1
+        self._reports_sent = 0
+        self._report_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._channels: list[grpc.aio.Channel] = []
         # Metrics: the TLB counts in plain ints (read at scrape time); walks are counted
@@ -146,6 +156,9 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._report_task is not None:  # the last Access's report goes out first
+            await asyncio.wait([self._report_task], timeout=REPORT_DRAIN_S)
+            self._report_task.cancel()
         for ch in self._channels:
             await ch.close()
 
@@ -438,6 +451,14 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             fault_vtime: list[int] = []
             virtual = request.HasField("vtime_ns")
             fence_epoch = self.member.fence_epoch
+            token = self._next_report_token()
+            promised = False
+
+            def promise() -> int:
+                """This call's token: the report goes out after the Access answers."""
+                nonlocal promised
+                promised = True
+                return token
 
             def not_fenced_since() -> None:
                 """An Access in flight when the CPU is fenced stops before its next fill,
@@ -454,7 +475,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 t0 = time.perf_counter()
                 r = await self._to_memory(self.memory.HandleMiss,
                     memory_pb2.HandleMissRequest(cpu=self.id, mm=mm, vpn=vpn, write=write,
-                                                 vtime_ns=vt))
+                                                 vtime_ns=vt, report_token=promise()))
                 self._walked("miss", t0)
                 translation = _Miss(r)
                 if translation.outcome in FAULTED:
@@ -467,7 +488,8 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 not_fenced_since()
                 t0 = time.perf_counter()
                 r = await self._to_memory(self.memory.Walk,
-                    memory_pb2.WalkRequest(cpu=self.id, mm=mm, vpns=batch))
+                    memory_pb2.WalkRequest(cpu=self.id, mm=mm, vpns=batch,
+                                           report_token=promise()))
                 self._walked("batch", t0)
                 return [(p.pfn, p.writable, p.tid) if p.present else None for p in r.ptes]
 
@@ -477,7 +499,7 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 r = await self._to_memory(self.memory.Walk, memory_pb2.WalkRequest(
                     cpu=self.id, mm=mm, vpns=vpns, touch_vpns=[t[0] for t in touches],
                     touch_writes=[t[1] for t in touches],
-                    touch_held=[t[2] for t in touches]))
+                    touch_held=[t[2] for t in touches], report_token=promise()))
                 answers: list = [_Miss(m) for m in r.misses]
                 self._walked("misses" if answers else "batch", t0)  # one kind per call
                 faulted = sum(1 for a in answers if a.outcome in FAULTED)
@@ -498,28 +520,55 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 self._fenced_error(e)  # fenced (or its lease ran out) inside the core
                 raise
             finally:
-                await self._report_hits(mm)
+                if promised:  # the memory service waits for it (Stats): not the Access
+                    self._report_after(mm, token)
+                else:
+                    await self._report_hits(mm)
             return pb.AccessResponse(accesses=s.accesses, hits=s.hits, misses=s.misses,
                                      faults=s.faults, segv=s.segv,
                                      fault_latency_s=fault_latency,
                                      fault_vtime_ns=fault_vtime,
                                      vtime_ns=self.core.v.clock if virtual else None)
 
-    async def _to_memory(self, method, request):
+    async def _to_memory(self, method, request, epoch: int | None = None):
         """Every call to the memory service: none leaves a partitioned CPU (it waits, as
         a real partition would hold it), each names the epoch our state belongs to, and
         each waits (up to its deadline) for a memory service that is restarting, so that
         it hears the new one's answer, not the gap between the two."""
         if not self._reachable.is_set():
             await self._reachable.wait()
-        return await method(request, timeout=RPC_TIMEOUT_S, metadata=epoch_metadata(self.epoch),
-                            wait_for_ready=True)
+        return await method(request, timeout=RPC_TIMEOUT_S, wait_for_ready=True,
+                            metadata=epoch_metadata(self.epoch if epoch is None else epoch))
 
     async def _report_hits(self, mm: int) -> None:
         report = self.core.take_hits()
         if report.words:
             await self._to_memory(self.memory.ReportAccesses, memory_pb2.ReportAccessesRequest(
                 cpu=self.id, tids=report.words, runs=report.runs, counts=report.counts, mm=mm))
+
+    def _next_report_token(self) -> int:
+        self._reports_sent = (self._reports_sent + 1) & 0xFFFF_FFFF
+        return self._incarnation << 32 | self._reports_sent
+
+    def _report_after(self, mm: int, token: int) -> None:
+        """Send what the Access served, promised by `token`, once it has answered: one
+        serial round trip less per Access that walked. Sent even if empty (the memory
+        service waits for the token), one at a time, for the epoch the hits belong to."""
+        report, epoch, previous = self.core.take_hits(), self.epoch, self._report_task
+        request = memory_pb2.ReportAccessesRequest(
+            cpu=self.id, tids=report.words, runs=report.runs, counts=report.counts, mm=mm,
+            token=token)
+
+        async def send() -> None:
+            if previous is not None:
+                await previous
+            try:
+                await self._to_memory(self.memory.ReportAccesses, request, epoch)
+            except grpc.aio.AioRpcError as e:  # nothing to answer: the Access already did
+                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # not a bygone epoch's
+                    log.warning("cpu %d: an access report was lost (%s): the memory "
+                                "service counts it in reports_lost", self.id, e.code().name)
+        self._report_task = asyncio.get_running_loop().create_task(send())
 
     @reachable
     @rpc

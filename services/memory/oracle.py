@@ -41,7 +41,9 @@ fenced by its lease (it starts no run past its lease, and the coordinator
 stamps the revocation only after the lease ran out). A revocation that falls
 inside a run (the unsafe order, a CPU fenced at its deadline mid-run) leaves
 that run's hits on the tid unjudged as stale — the next run catches the CPU —
-and counts them in `straddled`.
+and counts them in `straddled`. Because a run carries its own time, a report may
+arrive after its Access answered — a CPU sends an Access's report after the answer
+when its walks promised it (services/memory/promises.py) — without changing a verdict.
 
 Cost: a report is judged in O(words) with one lookup per distinct word (and
 per run that holds a suspect); `judge` works through it in chunks of CHUNK_WORDS,

@@ -20,6 +20,7 @@ from services.common.server import channel, completes, rpc
 from services.common.stats import COUNT_BUCKETS
 from services.memory.digest import kernel_digest
 from services.memory.kernel import DEFAULT_FRAMES, FlushOrder, Kernel, ShootdownResult
+from services.memory.promises import Promises
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, memory_pb2 as pb,
                        memory_pb2_grpc)
 
@@ -35,6 +36,11 @@ ANNOUNCE_S = 1.0  # the memory service re-announces itself: a restarted coordina
 # only once every target ran (reported accesses) again — with translations to frames
 # already freed, as the bug lets them — or after this long, if one runs nothing.
 UNSAFE_IPI_DELAY_MAX_S = 1.0
+# Stats waits this long for the access reports CPUs promised (services/memory/promises.py):
+# one arrives within milliseconds of its Access's answer; a CPU that died in between never
+# sends it (one that restarted drops it sooner: its next walk's new incarnation), nor does
+# a client that only claims to be a CPU. One that comes later still is judged then.
+PROMISE_WAIT_S = 2.0
 # Why the RPC being served shoots down (a metrics label): the system call, or "cow" for a
 # fault. A context variable, because concurrent RPCs interleave on one event loop.
 FAULT_KINDS = ("anon", "cow", "prot", "segv")
@@ -80,9 +86,11 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
                 ["flush"], COUNT_BUCKETS),
         }
         self._announce: asyncio.Task | None = None
-        # Reports of accesses per CPU (--unsafe free-before-flush waits on them).
+        # Reports of accesses per CPU (--unsafe free-before-flush waits on them), and
+        # those promised but not yet sent (Stats waits on them).
         self._reports: collections.Counter = collections.Counter()
         self._reported = asyncio.Condition()
+        self._promises = Promises()
 
     def _new_kernel(self, policy: Policy) -> Kernel:
         return Kernel(policy, self._shootdown, self.frames or DEFAULT_FRAMES)
@@ -173,6 +181,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     async def Reset(self, request, context):
         policy = wire.policy_from_proto(request.policy)
         self.kernel = self._new_kernel(policy)
+        self._promises = Promises()  # the old machine's reports are refused (its epoch)
         self.runs += 1
         self.epoch = epoch_of(self.boot, self.runs)
         return pb.MemoryResetResponse(epoch=self.epoch)
@@ -194,6 +203,11 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     @completes
     async def Walk(self, request, context):
         self._check_epoch(context)
+        response = await self._walk(request)
+        self._promised(request)  # only an answered walk: a refused call changes nothing
+        return response
+
+    async def _walk(self, request) -> pb.WalkResponse:
         if len(request.vpns) > MAX_WALK_PAGES:
             raise InvalidArgument(f"walk of {len(request.vpns)} pages: at most {MAX_WALK_PAGES}")
         n = len(request.touch_vpns)
@@ -223,6 +237,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         self._check_epoch(context)
         r = await self.kernel.handle_miss(request.cpu, request.mm, request.vpn, request.write,
                                           _vtime(request))
+        self._promised(request)
         return pb.HandleMissResponse(outcome=wire.MISS_OUTCOMES[r.outcome], pfn=r.pfn,
                                      writable=r.writable, tid=r.tid,
                                      local_flushes=wire.flushes_to_proto(r.local_flushes),
@@ -280,6 +295,8 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             stale += part
             await asyncio.sleep(0)
         self._reports[request.cpu] += 1
+        if request.token:
+            self._promises.kept(request.cpu, request.token)
         async with self._reported:
             self._reported.notify_all()
         return pb.ReportAccessesResponse(stale=stale)
@@ -290,8 +307,29 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         checked, violations = self.kernel.audit(wire.tlb_dumps_from_proto(request.tlbs))
         return pb.AuditResponse(entries_checked=checked, violations=violations)
 
+    def _promised(self, request) -> None:
+        if request.report_token:
+            self._promises.promise(request.cpu, request.report_token)
+
+    async def _reports_in(self) -> None:
+        """Until the reports promised so far arrived (services/memory/promises.py), or
+        PROMISE_WAIT_S: then they are lost (a CPU died between its answer and its report)."""
+        promises = self._promises
+        mark = promises.mark()
+        if not promises.owed_before(mark):
+            return
+        async with self._reported:
+            try:
+                await asyncio.wait_for(
+                    self._reported.wait_for(lambda: not promises.owed_before(mark)),
+                    PROMISE_WAIT_S)
+            except asyncio.TimeoutError:
+                log.warning("gave up waiting for %d promised access reports",
+                            promises.give_up(mark))
+
     @rpc
     async def Stats(self, request, context):
+        await self._reports_in()  # the stale count covers every Access answered so far
         k = self.kernel
         s = k.stats
         return pb.MemoryStats(
@@ -308,7 +346,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
             tables_allocated=dict(s.tables_allocated), unshares=s.unshares,
             tables_dropped=s.tables_dropped, shared_tables=s.shared_tables,
             reclaimed_pages=s.reclaimed_pages, swap_outs=s.swap_outs, swap_ins=s.swap_ins,
-            swap_reads=s.swap_reads,
+            swap_reads=s.swap_reads, reports_lost=self._promises.lost,
             reclaim_shootdowns=s.reclaim_shootdowns, reclaim_ipis=s.reclaim_ipis,
             lock_order_reports=k.validator.reports[:10],
             frames_freed_without_ack=s.frames_freed_without_ack,
