@@ -560,8 +560,8 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             token=token)
 
         async def send() -> None:
-            if previous is not None:
-                await previous
+            if previous is not None:  # in order; its failure (logged there) is not ours
+                await asyncio.wait([previous])
             try:
                 await self._to_memory(self.memory.ReportAccesses, request, epoch)
             except grpc.aio.AioRpcError as e:  # nothing to answer: the Access already did

@@ -2,6 +2,7 @@
 gRPC: the CPU's Access no longer waits for its report, and the memory service's Stats
 waits for every report a walk promised, so its stale count is as exact as before."""
 import asyncio
+import contextlib
 import time
 from array import array
 
@@ -33,6 +34,21 @@ async def _revoked_tids(cl, pages: int) -> tuple[int, list[int]]:
     return mm, tids
 
 
+@contextlib.asynccontextmanager
+async def _machine(pages: int = 1):
+    """A one-CPU cluster, reset, with `pages` revoked translations (_revoked_tids)."""
+    async with InProcessCluster(cpus=1) as c:
+        cl = c.client
+        await cl.reset(Policy(), 1)
+        mm, tids = await _revoked_tids(cl, pages)
+        yield cl, mm, tids
+
+
+async def _walk_promising(cl, mm: int, token: int = TOKEN) -> None:
+    await cl.memory.Walk(memory_pb2.WalkRequest(cpu=0, mm=mm, vpns=[1], report_token=token),
+                         metadata=cl.meta())
+
+
 def _stale_report(mm: int, tids: list[int], token: int) -> memory_pb2.ReportAccessesRequest:
     """As if CPU 0 had hit each revoked translation once, just now."""
     now = time.monotonic_ns()
@@ -42,13 +58,9 @@ def _stale_report(mm: int, tids: list[int], token: int) -> memory_pb2.ReportAcce
 
 
 async def test_stats_waits_for_a_promised_report_and_counts_its_stale_hits():
-    async with InProcessCluster(cpus=1) as c:
-        cl = c.client
-        await cl.reset(Policy(), 1)
-        mm, tids = await _revoked_tids(cl, 8)
+    async with _machine(8) as (cl, mm, tids):
         meta = cl.meta()
-        await cl.memory.Walk(memory_pb2.WalkRequest(cpu=0, mm=mm, vpns=[1],
-                                                    report_token=TOKEN), metadata=meta)
+        await _walk_promising(cl, mm)
         with pytest.raises(grpc.aio.AioRpcError) as held:  # the report is owed
             await cl.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=0.5)
         assert held.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -60,15 +72,10 @@ async def test_stats_waits_for_a_promised_report_and_counts_its_stale_hits():
 
 
 async def test_a_restarted_cpus_promise_is_lost_not_waited_for():
-    async with InProcessCluster(cpus=1) as c:
-        cl = c.client
-        await cl.reset(Policy(), 1)
-        mm, _ = await _revoked_tids(cl, 1)
+    async with _machine() as (cl, mm, _):
         meta = cl.meta()
         for incarnation in (7, 8):  # the CPU died between its walk and its report
-            await cl.memory.Walk(memory_pb2.WalkRequest(
-                cpu=0, mm=mm, vpns=[1], report_token=incarnation << INCARNATION_SHIFT | 1),
-                metadata=meta)
+            await _walk_promising(cl, mm, incarnation << INCARNATION_SHIFT | 1)
         await cl.memory.ReportAccesses(memory_pb2.ReportAccessesRequest(
             cpu=0, mm=mm, token=8 << INCARNATION_SHIFT | 1), metadata=meta)
         stats = await cl.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=2)
@@ -77,12 +84,8 @@ async def test_a_restarted_cpus_promise_is_lost_not_waited_for():
 
 async def test_stats_gives_up_on_a_report_that_never_comes(monkeypatch):
     monkeypatch.setattr(memory_service, "PROMISE_WAIT_S", 0.1)
-    async with InProcessCluster(cpus=1) as c:
-        cl = c.client
-        await cl.reset(Policy(), 1)
-        mm, _ = await _revoked_tids(cl, 1)
-        await cl.memory.Walk(memory_pb2.WalkRequest(cpu=0, mm=mm, vpns=[1],
-                                                    report_token=TOKEN), metadata=cl.meta())
+    async with _machine() as (cl, mm, _):
+        await _walk_promising(cl, mm)
         stats = await cl.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=30)
         assert stats.reports_lost == 1
         again = await cl.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=30)
@@ -94,10 +97,7 @@ async def test_stats_gives_up_on_a_report_that_never_comes(monkeypatch):
 
 
 async def test_a_refused_walk_promises_nothing():
-    async with InProcessCluster(cpus=1) as c:
-        cl = c.client
-        await cl.reset(Policy(), 1)
-        mm, _ = await _revoked_tids(cl, 1)
+    async with _machine() as (cl, mm, _):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await cl.memory.Walk(memory_pb2.WalkRequest(
                 cpu=0, mm=mm, vpns=[1], touch_vpns=[1], report_token=TOKEN),
@@ -112,12 +112,8 @@ async def test_a_refused_walk_promises_nothing():
 
 
 async def test_a_reset_forgets_the_old_machines_promises():
-    async with InProcessCluster(cpus=1) as c:
-        cl = c.client
-        await cl.reset(Policy(), 1)
-        mm, _ = await _revoked_tids(cl, 1)
-        await cl.memory.Walk(memory_pb2.WalkRequest(cpu=0, mm=mm, vpns=[1],
-                                                    report_token=TOKEN), metadata=cl.meta())
+    async with _machine() as (cl, mm, _):
+        await _walk_promising(cl, mm)
         await cl.reset(Policy(), 1)
         stats = await cl.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=2)
         assert stats.reports_lost == 0
