@@ -78,7 +78,7 @@ async def test_a_restarted_cpus_promise_is_lost_not_waited_for():
             await _walk_promising(cl, mm, incarnation << INCARNATION_SHIFT | 1)
         await cl.memory.ReportAccesses(memory_pb2.ReportAccessesRequest(
             cpu=0, mm=mm, token=8 << INCARNATION_SHIFT | 1), metadata=meta)
-        stats = await cl.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=2)
+        stats = await cl.memory.Stats(memory_pb2.MemoryStatsRequest())
         assert stats.reports_lost == 1
 
 
@@ -106,17 +106,17 @@ async def test_a_refused_walk_promises_nothing():
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await cl.memory.HandleMiss(memory_pb2.HandleMissRequest(
                 cpu=0, mm=mm + 100, vpn=1, report_token=TOKEN), metadata=cl.meta())
-        assert refused.value.code() != grpc.StatusCode.OK
-        stats = await cl.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=0.5)
-        assert stats.reports_lost == 0  # answered at once: nothing owed
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND  # no such mm
+        stats = await cl.memory.Stats(memory_pb2.MemoryStatsRequest())
+        assert stats.reports_lost == 0  # nothing owed: not given up on either
 
 
 async def test_a_reset_forgets_the_old_machines_promises():
     async with _machine() as (cl, mm, _):
         await _walk_promising(cl, mm)
         await cl.reset(Policy(), 1)
-        stats = await cl.memory.Stats(memory_pb2.MemoryStatsRequest(), timeout=2)
-        assert stats.reports_lost == 0
+        stats = await cl.memory.Stats(memory_pb2.MemoryStatsRequest())
+        assert stats.reports_lost == 0  # not waited for, so not given up on either
 
 
 async def test_an_access_that_faulted_answers_before_its_report_which_stats_awaits():
