@@ -35,10 +35,13 @@ import collections
 import dataclasses
 import operator
 import time
+from typing import TYPE_CHECKING, Sequence
 
-from loadgen.scenarios.base import Cpu, Driver
 from services.common.addresses import PAGE_SHIFT, PAGE_SIZE, PTE_TABLE_PAGES
 from tlbsim.v1 import common_pb2, memory_pb2
+
+if TYPE_CHECKING:  # the scenarios import this module
+    from loadgen.scenarios.base import Cpu, Driver
 
 # Accesses per Access call at most. In wall-clock time, at full speed, the accesses of
 # consecutive access events of one task (lackey writes a batch per 1,024 pages or fewer)
@@ -67,18 +70,30 @@ class PageMap:
 
     def __init__(self, segs: list[Seg] | None = None):
         self.segs: list[Seg] = segs or []
-        self._last: Seg | None = None  # the last segment found: most lookups are in it
+        self._starts: list[int] | None = None  # the segments' starts, for a keyless bisect
+        self._known: dict[int, int] = {}  # page → the simulator's page, as translated
 
     def copy(self) -> "PageMap":
         return PageMap([dataclasses.replace(s) for s in self.segs])
 
+    def _changed(self) -> None:
+        self._starts = None
+        self._known.clear()
+
+    def _index(self, page: int) -> int:
+        """The index of the segment holding `page`, or -1."""
+        if self._starts is None:
+            self._starts = [s.start for s in self.segs]
+        i = bisect.bisect_right(self._starts, page) - 1
+        return i if i >= 0 and page < self.segs[i].end else -1
+
     def _split(self, at: int) -> None:
-        self._last = None
         i = bisect.bisect_right(self.segs, at, key=_START) - 1
         if i >= 0 and self.segs[i].start < at < self.segs[i].end:
             s = self.segs[i]
             self.segs.insert(i + 1, Seg(at, s.end, s.sim + at - s.start, s.writable))
             s.end = at
+            self._changed()
 
     def pieces(self, start: int, end: int) -> list[Seg]:
         """The segments inside [start, end), split at its edges."""
@@ -88,23 +103,40 @@ class PageMap:
 
     def remove(self, start: int, end: int) -> list[Seg]:
         gone = self.pieces(start, end)
-        self._last = None
         self.segs = [s for s in self.segs if not (start <= s.start and s.end <= end)]
+        self._changed()
         return gone
 
     def add(self, seg: Seg) -> None:
-        self._last = None
         bisect.insort(self.segs, seg, key=_START)
+        self._changed()
 
     def lookup(self, page: int) -> Seg | None:
-        last = self._last
-        if last is not None and last.start <= page < last.end:
-            return last
-        i = bisect.bisect_right(self.segs, page, key=_START) - 1
-        if i >= 0 and self.segs[i].start <= page < self.segs[i].end:
-            self._last = self.segs[i]
-            return self._last
-        return None
+        i = self._index(page)
+        return self.segs[i] if i >= 0 else None
+
+    def translate(self, pages: Sequence[Sequence[int]], i: int, stop: int,
+                  addresses: list[int], writes: bytearray) -> int:
+        """Append the simulator's address and the write flag of each of pages[i:stop]
+        ([page, written] pairs) up to the first page outside every segment; return its
+        index (`stop` if there is none). The replay's inner loop, so in C-level passes:
+        a program's accesses revisit few pages, each translated once until the segments
+        change (they hop between segments at almost every access)."""
+        chunk = pages[i:stop]
+        known = self._known
+        outside = set()
+        for page in {p for p, _ in chunk} - known.keys():
+            k = self._index(page)
+            if k < 0:
+                outside.add(page)
+            else:
+                seg = self.segs[k]
+                known[page] = seg.sim + page - seg.start
+        if outside:
+            chunk = chunk[:next(k for k, (p, _) in enumerate(chunk) if p in outside)]
+        addresses.extend([known[p] << PAGE_SHIFT for p, _ in chunk])
+        writes.extend([w for _, w in chunk])
+        return i + len(chunk)
 
     def gap(self, page: int) -> tuple[int, int]:
         """The unmapped pages around `page` within its 2 MiB block."""
@@ -368,23 +400,25 @@ class Replayer:
         consecutive events may be merged)."""
         if task.ended:
             raise ValueError(f"task {task.tid} accesses memory after it ended")
+        if not isinstance(pages, list):
+            pages = list(pages)  # a recorder's Pages
+        space = task.space
         _, addresses, writes = self._held = self._held or (task, [], bytearray())
-        for page, write in pages:
-            seg = task.space.pages.lookup(page)
-            if seg is None:
-                lo, hi = task.space.pages.gap(page)
+        i, n = 0, len(pages)
+        while i < n:
+            stop = min(n, i + ACCESS_BATCH - len(addresses))
+            i = space.pages.translate(pages, i, stop, addresses, writes)
+            if i < stop:  # outside every mapping
+                lo, hi = space.pages.gap(pages[i][0])
                 await self._send_held()
                 await self._map(task, lo, hi - lo, True, implicit=True)
-                seg = task.space.pages.lookup(page)
-                assert seg is not None, "the page was just mapped"
+                assert space.pages.lookup(pages[i][0]), "the page was just mapped"
                 self.counters["accesses_outside_mappings"] += 1
                 _, addresses, writes = self._held = (task, [], bytearray())
-            addresses.append((seg.sim + page - seg.start) << PAGE_SHIFT)
-            writes.append(write)
-            self.counters["access_pages"] += 1
-            if len(addresses) >= ACCESS_BATCH:
+            elif len(addresses) >= ACCESS_BATCH:
                 await self._send_held()
                 _, addresses, writes = self._held = (task, [], bytearray())
+        self.counters["access_pages"] += n
         if not self.merge:
             await self._send_held()
 

@@ -1,0 +1,63 @@
+"""The replay's page map (pure): its fast translation against a brute-force model of
+the segments, through mappings, unmappings and splits, with pages outside them."""
+from hypothesis import given, settings, strategies as st
+
+from loadgen.trace.replay import PageMap, Seg
+from services.common.addresses import PAGE_SHIFT
+
+PAGES = 64  # a small program space: segments collide, split and cover most pages
+
+ranges = st.tuples(st.integers(0, PAGES - 1), st.integers(1, 16)).map(
+    lambda r: (r[0], min(PAGES, r[0] + r[1])))
+ops = st.lists(st.tuples(st.sampled_from(["map", "unmap", "split"]), ranges), max_size=12)
+accesses = st.lists(st.tuples(st.integers(0, PAGES - 1), st.integers(0, 1)), max_size=80)
+
+
+def model(segs: list[Seg], page: int) -> int | None:
+    """The simulator's page for `page`, by a linear scan of what was mapped."""
+    for s in segs:
+        if s.start <= page < s.end:
+            return s.sim + page - s.start
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops, st.lists(accesses, min_size=1, max_size=4), st.integers(1, 100))
+def test_translate_gives_each_page_its_segment_and_stops_outside_them(ops, batches, stop_at):
+    pm, sim = PageMap(), 1 << 20
+    for op, (start, end) in ops:
+        if op == "map":  # as the replayer maps: over whatever was there
+            pm.remove(start, end)
+            pm.add(Seg(start, end, sim, True))
+            sim += 1 << 10
+        elif op == "unmap":
+            pm.remove(start, end)
+        else:
+            pm.pieces(start, end)  # splits only: every page keeps its translation
+        for pages in batches:  # translations cached before a change must not survive it
+            pairs = [list(p) for p in pages]
+            stop = min(len(pairs), stop_at)
+            addresses: list[int] = []
+            writes = bytearray()
+            got = pm.translate(pairs, 0, stop, addresses, writes)
+            want = next((k for k, (p, _) in enumerate(pairs[:stop])
+                         if model(pm.segs, p) is None), stop)
+            assert got == want
+            assert addresses == [model(pm.segs, p) << PAGE_SHIFT for p, _ in pairs[:want]]
+            assert list(writes) == [w for _, w in pairs[:want]]
+            for page in range(PAGES):
+                seg = pm.lookup(page)
+                assert (seg.sim + page - seg.start if seg else None) == model(pm.segs, page)
+
+
+def test_translate_resumes_at_its_index_and_appends():
+    pm = PageMap()
+    pm.add(Seg(10, 12, 500, True))
+    addresses, writes = [0x1000], bytearray(b"\x01")
+    pairs = [[10, 1], [11, 0], [10, 0], [99, 1], [11, 1]]
+    assert pm.translate(pairs, 1, 5, addresses, writes) == 3  # page 99 is outside
+    assert addresses == [0x1000, 501 << PAGE_SHIFT, 500 << PAGE_SHIFT]
+    assert writes == b"\x01\x00\x00"
+    pm.add(Seg(99, 100, 7, True))  # the replayer maps it, then goes on from there
+    assert pm.translate(pairs, 3, 5, addresses, writes) == 5
+    assert addresses[3:] == [7 << PAGE_SHIFT, 501 << PAGE_SHIFT] and writes[3:] == b"\x01\x01"
