@@ -69,14 +69,19 @@ class Samples:
 
 def percentile(samples: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100]); 0.0 for no samples."""
-    if not samples:
+    return _ranked(sorted(samples), q)
+
+
+def _ranked(ordered: Sequence[float], q: float) -> float:
+    if not ordered:
         return 0.0
-    ordered = sorted(samples)
     rank = max(1, -(-len(ordered) * q // 100))
     return ordered[int(rank) - 1]
 
 
 def p50_p99(samples: Sequence[float] | Samples) -> tuple[float, float, int]:
-    """p50, p99 and how many (of a Samples: its exact count, percentiles of what it kept)."""
-    kept = list(samples) if isinstance(samples, Samples) else samples
-    return percentile(kept, 50), percentile(kept, 99), len(samples)
+    """p50, p99 and how many (of a Samples: its exact count, percentiles of what it kept).
+    One sort for both: `Stats` reads several records of up to KEEP values each, and the
+    memory service serves nothing else meanwhile."""
+    ordered = sorted(samples)
+    return _ranked(ordered, 50), _ranked(ordered, 99), len(samples)
