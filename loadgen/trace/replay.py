@@ -35,8 +35,11 @@ import collections
 import dataclasses
 import operator
 import time
-from typing import TYPE_CHECKING, Sequence
+from itertools import repeat
+from operator import and_, rshift
+from typing import TYPE_CHECKING
 
+from loadgen.trace.fmt import Pages
 from services.common.addresses import PAGE_SHIFT, PAGE_SIZE, PTE_TABLE_PAGES
 from tlbsim.v1 import common_pb2, memory_pb2
 
@@ -71,7 +74,7 @@ class PageMap:
     def __init__(self, segs: list[Seg] | None = None):
         self.segs: list[Seg] = segs or []
         self._starts: list[int] | None = None  # the segments' starts, for a keyless bisect
-        self._known: dict[int, int] = {}  # page → the simulator's page, as translated
+        self._known: dict[int, int] = {}  # page → the simulator's address, as translated
 
     def copy(self) -> "PageMap":
         return PageMap([dataclasses.replace(s) for s in self.segs])
@@ -115,28 +118,30 @@ class PageMap:
         i = self._index(page)
         return self.segs[i] if i >= 0 else None
 
-    def translate(self, pages: Sequence[Sequence[int]], i: int, stop: int,
-                  addresses: list[int], writes: bytearray) -> int:
+    def translate(self, pages: Pages, i: int, stop: int, addresses: list[int],
+                  writes: bytearray) -> int:
         """Append the simulator's address and the write flag of each of pages[i:stop]
-        ([page, written] pairs) up to the first page outside every segment; return its
-        index (`stop` if there is none). The replay's inner loop, so in C-level passes:
-        a program's accesses revisit few pages, each translated once until the segments
-        change (they hop between segments at almost every access)."""
-        chunk = pages[i:stop]
+        up to the first page outside every segment; return its index (`stop` if there is
+        none). The replay's inner loop, so in C-level passes: a program's accesses
+        revisit few pages, each translated once until the segments change (they hop
+        between segments at almost every access)."""
+        chunk = pages.packed[i:stop]
+        numbers = list(map(rshift, chunk, repeat(1)))
         known = self._known
         outside = set()
-        for page in {p for p, _ in chunk} - known.keys():
+        for page in set(numbers) - known.keys():
             k = self._index(page)
             if k < 0:
                 outside.add(page)
             else:
                 seg = self.segs[k]
-                known[page] = seg.sim + page - seg.start
+                known[page] = (seg.sim + page - seg.start) << PAGE_SHIFT
         if outside:
-            chunk = chunk[:next(k for k, (p, _) in enumerate(chunk) if p in outside)]
-        addresses.extend([known[p] << PAGE_SHIFT for p, _ in chunk])
-        writes.extend([w for _, w in chunk])
-        return i + len(chunk)
+            cut = next(k for k, page in enumerate(numbers) if page in outside)
+            numbers, chunk = numbers[:cut], chunk[:cut]
+        addresses.extend(map(known.__getitem__, numbers))
+        writes.extend(map(and_, chunk, repeat(1)))
+        return i + len(numbers)
 
     def gap(self, page: int) -> tuple[int, int]:
         """The unmapped pages around `page` within its 2 MiB block."""
@@ -395,13 +400,11 @@ class Replayer:
         await self._end(task)
         return True
 
-    async def _access(self, task: Task, pages: list[list[int]]) -> None:
+    async def _access(self, task: Task, pages: Pages) -> None:
         """The event's accesses, added to those held for the task (sent now unless
         consecutive events may be merged)."""
         if task.ended:
             raise ValueError(f"task {task.tid} accesses memory after it ended")
-        if not isinstance(pages, list):
-            pages = list(pages)  # a recorder's Pages
         space = task.space
         _, addresses, writes = self._held = self._held or (task, [], bytearray())
         i, n = 0, len(pages)
@@ -409,10 +412,10 @@ class Replayer:
             stop = min(n, i + ACCESS_BATCH - len(addresses))
             i = space.pages.translate(pages, i, stop, addresses, writes)
             if i < stop:  # outside every mapping
-                lo, hi = space.pages.gap(pages[i][0])
+                lo, hi = space.pages.gap(pages.packed[i] >> 1)
                 await self._send_held()
                 await self._map(task, lo, hi - lo, True, implicit=True)
-                assert space.pages.lookup(pages[i][0]), "the page was just mapped"
+                assert space.pages.lookup(lo), "the gap was just mapped"
                 self.counters["accesses_outside_mappings"] += 1
                 _, addresses, writes = self._held = (task, [], bytearray())
             elif len(addresses) >= ACCESS_BATCH:

@@ -2,6 +2,7 @@
 the segments, through mappings, unmappings and splits, with pages outside them."""
 from hypothesis import given, settings, strategies as st
 
+from loadgen.trace.fmt import Pages
 from loadgen.trace.replay import PageMap, Seg
 from services.common.addresses import PAGE_SHIFT
 
@@ -36,10 +37,13 @@ def test_translate_gives_each_page_its_segment_and_stops_outside_them(ops, batch
             pm.pieces(start, end)  # splits only: every page keeps its translation
         for pages in batches:  # translations cached before a change must not survive it
             pairs = [list(p) for p in pages]
+            packed = Pages()
+            for page, write in pairs:
+                packed.packed.append(page << 1 | write)  # uncollapsed, as a file has them
             stop = min(len(pairs), stop_at)
             addresses: list[int] = []
             writes = bytearray()
-            got = pm.translate(pairs, 0, stop, addresses, writes)
+            got = pm.translate(packed, 0, stop, addresses, writes)
             want = next((k for k, (p, _) in enumerate(pairs[:stop])
                          if model(pm.segs, p) is None), stop)
             assert got == want
@@ -54,7 +58,9 @@ def test_translate_resumes_at_its_index_and_appends():
     pm = PageMap()
     pm.add(Seg(10, 12, 500, True))
     addresses, writes = [0x1000], bytearray(b"\x01")
-    pairs = [[10, 1], [11, 0], [10, 0], [99, 1], [11, 1]]
+    pairs = Pages()
+    for page, write in [[10, 1], [11, 0], [10, 0], [99, 1], [11, 1]]:
+        pairs.add(page, bool(write))
     assert pm.translate(pairs, 1, 5, addresses, writes) == 3  # page 99 is outside
     assert addresses == [0x1000, 501 << PAGE_SHIFT, 500 << PAGE_SHIFT]
     assert writes == b"\x01\x00\x00"

@@ -1,12 +1,13 @@
 """The trace parsers and the trace file: strict, honest, with line numbers (issue 5)."""
 
+import gc
 import gzip
 import json
 import re
 
 import pytest
 
-from loadgen.trace.fmt import TraceError, parse_lines, read_trace, write_trace
+from loadgen.trace.fmt import PAGE_LIMIT, Pages, TraceError, parse_lines, read_trace, write_trace
 from loadgen.trace.lackey import parse_lackey
 from loadgen.trace.strace import parse_strace
 
@@ -155,6 +156,44 @@ def test_a_bad_access_page_is_named_among_good_ones(bad):
         parse_lines(_trace_lines([{"op": "access", "tid": 1, "pages": pages}]))
     _, events = parse_lines(_trace_lines([{"op": "access", "tid": 1, "pages": pages[:100]}]))
     assert events[0]["pages"] == pages[:100]  # the good ones alone pass
+
+
+def test_access_pages_are_packed_and_a_page_past_64_bits_is_named():
+    pages = [[7, 0], [8, 1], [PAGE_LIMIT - 1, 1], [True, False]]
+    _, events = parse_lines(_trace_lines([{"op": "access", "tid": 1, "pages": pages}]))
+    got = events[0]["pages"]
+    assert isinstance(got, Pages) and got == pages
+    assert list(got.packed) == [14, 17, (PAGE_LIMIT - 1) << 1 | 1, 2]
+    with pytest.raises(TraceError, match=re.escape(f"line 3: access page {PAGE_LIMIT:#x} is "
+                                                   "past any 64-bit address's")):
+        parse_lines(_trace_lines([{"op": "access", "tid": 1, "pages": pages},
+                                  {"op": "access", "tid": 1, "pages": [[PAGE_LIMIT, 0]]}]))
+
+
+def test_the_collector_is_back_as_it_was_after_a_parse_good_or_bad():
+    good = _trace_lines([{"op": "access", "tid": 1, "pages": [[1, 0]]}])
+    bad = _trace_lines([{"op": "access", "tid": 1, "pages": [[1, 2]]}])
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            parse_lines(good)
+            assert gc.isenabled() == enabled
+            with pytest.raises(TraceError):
+                parse_lines(bad)
+            assert gc.isenabled() == enabled
+        finally:
+            gc.enable()
+
+
+def test_the_last_trace_read_is_kept_only_while_its_file_is_unchanged(tmp_path):
+    path = str(tmp_path / "t.tlbt.gz")
+    one = {"op": "access", "tid": 1, "pages": [[1, 0]]}
+    write_trace(path, {"source": "valgrind-lackey"}, [one])
+    first = read_trace(path)
+    assert read_trace(path) is first  # `load replay` checks, then the run reads
+    write_trace(path, {"source": "valgrind-lackey"}, [one, {**one, "pages": [[2, 1]]}])
+    header, events = read_trace(path)
+    assert header["events"] == 2 and events[1]["pages"] == [[2, 1]]
 
 
 def test_trace_reader_rejects_a_file_that_is_not_gzip(tmp_path):
