@@ -39,3 +39,22 @@ def batchable(touches: Sequence[Touch], ptes: Mapping[int, Pte]) -> list[tuple[i
             break
         batch.append((page, write))
     return batch
+
+
+def decisive(pages: Sequence[int], writes: Sequence[int]) -> list[tuple[int, bool]]:
+    """The accesses of a window that `batchable` can act on, (page, write) in access
+    order: each page's first touch and, for a page first read, its first write. It
+    passes over every other access whatever the PTEs say — a later read, a later write
+    to a page first written, a write after the page's first later write (which asked
+    the same question and did not stop the batch) — so these give the batch the whole
+    window gives, and the CPU can read far ahead at the cost of the window's distinct
+    pages, not of its accesses. `writes` empty: all reads."""
+    if not writes:
+        return [(page, False) for page in dict.fromkeys(pages)]  # first touches, in order
+    order = range(len(pages) - 1, -1, -1)  # newest first: each dict keeps the oldest
+    first = dict(zip(map(pages.__getitem__, order), order))  # page -> its first touch
+    written = [k for k in order if writes[k]]
+    first_write = dict(zip(map(pages.__getitem__, written), written))
+    marks = [(k, page, bool(writes[k])) for page, k in first.items()]
+    marks += [(k, page, True) for page, k in first_write.items() if k > first[page]]
+    return [(page, write) for _, page, write in sorted(marks)]

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from itertools import repeat
+from operator import rshift
 from typing import Awaitable, Callable, Protocol, Sequence
 
 from services.common.addresses import PAGE_SHIFT
 from services.common.costmodel import DEFAULT_PRESET, CostModel, preset
 from services.common.errors import FailedPrecondition
 from services.common.hits import HitLog, HitReport
-from services.common.misses import Pte, Touch
+from services.common.misses import Pte, Touch, decisive
 from services.common.vtime import Interrupts
 from services.cpu.tlb import FULL, NOT_LOADED, RANGE, TLB_NR_DYN_ASIDS, Entry, Tlb
 
@@ -61,6 +63,10 @@ WalkMisses = Callable[[list[int], list[Touch]],
                       Awaitable["tuple[list[Pte], list[tuple[int, bool]], list[Translation | Exception]]"]]
 Pause = Callable[[], Awaitable[None]]
 WALK_AHEAD = 64  # pages read per walk request: one round trip serves the misses that follow
+# With the faults in the same call (wall-clock time), the window reaches past repeated
+# accesses for those pages: up to this many accesses (misses.py `decisive` sends only
+# the ones the batch depends on, so its cost is the pages', not the accesses').
+BATCH_REACH = 1024
 FAULTED = {"anon", "cow", "swapin"}
 SEGV = {"segv", "prot"}
 RETRY = "retry"  # the fault found the PTE changed under it: nothing to fill, access again
@@ -139,6 +145,19 @@ class AccessStats:
     misses: int = 0
     faults: int = 0
     segv: int = 0
+
+
+def window(addresses: Sequence[int], start: int, batched: bool) -> tuple[list[int], list[int]]:
+    """A read-ahead walk's window from `start` (the miss): its accesses' pages, and its
+    distinct pages in order (WALK_AHEAD of them at most, what the walk reads). Batched,
+    it reaches up to BATCH_REACH accesses for them; else WALK_AHEAD accesses."""
+    pages = list(map(rshift, addresses[start:start + (BATCH_REACH if batched else WALK_AHEAD)],
+                     repeat(PAGE_SHIFT)))
+    ahead = list(dict.fromkeys(pages))
+    if len(ahead) > WALK_AHEAD:  # end the window before the first page past them
+        pages = pages[:pages.index(ahead[WALK_AHEAD])]
+        del ahead[WALK_AHEAD:]
+    return pages, ahead
 
 
 class CpuCore:
@@ -362,14 +381,13 @@ class CpuCore:
             answer = answered.pop(vpn, None)
             if walk is not None and answer is None:
                 if walked_at != tlb.flushes_applied or vpn not in walked:
-                    window = slice(i - 1, i - 1 + WALK_AHEAD)
-                    ahead = list(dict.fromkeys(a >> PAGE_SHIFT for a in addresses[window]))
+                    pages, ahead = window(addresses, i - 1, batch_misses is not None)
                     walked_at = tlb.flushes_applied
                     if batch_misses is None:
                         walked = dict(zip(ahead, await walk(ahead)))
                     else:
-                        touches = self.touches(mm, vpn, addresses[window],
-                                               writes[window] if writes else (), answered)
+                        touches = self.touches(mm, vpn, pages, writes[i - 1:i - 1 + len(
+                            pages)] if writes else b"", answered)
                         ptes, batch, results = await batch_misses(ahead, touches)
                         walked = dict(zip(ahead, ptes))
                         answered.update((v, (r, walked_at))
@@ -386,16 +404,14 @@ class CpuCore:
                 break
         return stats
 
-    def touches(self, mm: int, vpn: int, window: Sequence[int], writes: Sequence[int],
+    def touches(self, mm: int, vpn: int, pages: Sequence[int], writes: Sequence[int],
                 answered: dict) -> list[Touch]:
-        """The window's accesses as services/common/misses.py `batchable` reads them:
-        (vpn, write, held), held when the TLB holds the page or an answer is pending."""
-        holds, out = self.tlb.holds, []
-        for k, address in enumerate(window):
-            page = address >> PAGE_SHIFT
-            out.append((page, bool(writes[k]) if writes else False,
-                        page in answered or (page != vpn and holds(mm, page))))
-        return out
+        """The window's accesses that services/common/misses.py `batchable` acts on
+        (`decisive`), as it reads them: (vpn, write, held), held when the TLB holds the
+        page or an answer is pending."""
+        holds = self.tlb.holds
+        return [(page, write, page in answered or (page != vpn and holds(mm, page)))
+                for page, write in decisive(pages, writes)]
 
     async def _miss(self, mm: int, vpn: int, write: bool, miss: MissHandler,
                     stats: AccessStats, virtual: bool = False,

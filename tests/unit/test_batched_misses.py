@@ -11,8 +11,11 @@ from array import array
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from services.common.addresses import PAGE_SHIFT
 from services.common.errors import FailedPrecondition, InvalidArgument, SimError
 from services.common.hits import HitReport
+from services.common.misses import batchable, decisive
+from services.cpu.core import BATCH_REACH, WALK_AHEAD, window
 from services.memory.digest import kernel_digest
 from tests.unit.machine import PAGE, make_machine
 
@@ -170,3 +173,38 @@ async def test_a_miss_that_raises_ends_the_batch_and_is_returned_not_raised():
     vpn = (await m.syscall(0, "mmap", 4, True)).address >> 12
     results, error = await m.kernel.handle_misses(1, mm, [(vpn, True)])  # cpu 1: not on mm
     assert results == [] and isinstance(error, FailedPrecondition)
+
+
+# --- the window a walk sends (pure) ----------------------------------------------------------
+ptes_of = st.sampled_from([None, (7, False, 1), (7, True, 1)])  # absent, read-only, writable
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 11), st.booleans()), min_size=1, max_size=60),
+       st.sets(st.integers(0, 11)), st.lists(ptes_of, min_size=12, max_size=12),
+       st.booleans())
+def test_the_decisive_accesses_give_the_batch_the_whole_window_gives(accesses, held, ptes,
+                                                                     reads_only):
+    pages = [p for p, _ in accesses]
+    writes = b"" if reads_only else bytes(w for _, w in accesses)
+    miss = pages[0]  # the window starts at the miss: its first touch is not held
+    is_held = {p: p in held and p != miss for p in pages}
+    walked = dict(enumerate(ptes))
+    every = [(p, bool(writes[k]) if writes else False, is_held[p]) for k, p in enumerate(pages)]
+    few = [(p, w, is_held[p]) for p, w in decisive(pages, writes)]
+    assert batchable(few, walked) == batchable(every, walked)
+    assert len(few) <= len(every) and len({p for p, _, _ in few}) == len(set(pages))
+
+
+def test_the_window_reaches_past_repeats_for_the_pages_one_walk_reads():
+    at = [p << PAGE_SHIFT for p in range(200)]
+    # Not batched (virtual time): the first WALK_AHEAD accesses, as always.
+    pages, ahead = window([at[k % 3] for k in range(500)], 0, batched=False)
+    assert pages == [k % 3 for k in range(WALK_AHEAD)] and ahead == [0, 1, 2]
+    # Batched: past the repeats, up to BATCH_REACH accesses...
+    pages, ahead = window([at[k % 3] for k in range(5000)], 1, batched=True)
+    assert len(pages) == BATCH_REACH and ahead == [1, 2, 0]
+    # ...but no further than the walk's WALK_AHEAD distinct pages: it ends before the next.
+    spread = [at[k // 2] for k in range(400)]  # each page twice
+    pages, ahead = window(spread, 0, batched=True)
+    assert ahead == list(range(WALK_AHEAD)) and pages == [k // 2 for k in range(2 * WALK_AHEAD)]
