@@ -153,7 +153,8 @@ def test_up_derives_the_ready_timeout_and_liveness_from_the_cluster_size() -> No
     args = parse("up", "--cpus", "64")
     from services.cli import liveness_from
     assert liveness_from(args, args.cpus) == Liveness.for_cluster(64)
-    assert ready_timeout_s(64) == 126.0
+    assert ready_timeout_s(64) == pytest.approx(132.4)  # a process each
+    assert ready_timeout_s(256, processes=8) == pytest.approx(67.6)  # imports: per process
     args = parse("up", "--cpus", "4", "--lease", "9")
     assert liveness_from(args, args.cpus).lease_s == 9.0
 

@@ -18,7 +18,8 @@ take: derived from the cluster's size, each one configurable (README "Liveness a
   lease has run out plus LEASE_MARGIN_S (the CPU checks its lease before every run of
   hits and every TLB fill, so the margin only covers clocks and the hop).
 - Start-up: every process imports Python, gRPC and protobuf (about a CPU-second each
-  on a loaded machine); READY_PER_CPU_S per CPU on top of READY_BASE_S.
+  on a loaded machine): READY_PER_PROCESS_S per CPU process, READY_PER_CPU_S per CPU
+  (each registers on its own), on top of READY_BASE_S.
 
 For 1-8 CPUs this gives 0.25 s / 0.5 s / 1.5 s (what the fixed constants were); 16 CPUs
 0.5 / 1 / 3 s; 32 CPUs 1 / 2 / 6 s; 64 CPUs 2 / 4 / 12 s; 256 CPUs 8 / 16 / 48 s (the
@@ -36,7 +37,8 @@ TIMEOUT_INTERVALS = 2.0
 LEASE_TIMEOUTS = 3.0
 LEASE_MARGIN_S = 1.0
 READY_BASE_S = 30.0
-READY_PER_CPU_S = 1.5
+READY_PER_PROCESS_S = 1.5
+READY_PER_CPU_S = 0.1  # a co-hosted CPU: its server, registration and first heartbeat
 MIN_REJOIN_S = 30.0  # a fenced CPU waited for by the load generator, at least
 
 
@@ -92,6 +94,8 @@ class Liveness:
         return dataclasses.asdict(self)
 
 
-def ready_timeout_s(cpus: int) -> float:
-    """How long `tlbsim up` waits for `cpus` CPUs (and the rest) to be ready."""
-    return READY_BASE_S + READY_PER_CPU_S * cpus
+def ready_timeout_s(cpus: int, processes: int | None = None) -> float:
+    """How long `tlbsim up` waits for `cpus` CPUs in `processes` CPU processes (by
+    default one each) and the rest to be ready."""
+    return READY_BASE_S + READY_PER_PROCESS_S * (cpus if processes is None else processes) \
+        + READY_PER_CPU_S * cpus

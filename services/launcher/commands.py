@@ -176,7 +176,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--log-dir", type=Path, help="directory for each service's logs (default: a new temp dir)")
     add_liveness_options(up)
     up.add_argument("--ready-timeout", type=float, metavar="S",
-                    help="seconds every service has to be ready (default: 30 + 1.5 per CPU) "
+                    help="seconds every service has to be ready (default: 30 + 1.5 per CPU "
+                         "process + 0.1 per CPU) "
                          "[TLBSIM_READY_TIMEOUT, which bench, demo and soak read too]")
     up.set_defaults(func=cmd_up)
 

@@ -117,11 +117,12 @@ class LocalCluster:
                              f"--cpus ({cpus})")
         log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="tlbsim-"))
         log_dir.mkdir(parents=True, exist_ok=True)
+        groups = cohost.split(cpus, per_process)
         if self._ready_timeout is None:
-            self._ready_timeout = _env_ready_timeout() or ready_timeout_s(cpus)
+            self._ready_timeout = _env_ready_timeout() or ready_timeout_s(cpus, len(groups))
         deadline = time.monotonic() + self._ready_timeout
         try:
-            return self._start(cohost.split(cpus, per_process), log_dir.resolve(), deadline,
+            return self._start(groups, log_dir.resolve(), deadline,
                                mqtt, liveness or Liveness.for_cluster(cpus))
         except BaseException as exc:
             self.stop_after(exc)
