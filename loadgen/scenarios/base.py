@@ -79,8 +79,9 @@ class RunConfig:
                 **self.policy.as_dict()}
 
     def progress_total(self) -> int:
-        """What `progress` counts to: rounds, or per mille of --duration / --ops."""
-        return PERMILLE if self.duration or self.ops else self.rounds
+        """What `progress` counts to: rounds, or per mille of --duration / --ops, or of a
+        replay's events (one long replay is one round)."""
+        return PERMILLE if self.duration or self.ops or self.trace else self.rounds
 
 
 @dataclasses.dataclass
@@ -124,7 +125,7 @@ class Measurements:
         self.vlatency_ns["fault"].extend(r.fault_vtime_ns)
 
 
-Progress = Callable[[int], None]  # called with the number of rounds completed
+Progress = Callable[[int], None]  # called with how far the run is, in progress_total() units
 PERMILLE = 1000  # progress units of a --duration / --ops run
 
 
@@ -158,7 +159,7 @@ class Driver:
             yield rnd
             rnd += 1
             self.m.rounds_done = rnd
-            progress(rnd if not (cfg.duration or cfg.ops)
+            progress(rnd if cfg.progress_total() != PERMILLE
                      else min(PERMILLE, int(self.done(cfg, rnd) * PERMILLE)))
 
     def time_left(self, cfg: RunConfig) -> bool:

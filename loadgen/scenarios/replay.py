@@ -11,7 +11,7 @@ the pace is the cost model's, and --speed is ignored).
 """
 from __future__ import annotations
 
-from loadgen.scenarios.base import Driver, Progress, RunConfig
+from loadgen.scenarios.base import PERMILLE, Driver, Progress, RunConfig
 from loadgen.trace.fmt import read_trace
 from loadgen.trace.replay import Replayer
 from services.common.errors import InvalidArgument
@@ -28,8 +28,12 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
         raise InvalidArgument("the replay scenario needs a trace file (--trace FILE)")
     header, events = read_trace(cfg.trace)
     cpus = d.cluster.cpus[:cfg.cpus]
-    for _ in d.rounds(cfg, progress):
-        r = Replayer(d, cpus, header, events, cfg.speed if d.virtual is None else 0.0)
+    for rnd in d.rounds(cfg, progress):
+        def within(share: float, rnd: int = rnd) -> None:  # a long replay moves the bar
+            if not (cfg.duration or cfg.ops):  # (those, d.rounds measures by themselves)
+                progress(int((rnd + share) / cfg.rounds * PERMILLE))
+        r = Replayer(d, cpus, header, events, cfg.speed if d.virtual is None else 0.0,
+                     within)
         try:
             await r.replay()
         except ValueError as e:

@@ -37,7 +37,7 @@ import operator
 import time
 from itertools import repeat
 from operator import and_, rshift
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from loadgen.trace.fmt import Pages
 from services.common.addresses import PAGE_SHIFT, PAGE_SIZE, PTE_TABLE_PAGES
@@ -179,8 +179,9 @@ class Task:
 
 class Replayer:
     def __init__(self, d: Driver, cpus: list[Cpu], header: dict, events: list[dict],
-                 speed: float = 0.0):
+                 speed: float = 0.0, on_progress: Callable[[float], None] | None = None):
         self.d, self.cpus, self.header, self.events, self.speed = d, cpus, header, events, speed
+        self.on_progress = on_progress  # the share of the events replayed, every percent
         self.tasks: dict[int, Task] = {}
         self.loaded: dict[int, int] = {}       # cpu id → mm it runs
         self._next_cpu = 0
@@ -272,7 +273,9 @@ class Replayer:
     # --- events ------------------------------------------------------------------------------
     async def replay(self) -> None:
         t0 = time.perf_counter()
-        for e in self.events:
+        n = len(self.events)
+        step = max(1, n // 100)
+        for k, e in enumerate(self.events):
             if self.d.stopping:  # Ctrl-C: the report covers the events replayed so far
                 break
             if self.speed > 0 and "t" in e:
@@ -280,6 +283,8 @@ class Replayer:
                 if delay > 0:
                     await asyncio.sleep(delay)
             await self.event(e)
+            if self.on_progress is not None and k % step == step - 1 and k + 1 < n:
+                self.on_progress((k + 1) / n)
         await self._send_held()
 
     async def event(self, e: dict) -> None:

@@ -111,6 +111,18 @@ async def test_consecutive_access_events_of_a_task_go_in_one_access(cluster):
     assert merged["replay"]["access_pages"] == paced["replay"]["access_pages"]
 
 
+async def test_a_replay_reports_its_progress_through_its_events(cluster):
+    """One long replay is one round: the bar moves with its events, in per mille of the
+    run, round by round."""
+    path = os.path.join(FIXTURES, "ls-accesses.tlbt.gz")
+    cfg = RunConfig("replay", Policy(deadline_s=10.0), cpus=4, rounds=2, trace=path)
+    seen: list[int] = []
+    await run(cluster.client, cfg, seen.append)
+    assert cfg.progress_total() == 1000
+    assert seen == sorted(seen) and seen[-1] == 1000 and 500 in seen
+    assert len([p for p in seen if 0 < p < 500]) >= 50  # the first round, percent by percent
+
+
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace is not installed")
 async def test_record_then_replay_sort_matches_an_independent_strace_count(cluster, tmp_path):
     data = tmp_path / "numbers.txt"
