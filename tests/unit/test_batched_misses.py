@@ -143,6 +143,18 @@ async def test_a_page_read_then_written_is_batched_as_a_read_and_faults_again_al
     assert result["outcomes"][0].faults == 3  # zero page, anon, then the zero page's copy
 
 
+async def test_a_later_write_ends_the_batch_before_the_pages_after_it():
+    """Page 0 read, then written (its own fault: the zero page's copy), then page 2: page 2
+    must fault after that copy, as one at a time, not in the first batch (the frames
+    would be taken in another order: the digest differs)."""
+    program = {"fork": "copy", "frames": 0,
+               "steps": [("access", [(0, False), (1, True), (0, True), (2, True)], False)]}
+    one, _ = await run(program, batched=False)
+    batched, calls = await run(program, batched=True)
+    assert batched == one
+    assert calls == {"handle_miss": 1, "handle_misses": 2}  # [0, 1]; 0's write; [2]
+
+
 async def test_the_batch_stops_at_a_segv_when_the_access_stops_there():
     program = {"fork": "copy", "frames": 0,
                "steps": [("access", [(0, True), (WRITABLE + READ_ONLY, False), (1, True)],
