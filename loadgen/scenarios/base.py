@@ -126,7 +126,7 @@ class Measurements:
 
 
 Progress = Callable[[int], None]  # called with how far the run is, in progress_total() units
-PERMILLE = 1000  # progress units of a --duration / --ops run
+PERMILLE = 1000  # progress units of a --duration / --ops run, and of a replay
 
 
 class Driver:
