@@ -11,6 +11,9 @@
   through a CPU service (an Access of 64 fresh pages) vs the domain in this process and
   vs one gRPC call moving as many items; the
   memory service's RSS per resident page at 100k and 1M pages (`--quick`: 100k only).
+- Several CPUs per process and scale: 16 CPUs one process each (the floor) and eight to a
+  process, and 256 CPUs as `tlbsim up` hosts them: ready time, cluster RSS, a munmap
+  shootdown to every other CPU (fresh clusters of their own, so not with --cluster).
 These machines are shared and noisy: compare the ratios, not the absolute numbers.
 """
 from __future__ import annotations
@@ -39,6 +42,11 @@ TARGETS = (1, 2, 4, 8)
 BENCH_CPUS = 1 + max(TARGETS)  # the initiator plus the largest target set
 HIT_PAGES, HIT_REPEATS = 1024, 100  # 102,400 reads per request, all TLB hits
 RSS_PAGES = (100_000, 1_000_000)
+# Several CPUs per process, and scale: fresh local clusters of (CPUs, CPUs per process;
+# None: `tlbsim up`'s default). 16 CPUs one process each is the floor beside the row that
+# co-hosts them; 256 is issue 17's scale.
+CLUSTER_ROWS: tuple[tuple[int, int | None], ...] = ((16, 1), (16, 8), (256, None))
+CLUSTER_PAGES = 64  # the munmap each cluster runs: one shootdown to every other CPU
 POPULATE_CHUNK = 100_000  # pages per populating mmap: bounded work per call
 
 
@@ -322,6 +330,57 @@ async def bench(coordinator: str, rounds: int, munmap_rounds: int,
             "elapsed_s": round(time.perf_counter() - t0, 2)}
 
 
+def cluster_sizes(rows=CLUSTER_ROWS) -> list[dict]:
+    """For each (CPUs, K) a fresh local cluster of real processes, K CPUs to a process:
+    how long until every service was ready, the cluster's RSS (VmRSS summed over its
+    processes: shared library pages count in each), and one round of a munmap of
+    CLUSTER_PAGES pages on every CPU (its shootdown goes to all the others; raises
+    unless stale accesses and audit violations are 0). Blocking: run it outside a loop."""
+    from services.common.cohost import default_per_process
+    from services.launcher import LocalCluster
+
+    out = []
+    for cpus, per_process in rows:
+        k = default_per_process(cpus) if per_process is None else per_process
+        with LocalCluster() as local:
+            t0 = time.perf_counter()
+            info = local.start(cpus, per_process=k)
+            ready_s = time.perf_counter() - t0
+            rss = sum(vm_rss_bytes(pid) for pid in info.pids.values())
+            report = asyncio.run(_munmap_on_every_cpu(info.coordinator, cpus))
+        r = report["results"]
+        if r["stale_accesses"] or r["audit_violations"]:
+            raise AssertionError(f"{cpus} CPUs, {k} a process: {r['stale_accesses']} stale "
+                                 f"accesses, {r['audit_violations']} audit violations")
+        out.append({"cpus": cpus, "per_process": k, "cpu_processes": len(info.pids) - 2,
+                    "ready_s": round(ready_s, 2), "rss_mib": round(rss / 2**20, 1),
+                    "rss_mib_per_cpu": round(rss / 2**20 / cpus, 2),
+                    "munmap_s": r["duration_s"], "ipis": r["ipis"],
+                    "shootdown_ms": r["shootdown_latency_ms"], "stale_accesses": 0})
+    return out
+
+
+async def _munmap_on_every_cpu(coordinator: str, cpus: int) -> dict:
+    async with Cluster(coordinator) as cluster:
+        return await run(cluster, RunConfig("munmap", Policy(), cpus=cpus,
+                                            pages=CLUSTER_PAGES, rounds=1))
+
+
+def print_cluster_sizes(rows: list[dict]) -> None:
+    from rich.table import Table
+    t = Table(title=f"CPUs per process and scale (fresh clusters; a munmap of {CLUSTER_PAGES} "
+                    "pages on every CPU, its shootdown's p50; RSS MiB in all and per CPU; "
+                    "stale accesses 0 in each, or the bench fails)")
+    for col in ("CPUs", "per proc", "procs", "ready s", "RSS", "per CPU", "munmap s", "IPIs",
+                "p50 ms"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(str(r["cpus"]), str(r["per_process"]), str(r["cpu_processes"]),
+                  f"{r['ready_s']:.1f}", f"{r['rss_mib']:,.0f}", f"{r['rss_mib_per_cpu']:.1f}",
+                  f"{r['munmap_s']:.2f}", str(r["ipis"]), f"{r['shootdown_ms']['p50']:.1f}")
+    output.console.print(t)
+
+
 def print_bench(result: dict) -> None:
     from rich.table import Table
     t = Table(title="shootdown latency vs bare fan-out floor (coordinator-side, ms)")
@@ -360,6 +419,11 @@ def print_bench(result: dict) -> None:
                          f"elapsed {result['elapsed_s']} s")
     costbench.print_sweep(result["flush_ceiling"])
     print_throughput(result)
+    if result.get("clusters"):
+        print_cluster_sizes(result["clusters"])
+    else:
+        output.console.print("CPUs per process and scale: skipped (they start clusters of "
+                             "their own: run the bench without --cluster)")
 
 
 def print_throughput(result: dict) -> None:
@@ -426,6 +490,7 @@ def main(cluster_address: str | None, rounds: int, munmap_rounds: int,
                                per_process=1)
             result = asyncio.run(bench(info.coordinator, rounds, munmap_rounds, cost_model,
                                        memory_pid=info.pids["memory"], quick=quick))
+        result["clusters"] = cluster_sizes()  # each its own cluster, the bench's stopped
     print_bench(result)
     output.write_json(result, json_path)
     return 0

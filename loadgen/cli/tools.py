@@ -31,8 +31,11 @@ def add_commands(sub) -> None:
         description="Measure, in one run, shootdown latency to 1, 2, 4 and 8 CPUs per transport "
                     "next to a bare ping fan-out to the same CPUs (the floor), munmap of 512 "
                     "pages per-page vs gathered, fork copy vs share, TLB hits/s in one CPU vs "
-                    "its TLB alone, faults/s at the memory service vs a walk, and the memory "
-                    "service's RSS per resident page. Starts its own local cluster unless "
+                    "its TLB alone, faults/s at the memory service vs a walk, faults through "
+                    "a CPU vs the domain in-process, the memory service's RSS per resident "
+                    "page, and (without --cluster: each its own fresh cluster) 16 CPUs one "
+                    "per process vs eight per process and 256 CPUs: ready time, RSS, a "
+                    "shootdown to every other CPU. Starts its own local cluster unless "
                     "--cluster is given. Report ratios: these machines are noisy.")
     b.add_argument("--cluster", metavar="ADDR",
                    help="use a running cluster (needs 9 CPUs; `tlbsim up --mqtt` for mqtt rows)")

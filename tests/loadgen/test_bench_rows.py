@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadgen.bench import (FRESH_PAGES, cpu_faults_vs_floor, faults_vs_floor,
+from loadgen.bench import (FRESH_PAGES, cluster_sizes, cpu_faults_vs_floor, faults_vs_floor,
                            memory_rss_per_page, tlb_hits_vs_floor)
 from tests.harness import InProcessCluster
 from tlbsim.v1 import memory_pb2
@@ -42,3 +42,14 @@ def test_the_rss_script_prints_only_the_rss_rows_of_its_own_cluster():
     assert "memory service RSS per resident page" in out.stdout
     assert out.stdout.index("1,500") < out.stdout.index("3,000")  # in order of size
     assert "shootdown" not in out.stdout  # none of the bench's other rows
+
+
+def test_the_cluster_rows_start_each_size_as_asked_and_shoot_down_every_other_cpu():
+    """Real processes: 3 CPUs one to a process, then all three in one."""
+    apart, together = cluster_sizes(((3, 1), (3, 3)))
+    assert (apart["per_process"], apart["cpu_processes"]) == (1, 3)
+    assert (together["per_process"], together["cpu_processes"]) == (3, 1)
+    for row in (apart, together):
+        assert row["ipis"] == 2 and row["stale_accesses"] == 0  # the munmap's two targets
+        assert row["ready_s"] > 0 and row["munmap_s"] > 0 and row["shootdown_ms"]["p50"] > 0
+    assert together["rss_mib"] < apart["rss_mib"]  # one process's imports, not three
