@@ -25,6 +25,8 @@ class Broker:
         self.url = f"mqtt://127.0.0.1:{self.port}/{self.root}"
 
     def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:  # a second one would lose
+            raise RuntimeError("the test broker is already running")  # track of the first
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([BINARY, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=log)
