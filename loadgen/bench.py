@@ -352,7 +352,8 @@ def cluster_sizes(rows=CLUSTER_ROWS) -> list[dict]:
         if r["stale_accesses"] or r["audit_violations"]:
             raise AssertionError(f"{cpus} CPUs, {k} a process: {r['stale_accesses']} stale "
                                  f"accesses, {r['audit_violations']} audit violations")
-        out.append({"cpus": cpus, "per_process": k, "cpu_processes": len(info.pids) - 2,
+        processes = sum(1 for name in info.pids if info.cpus_of(name))
+        out.append({"cpus": cpus, "per_process": k, "cpu_processes": processes,
                     "ready_s": round(ready_s, 2), "rss_mib": round(rss / 2**20, 1),
                     "rss_mib_per_cpu": round(rss / 2**20 / cpus, 2),
                     "munmap_s": r["duration_s"], "ipis": r["ipis"],

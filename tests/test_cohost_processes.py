@@ -20,6 +20,7 @@ import pytest
 from loadgen.cluster import Cluster
 from loadgen.runner import run
 from loadgen.scenarios import RunConfig
+from services.common.liveness import ready_timeout_s
 from services.common.policy import Policy
 from services.launcher import LocalCluster, free_port, load_state
 from tlbsim.v1 import cpu_pb2
@@ -38,6 +39,8 @@ def test_cohosted_cpus_are_each_their_own_service_and_stop_together(tmp_path: Pa
         info = local.start(4, tmp_path, per_process=2)
         assert set(info.pids) == {"coordinator", "memory", "cpus0-1", "cpus2-3"}
         assert info.hosts == {"cpus0-1": [0, 1], "cpus2-3": [2, 3]}
+        if "TLBSIM_READY_TIMEOUT" not in os.environ:  # the imports are per process: two
+            assert local.ready_timeout == ready_timeout_s(4, processes=2)
         assert load_state_round_trip(info, tmp_path).hosts == info.hosts
         assert len(set(info.cpus.values())) == 4  # a port each
 

@@ -28,12 +28,12 @@ async def run(d: Driver, cfg: RunConfig, progress: Progress) -> None:
         raise InvalidArgument("the replay scenario needs a trace file (--trace FILE)")
     header, events = read_trace(cfg.trace)
     cpus = d.cluster.cpus[:cfg.cpus]
+    by_rounds = not (cfg.duration or cfg.ops)  # (those, d.rounds measures by themselves)
     for rnd in d.rounds(cfg, progress):
         def within(share: float, rnd: int = rnd) -> None:  # a long replay moves the bar
-            if not (cfg.duration or cfg.ops):  # (those, d.rounds measures by themselves)
-                progress(int((rnd + share) / cfg.rounds * PERMILLE))
+            progress(int((rnd + share) / cfg.rounds * PERMILLE))
         r = Replayer(d, cpus, header, events, cfg.speed if d.virtual is None else 0.0,
-                     within)
+                     within if by_rounds else None)
         try:
             await r.replay()
         except ValueError as e:

@@ -91,8 +91,8 @@ class PageMap:
         return i if i >= 0 and page < self.segs[i].end else -1
 
     def _split(self, at: int) -> None:
-        i = bisect.bisect_right(self.segs, at, key=_START) - 1
-        if i >= 0 and self.segs[i].start < at < self.segs[i].end:
+        i = self._index(at)
+        if i >= 0 and self.segs[i].start < at:
             s = self.segs[i]
             self.segs.insert(i + 1, Seg(at, s.end, s.sim + at - s.start, s.writable))
             s.end = at

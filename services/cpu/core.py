@@ -386,8 +386,8 @@ class CpuCore:
                     if batch_misses is None:
                         walked = dict(zip(ahead, await walk(ahead)))
                     else:
-                        touches = self.touches(mm, vpn, pages, writes[i - 1:i - 1 + len(
-                            pages)] if writes else b"", answered)
+                        flags = writes[i - 1:i - 1 + len(pages)] if writes else b""
+                        touches = self.touches(mm, vpn, pages, flags, answered)
                         ptes, batch, results = await batch_misses(ahead, touches)
                         walked = dict(zip(ahead, ptes))
                         answered.update((v, (r, walked_at))

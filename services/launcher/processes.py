@@ -128,6 +128,11 @@ class LocalCluster:
             self.stop_after(exc)
             raise
 
+    @property
+    def ready_timeout(self) -> float | None:
+        """Seconds each service of this cluster has to be ready (None before `start`)."""
+        return self._ready_timeout
+
     def _start(self, groups: list[list[int]], log_dir: Path, deadline: float, mqtt: bool,
                liveness: Liveness) -> ClusterInfo:
         mqtt_url = self._start_mosquitto(log_dir, deadline) if mqtt else ""
