@@ -8,6 +8,7 @@ import enum
 class Code(enum.Enum):
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
     OUT_OF_RANGE = "OUT_OF_RANGE"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     ABORTED = "ABORTED"
@@ -39,6 +40,10 @@ class InvalidArgument(SimError):
 
 class NotFound(SimError):
     code = Code.NOT_FOUND
+
+
+class AlreadyExists(SimError):
+    code = Code.ALREADY_EXISTS
 
 
 class OutOfRange(SimError):

@@ -31,14 +31,15 @@ from typing import Iterator, Sequence
 
 from services.common.addresses import PTRS_PER_TABLE, USER_VPN_END, page_range
 from services.common.clock import Clock, monotonic
-from services.common.errors import InvalidArgument, NotFound, OutOfRange, SimError
+from services.common.errors import (AlreadyExists, InvalidArgument, NotFound, OutOfRange,
+                                    SimError)
 from services.common.hits import HitReport
 from services.common.misses import Touch, batchable
 from services.common.policy import Policy
 from services.memory.audit import TlbDump, audit
 from services.memory.faults import Faults
 from services.memory.flush import Flusher
-from services.memory.mm import Mm, Vma
+from services.memory.mm import MMAP_MIN_VPN, Mm, Vma
 from services.memory.oracle import Revokes
 from services.memory.pagetable import walk
 from services.memory.reclaim import Reclaimer
@@ -249,7 +250,11 @@ class Kernel:
 
     # --- system calls ------------------------------------------------------------------------
     async def mmap(self, cpu: int, mm_id: int, pages: int, writable: bool,
-                   populate: bool = False, vt: int | None = None) -> SyscallResult:
+                   populate: bool = False, vt: int | None = None,
+                   address: int | None = None) -> SyscallResult:
+        """`address`: MAP_FIXED_NOREPLACE — map exactly there, only into unmapped space
+        (else ALREADY_EXISTS, changing nothing), so no mapping is replaced and nothing
+        needs flushing; None: the kernel picks the place."""
         k = self.k
         mm = k.running(cpu, mm_id)
         if pages <= 0:
@@ -260,13 +265,25 @@ class Kernel:
         if populate and pages > k.frames.budget:
             raise OutOfRange(f"mmap of {pages} populated pages: the machine has "
                              f"{k.frames.budget} frames")
+        if address is not None:
+            fixed, _ = page_range(address, pages)
+            if fixed < MMAP_MIN_VPN:  # mmap_min_addr: the NULL page and its neighbours
+                raise InvalidArgument(f"mmap at {address:#x}: below mmap_min_addr "
+                                      f"({MMAP_MIN_VPN << 12:#x})")
         ctx = k.ctx(vt)
         ctx.spend(k.policy.cost_model.syscall_ns)
         async with mm.mmap_lock.write(ctx) as mmap_lock:
             k.alive(mm)
-            if mm.next_vpn + pages + PTRS_PER_TABLE > USER_VPN_END:
-                raise OutOfRange(f"mmap of {pages} pages does not fit in the 47-bit user space")
-            start = mm.place(pages)
+            if address is None:
+                start = mm.place(pages, USER_VPN_END - PTRS_PER_TABLE)
+                if start is None:
+                    raise OutOfRange(f"mmap of {pages} pages does not fit in the 47-bit "
+                                     "user space")
+            elif mm.overlaps(fixed, fixed + pages):
+                raise AlreadyExists(f"mmap at {address:#x} of {pages} pages: the range "
+                                    "overlaps a mapping (MAP_FIXED_NOREPLACE)")
+            else:
+                start = fixed
             mm.insert(Vma(start, start + pages, writable))
             if populate:
                 await mmap_lock.downgrade(ctx)

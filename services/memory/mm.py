@@ -9,6 +9,7 @@ from services.memory.locks import LockClass, RwLock, SimLock
 from services.memory.pagetable import Directory
 
 MMAP_BASE_VPN = 0x10000          # first mmap address: 256 MiB
+MMAP_MIN_VPN = 0x10              # mmap_min_addr (64 KiB): no mapping below it
 HUGE_ALIGN_PAGES = 512           # mappings of 2 MiB or more start on a 2 MiB boundary
 
 
@@ -64,11 +65,22 @@ class Mm:
     def overlaps(self, start: int, end: int) -> bool:
         return any(v.start < end and start < v.end for v in self.vmas)
 
-    def place(self, pages: int) -> int:
-        """Pick an unmapped range for a new mapping (bump allocation)."""
-        start = self.next_vpn
-        if pages >= HUGE_ALIGN_PAGES:
-            start = -(-start // HUGE_ALIGN_PAGES) * HUGE_ALIGN_PAGES
+    def place(self, pages: int, limit: int) -> int | None:
+        """Pick an unmapped range for a new mapping below `limit`, or None: the first
+        at or above the last one picked (bump allocation: freed space is not reused),
+        past any mapping made at a fixed address there."""
+        start, vmas = self.next_vpn, self.vmas
+        i = max(0, bisect.bisect_right(vmas, start, key=_START) - 1)
+        while True:
+            if pages >= HUGE_ALIGN_PAGES:
+                start = -(-start // HUGE_ALIGN_PAGES) * HUGE_ALIGN_PAGES
+            while i < len(vmas) and vmas[i].end <= start:
+                i += 1
+            if i == len(vmas) or vmas[i].start >= start + pages:
+                break
+            start = vmas[i].end  # it overlaps a mapping: try past it
+        if start + pages > limit:
+            return None
         self.next_vpn = start + pages
         return start
 

@@ -250,8 +250,9 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
         k, cpu, mm, call = self.kernel, request.cpu, request.mm, request.call
         which, vt = call.WhichOneof("call"), _vtime(call)
         if which == "mmap":
-            r = await k.mmap(cpu, mm, call.mmap.pages, call.mmap.writable, call.mmap.populate,
-                             vt=vt)
+            a = call.mmap
+            r = await k.mmap(cpu, mm, a.pages, a.writable, a.populate, vt=vt,
+                             address=a.address if a.HasField("address") else None)
         elif which == "munmap":
             r = await k.munmap(cpu, mm, call.munmap.address, call.munmap.pages, vt=vt)
         elif which == "madvise_dontneed":

@@ -32,7 +32,8 @@ BASELINE = Policy(deadline_s=0.2)
 CALL_TIMEOUT_S = 10.0  # a call running out of this is a hang: a failure
 REJECTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
             grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE,
-            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+            grpc.StatusCode.ALREADY_EXISTS}  # mmap at an address that is mapped
 SERVICES = {
     "cpu": cpu_pb2.DESCRIPTOR.services_by_name["CpuService"],
     "memory": memory_pb2.DESCRIPTOR.services_by_name["MemoryService"],

@@ -63,6 +63,27 @@ async def test_bad_ranges(env, address, pages, code, text):
     assert r.pages_freed == 8
 
 
+def fixed_mmap(address, pages):
+    return common_pb2.SyscallRequest(mmap=common_pb2.MmapArgs(pages=pages, writable=True,
+                                                              address=address))
+
+
+@pytest.mark.parametrize("offset,pages,code,text", [
+    (0, 1, grpc.StatusCode.ALREADY_EXISTS, "overlaps a mapping"),
+    (-PAGE, 2, grpc.StatusCode.ALREADY_EXISTS, "MAP_FIXED_NOREPLACE"),
+    (1, 1, grpc.StatusCode.INVALID_ARGUMENT, "not page-aligned"),
+    (None, 1, grpc.StatusCode.INVALID_ARGUMENT, "mmap_min_addr"),
+])
+async def test_bad_fixed_mmaps(env, offset, pages, code, text):
+    c, cl, cpu, mm, base = env
+    before = await state(cl)
+    address = PAGE if offset is None else base + offset
+    await expect(cpu.Syscall(fixed_mmap(address, pages)), code, text)
+    assert await state(cl) == before
+    r = await cpu.Syscall(fixed_mmap(base + 64 * PAGE, pages))  # free space: mapped there
+    assert r.address == base + 64 * PAGE
+
+
 async def test_bad_access_addresses(env):
     c, cl, cpu, mm, base = env
     before = await state(cl)

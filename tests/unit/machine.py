@@ -63,16 +63,17 @@ class Machine:
         for f in result.local_flushes:
             self.cpus[cpu].local_flush(f, virtual)
 
-    async def syscall(self, cpu: int, name: str, *args, vt: int | None = None):
+    async def syscall(self, cpu: int, name: str, *args, vt: int | None = None, **kw):
         """`vt`: in virtual time, the call starts then (the CPU's clock if later); the
         CPU's clock ends where the call did (the services' Syscall, in process)."""
         core = self.cpus[cpu]
         if vt is None:
-            result = await getattr(self.kernel, name)(cpu, core.loaded_mm, *args)
+            result = await getattr(self.kernel, name)(cpu, core.loaded_mm, *args, **kw)
             self.apply_local(cpu, result)
             return result
         core.v.start(vt)
-        result = await getattr(self.kernel, name)(cpu, core.loaded_mm, *args, vt=core.v.clock)
+        result = await getattr(self.kernel, name)(cpu, core.loaded_mm, *args, vt=core.v.clock,
+                                                  **kw)
         core.v.advance(result.vt - core.v.clock)
         self.apply_local(cpu, result, virtual=True)
         return result
