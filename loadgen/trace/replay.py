@@ -1,11 +1,13 @@
 """Replay a trace's memory-management calls and accesses on the cluster's CPUs.
 
 How each recorded call maps onto what the simulated machine has (it has mmap, munmap,
-mprotect, madvise(DONTNEED), fork and exit; addresses are its own, so every task's
-address space keeps a map from the program's pages to the simulator's):
-- mmap → mmap of as many pages (file mappings are simulated as anonymous memory;
-  writable when PROT_WRITE); a MAP_FIXED mapping over mapped pages first munmaps them,
-  as the kernel does (counted as `implicit_munmaps`).
+mprotect, madvise(DONTNEED), fork and exit). Every mapping is made at the program's own
+address (MAP_FIXED_NOREPLACE), so the page tables are laid out as the program's were
+and its accesses go to the addresses it used; each address space keeps the program's
+mapped segments, to know what a call covers:
+- mmap → mmap of as many pages at the same address (file mappings are simulated as
+  anonymous memory; writable when PROT_WRITE); a MAP_FIXED mapping over mapped pages
+  first munmaps them, as the kernel does (counted as `implicit_munmaps`).
 - munmap / mprotect / madvise(MADV_DONTNEED) → the same call on every simulated piece
   of the range; parts the simulator never saw mapped (the ELF image and the stack, mapped
   by the kernel at execve) have no effect (`no_effect`). Other madvise advice changes no
@@ -36,11 +38,12 @@ import dataclasses
 import operator
 import time
 from itertools import repeat
-from operator import and_, rshift
+from operator import and_, lshift, rshift
 from typing import TYPE_CHECKING, Callable
 
 from loadgen.trace.fmt import Pages
-from services.common.addresses import PAGE_SHIFT, PAGE_SIZE, PTE_TABLE_PAGES
+from services.common.addresses import PAGE_SHIFT, PAGE_SIZE, PTE_TABLE_PAGES, USER_VPN_END
+from services.memory.mm import MMAP_MIN_VPN
 from tlbsim.v1 import common_pb2, memory_pb2
 
 if TYPE_CHECKING:  # the scenarios import this module
@@ -59,9 +62,8 @@ def pages_of(length: int) -> int:
 
 @dataclasses.dataclass
 class Seg:
-    start: int     # the program's first page
-    end: int       # one past its last page
-    sim: int       # the simulator's page for `start`
+    start: int     # the first page (the program's, and the simulator's mapping's)
+    end: int       # one past the last page
     writable: bool
 
 
@@ -69,19 +71,19 @@ _START = operator.attrgetter("start")
 
 
 class PageMap:
-    """The program's pages → the simulator's, as sorted non-overlapping segments."""
+    """The program's mapped pages, as sorted non-overlapping segments."""
 
     def __init__(self, segs: list[Seg] | None = None):
         self.segs: list[Seg] = segs or []
         self._starts: list[int] | None = None  # the segments' starts, for a keyless bisect
-        self._known: dict[int, int] = {}  # page → the simulator's address, as translated
+        self._mapped: set[int] = set()  # pages found inside a segment, as translated
 
     def copy(self) -> "PageMap":
         return PageMap([dataclasses.replace(s) for s in self.segs])
 
     def _changed(self) -> None:
         self._starts = None
-        self._known.clear()
+        self._mapped.clear()
 
     def _index(self, page: int) -> int:
         """The index of the segment holding `page`, or -1."""
@@ -94,7 +96,7 @@ class PageMap:
         i = self._index(at)
         if i >= 0 and self.segs[i].start < at:
             s = self.segs[i]
-            self.segs.insert(i + 1, Seg(at, s.end, s.sim + at - s.start, s.writable))
+            self.segs.insert(i + 1, Seg(at, s.end, s.writable))
             s.end = at
             self._changed()
 
@@ -120,33 +122,30 @@ class PageMap:
 
     def translate(self, pages: Pages, i: int, stop: int, addresses: list[int],
                   writes: bytearray) -> int:
-        """Append the simulator's address and the write flag of each of pages[i:stop]
-        up to the first page outside every segment; return its index (`stop` if there is
-        none). The replay's inner loop, so in C-level passes: a program's accesses
-        revisit few pages, each translated once until the segments change (they hop
-        between segments at almost every access)."""
+        """Append the byte address and the write flag of each of pages[i:stop] up to the
+        first page outside every segment; return its index (`stop` if there is none).
+        The replay's inner loop, so in C-level passes: a program's accesses revisit few
+        pages, each looked up once until the segments change."""
         chunk = pages.packed[i:stop]
         numbers = list(map(rshift, chunk, repeat(1)))
-        known = self._known
-        outside = set()
-        for page in set(numbers) - known.keys():
-            k = self._index(page)
-            if k < 0:
-                outside.add(page)
-            else:
-                seg = self.segs[k]
-                known[page] = (seg.sim + page - seg.start) << PAGE_SHIFT
+        mapped = self._mapped
+        unseen = set(numbers) - mapped
+        outside = {page for page in unseen if self._index(page) < 0}
+        mapped |= unseen - outside
         if outside:
             cut = next(k for k, page in enumerate(numbers) if page in outside)
             numbers, chunk = numbers[:cut], chunk[:cut]
-        addresses.extend(map(known.__getitem__, numbers))
+        addresses.extend(map(lshift, numbers, repeat(PAGE_SHIFT)))
         writes.extend(map(and_, chunk, repeat(1)))
         return i + len(numbers)
 
     def gap(self, page: int) -> tuple[int, int]:
-        """The unmapped pages around `page` within its 2 MiB block."""
-        lo = page - page % PTE_TABLE_PAGES
-        hi = lo + PTE_TABLE_PAGES
+        """The unmapped pages around `page` within its 2 MiB block (and user space)."""
+        if not MMAP_MIN_VPN <= page < USER_VPN_END:
+            raise ValueError(f"an access to page {page:#x}, outside the simulated user "
+                             f"space (pages {MMAP_MIN_VPN:#x} to {USER_VPN_END:#x})")
+        block = page - page % PTE_TABLE_PAGES
+        lo, hi = max(MMAP_MIN_VPN, block), block + PTE_TABLE_PAGES
         for s in self.segs:
             if s.end <= page:
                 lo = max(lo, s.end)
@@ -242,16 +241,21 @@ class Replayer:
 
     async def _map(self, task: Task, start: int, pages: int, writable: bool,
                    implicit: bool = False) -> None:
+        if not (MMAP_MIN_VPN <= start and start + pages <= USER_VPN_END):
+            raise ValueError(f"a mapping of pages {start:#x}-{start + pages:#x}, outside the "
+                             f"simulated user space (pages {MMAP_MIN_VPN:#x} to "
+                             f"{USER_VPN_END:#x})")
         for seg in task.space.pages.remove(start, start + pages):  # MAP_FIXED over a mapping
             await self._munmap_seg(task, seg)
             self.counters["implicit_munmaps"] += 1
-        r = await self._sys(task, mmap=common_pb2.MmapArgs(pages=pages, writable=writable))
-        task.space.pages.add(Seg(start, start + pages, r.address >> PAGE_SHIFT, writable))
+        await self._sys(task, mmap=common_pb2.MmapArgs(pages=pages, writable=writable,
+                                                       address=start << PAGE_SHIFT))
+        task.space.pages.add(Seg(start, start + pages, writable))
         if implicit:
             self.counters["implicit_mappings"] += 1
 
     async def _munmap_seg(self, task: Task, seg: Seg) -> None:
-        await self._sys(task, munmap=common_pb2.RangeArgs(address=seg.sim << PAGE_SHIFT,
+        await self._sys(task, munmap=common_pb2.RangeArgs(address=seg.start << PAGE_SHIFT,
                                                           pages=seg.end - seg.start))
 
     async def _unmap(self, task: Task, start: int, end: int) -> int:
@@ -282,7 +286,10 @@ class Replayer:
                 delay = t0 + e["t"] / self.speed - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await self.event(e)
+            try:
+                await self.event(e)
+            except ValueError as error:  # the header is line 1
+                raise ValueError(f"line {k + 2}: {error}") from None
             if self.on_progress is not None and k % step == step - 1 and k + 1 < n:
                 self.on_progress((k + 1) / n)
         await self._send_held()
@@ -324,7 +331,7 @@ class Replayer:
         pieces = task.space.pages.pieces(start, start + pages_of(e["len"]))
         for seg in pieces:
             await self._sys(task, mprotect=common_pb2.MprotectArgs(
-                address=seg.sim << PAGE_SHIFT, pages=seg.end - seg.start, writable=writable))
+                address=seg.start << PAGE_SHIFT, pages=seg.end - seg.start, writable=writable))
             seg.writable = writable
         return bool(pieces)
 
@@ -336,7 +343,7 @@ class Replayer:
         pieces = task.space.pages.pieces(start, start + pages_of(e["len"]))
         for seg in pieces:
             await self._sys(task, madvise_dontneed=common_pb2.RangeArgs(
-                address=seg.sim << PAGE_SHIFT, pages=seg.end - seg.start))
+                address=seg.start << PAGE_SHIFT, pages=seg.end - seg.start))
         return bool(pieces)
 
     async def _brk(self, task: Task, e: dict) -> bool:

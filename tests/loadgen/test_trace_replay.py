@@ -14,8 +14,10 @@ from loadgen import output
 from loadgen.output import trace_notes
 from loadgen.runner import failed, run
 from loadgen.scenarios import RunConfig
-from loadgen.trace.fmt import read_trace
+from loadgen.trace.fmt import Pages, read_trace, write_trace
+from services.common.errors import InvalidArgument
 from services.common.policy import Policy
+from tlbsim.v1 import cpu_pb2
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "traces")
 TRACES = sorted(f for f in os.listdir(FIXTURES) if f.endswith(".tlbt.gz"))
@@ -189,3 +191,42 @@ async def test_a_trace_that_cannot_show_a_policy_says_so(cluster, name, says):
     with output.console.capture() as cap:
         output.print_report(report)
     assert says in " ".join(cap.get().split())
+
+
+def synthetic(tmp_path, *events) -> str:
+    path = str(tmp_path / "synthetic.tlbt.gz")
+    write_trace(path, {"source": "valgrind-lackey", "syscalls": {}}, events)
+    return path
+
+
+def mmap_event(address: int, pages: int) -> dict:
+    return {"op": "mmap", "tid": 1, "addr": 0, "len": pages * 4096, "prot": "PROT_READ|PROT_WRITE",
+            "flags": "MAP_PRIVATE|MAP_ANONYMOUS", "fd": -1, "ret": address}
+
+
+def accesses(*pages: int) -> dict:
+    packed = Pages()
+    for page in pages:
+        packed.add(page, True)
+    return {"op": "access", "tid": 1, "pages": packed}
+
+
+async def test_a_mapping_is_made_at_the_programs_own_address(cluster, tmp_path):
+    """No translation: the pages the program touched are the simulator's (its page
+    tables laid out as the program's were); a page outside every mapping gets its gap."""
+    at = 0x7F12_3456_7000
+    path = synthetic(tmp_path, mmap_event(at, 2), accesses(at >> 12, (at >> 12) + 1, 0x5555_5555))
+    report = await replay(cluster, path)  # no exit: the mm, and the TLB, stay
+    assert report["results"]["replay"]["implicit_mappings"] == 1
+    dump = await cluster.client.cpus[0].stub.DumpTlb(cpu_pb2.DumpTlbRequest())
+    assert {e.vpn for e in dump.entries} == {at >> 12, (at >> 12) + 1, 0x5555_5555}
+
+
+@pytest.mark.parametrize("event, says", [
+    (mmap_event(0x1000, 1), "line 2: a mapping of pages 0x1-0x2, outside the simulated user"),
+    (accesses(3), "line 2: an access to page 0x3, outside the simulated user space")])
+async def test_a_trace_outside_user_space_is_refused_naming_the_line(cluster, tmp_path,
+                                                                     event, says):
+    path = synthetic(tmp_path, event)
+    with pytest.raises(InvalidArgument, match=re.escape(says)):
+        await run(cluster.client, RunConfig("replay", Policy(), cpus=4, rounds=1, trace=path))
