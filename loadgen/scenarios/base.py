@@ -15,7 +15,7 @@ import grpc
 
 from loadgen.cluster import Cluster, Cpu
 from loadgen.vsched import DEFAULT_QUANTUM_NS, VirtualScheduler
-from services.common.addresses import PAGE_SIZE, pack_addresses
+from services.common.addresses import PAGE_SIZE, pack_addresses, user_addresses
 from services.common.costmodel import Events
 from services.common.chaos import MACHINE_LOST
 from services.common.errors import (REASON_CPU_FENCED, REASON_CPU_LEFT, REASON_MACHINE_LOST,
@@ -32,6 +32,7 @@ CPU_LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
             grpc.StatusCode.FAILED_PRECONDITION}
 REJOIN_BACKOFF_S = (0.05, 0.5)  # calling a fenced CPU again while it rejoins
 PROBE_TIMEOUT_S = 15.0  # is the memory service (the machine) still the same one?
+RUN_STEPS = 1024  # steps per Run call at most (the CPU takes up to 4096)
 
 
 class CpuLeft(FailedPrecondition):
@@ -313,19 +314,64 @@ class Driver:
 
     async def syscall(self, cpu: Cpu, **call) -> common_pb2.SyscallResponse:
         """A system call on a CPU the scenario cannot do without."""
-        kind = next(iter(call))
+        return await self._syscall(cpu, common_pb2.SyscallRequest(**call))
+
+    async def _syscall(self, cpu: Cpu, request: common_pb2.SyscallRequest
+                       ) -> common_pb2.SyscallResponse:
+        kind = request.WhichOneof("call")
         t0 = time.perf_counter()
-        request = common_pb2.SyscallRequest(**call)
         r = await self._timed(cpu, cpu.stub.Syscall, request)
         if r is None:
             raise CpuLeft(f"cpu {cpu.id}, which drives this scenario, left the run")
         if r.HasField("vtime_ns"):
             self.m.vlatency_ns[kind].append(r.vtime_ns - request.vtime_ns)
-        self.m.syscall_latency_s[kind].append(time.perf_counter() - t0)
+        self._syscall_done(kind, r, time.perf_counter() - t0)
+        return r
+
+    def _syscall_done(self, kind: str, r: common_pb2.SyscallResponse, latency_s: float) -> None:
+        self.m.syscall_latency_s[kind].append(latency_s)
         self.m.syscalls[kind] += 1
         self.m.syscall_shootdowns[kind] += r.shootdowns
         self.m.ops += 1
-        return r
+
+    async def run(self, cpu: Cpu, steps: list[cpu_pb2.Step]) -> list[cpu_pb2.StepResult]:
+        """A task's consecutive steps on `cpu`, in order, each measured as its own call
+        would be. In wall-clock time they go in Run calls (up to RUN_STEPS each; a
+        step's latency is then the CPU's: the call carries many); in virtual time each
+        is its own call, taking its turn."""
+        if self.virtual is not None:
+            return [await self._step(cpu, step) for step in steps]
+        results: list[cpu_pb2.StepResult] = []
+        while len(results) < len(steps):
+            r = await self._call(cpu, cpu.stub.Run, cpu_pb2.RunRequest(
+                steps=steps[len(results):len(results) + RUN_STEPS]))
+            if r is None:
+                raise CpuLeft(f"cpu {cpu.id}, which drives this scenario, left the run")
+            if not r.results:  # (a run fails at its first step: a status, not this)
+                raise FailedPrecondition(f"cpu {cpu.id} answered a run doing nothing")
+            for step, result in zip(steps[len(results):], r.results):
+                if result.HasField("access"):
+                    self.m.add(result.access)
+                elif result.HasField("syscall"):
+                    self._syscall_done(step.syscall.WhichOneof("call"), result.syscall,
+                                       result.latency_s)
+            results.extend(r.results)  # short of the steps: one failed; it is sent again
+        return results
+
+    async def _step(self, cpu: Cpu, step: cpu_pb2.Step) -> cpu_pb2.StepResult:
+        """One step as its own call."""
+        kind = step.WhichOneof("step")
+        if kind == "syscall":
+            return cpu_pb2.StepResult(syscall=await self._syscall(cpu, step.syscall))
+        if kind == "switch_mm":
+            await self.switch(cpu, step.switch_mm.mm)
+            return cpu_pb2.StepResult(switch_mm=cpu_pb2.SwitchMmResponse())
+        a = step.access
+        r = await self.access(cpu, list(user_addresses(a.packed_addresses)), writes=a.writes,
+                              stop_on_segv=a.stop_on_segv)
+        if r is None:
+            raise CpuLeft(f"cpu {cpu.id}, which drives this scenario, left the run")
+        return cpu_pb2.StepResult(access=r)
 
     async def audit(self) -> None:
         """At a quiescent point: every TLB entry of every CPU against the page tables."""

@@ -21,9 +21,14 @@ mapped segments, to know what a call covers:
 - execve → a new, empty mm for the task; the old one exits when no task uses it.
 - exit / exit_group (or the task's end as strace saw it) → when the last task of an
   address space ends, `exit` of its mm.
-- access batches (valgrind lackey) → `Access` on the task's CPU; a page outside every
+- access batches (valgrind lackey) → accesses on the task's CPU; a page outside every
   traced mapping (the image, the stack) gets an implicit mapping of the gap around it
   within its 2 MiB block (`implicit_mappings`), so it is simulated, not dropped.
+A task's consecutive steps (switching its CPU to its mm, system calls, accesses) go to
+its CPU together in one Run call (wall-clock time, at full speed: nothing the replayer
+needs comes back from them but a fork's child mm), sent when another CPU's task takes
+over or RUN_ACCESSES accumulate; paced (--speed), each event's steps go at its time, and
+in virtual time each step is its own call, taking its turn.
 Tasks are placed on CPUs round-robin in the order they appear; a CPU shared by tasks of
 different address spaces switches mm before each of their calls, and a CPU loads a
 new mm after execve (`mm_switches`).
@@ -42,18 +47,21 @@ from operator import and_, lshift, rshift
 from typing import TYPE_CHECKING, Callable
 
 from loadgen.trace.fmt import Pages
-from services.common.addresses import PAGE_SHIFT, PAGE_SIZE, PTE_TABLE_PAGES, USER_VPN_END
+from services.common.addresses import (PAGE_SHIFT, PAGE_SIZE, PTE_TABLE_PAGES, USER_VPN_END,
+                                       pack_addresses)
 from services.memory.mm import MMAP_MIN_VPN
-from tlbsim.v1 import common_pb2, memory_pb2
+from tlbsim.v1 import common_pb2, cpu_pb2, memory_pb2
 
 if TYPE_CHECKING:  # the scenarios import this module
     from loadgen.scenarios.base import Cpu, Driver
 
-# Accesses per Access call at most. In wall-clock time, at full speed, the accesses of
+# Accesses per access step at most. In wall-clock time, at full speed, the accesses of
 # consecutive access events of one task (lackey writes a batch per 1,024 pages or fewer)
-# go in one call, up to this many: nothing happens between them in the trace, and each
-# call is three round trips (the Access, its hit report, its reply) however short.
+# go in one step, up to this many: nothing happens between them in the trace.
 ACCESS_BATCH = 1 << 16
+# A run is sent once its access steps hold this many accesses (bounded messages; the
+# CPU takes up to 2^20 in one Run).
+RUN_ACCESSES = 1 << 18
 
 
 def pages_of(length: int) -> int:
@@ -196,7 +204,10 @@ class Replayer:
         # In virtual time each recorded batch keeps its own turns of the scheduler; paced
         # (--speed), its own time.
         self.merge = speed <= 0 and d.virtual is None
-        self._held: tuple[Task, list[int], bytearray] | None = None  # accesses not yet sent
+        self._held: tuple[Task, list[int], bytearray] | None = None  # accesses not yet a step
+        self._run: tuple[Cpu, list[cpu_pb2.Step]] | None = None  # steps not yet sent
+        self._run_accesses = 0
+        self._answered: list[cpu_pb2.StepResult] = []  # the last run sent, its results
 
     # --- tasks, CPUs and mms ---------------------------------------------------------------
     def _space(self) -> Space:
@@ -228,16 +239,41 @@ class Replayer:
         if self.loaded.get(task.cpu.id) != space.mm:
             if task.cpu.id in self.loaded:
                 self.counters["mm_switches"] += 1
-            await self.d.switch(task.cpu, space.mm)
+            await self._step(task.cpu, cpu_pb2.Step(
+                switch_mm=cpu_pb2.SwitchMmRequest(mm=space.mm)))
             self.loaded[task.cpu.id] = space.mm
         return task.cpu
 
-    async def _sys(self, task: Task, **call) -> common_pb2.SyscallResponse:
+    async def _sys(self, task: Task, answer: bool = False,
+                   **call) -> common_pb2.SyscallResponse | None:
+        """A system call of the task; with `answer`, sent now and its result returned."""
         cpu = await self._run_on(task)
-        r = await self.d.syscall(cpu, **call)
+        await self._step(cpu, cpu_pb2.Step(syscall=common_pb2.SyscallRequest(**call)))
         if "exit" in call:
             self.loaded[cpu.id] = 0
-        return r
+        if not answer:
+            return None
+        await self._send()
+        return self._answered[-1].syscall  # the call was the last step of the last run
+
+    # --- runs ----------------------------------------------------------------------------
+    async def _step(self, cpu: Cpu, step: cpu_pb2.Step) -> None:
+        """The next step, on `cpu`: the steps before it on another CPU go first."""
+        if self._run is not None and self._run[0] is not cpu:
+            await self._send()
+        if self._run is None:
+            self._run = (cpu, [])
+        self._run[1].append(step)
+        if step.HasField("access"):
+            self._run_accesses += len(step.access.packed_addresses) // 8
+            if self._run_accesses >= RUN_ACCESSES:
+                await self._send()
+
+    async def _send(self) -> None:
+        """The steps not yet sent, in one run on their CPU (its results: `_answered`)."""
+        run, self._run, self._run_accesses = self._run, None, 0
+        if run is not None:
+            self._answered = await self.d.run(*run)
 
     async def _map(self, task: Task, start: int, pages: int, writable: bool,
                    implicit: bool = False) -> None:
@@ -290,15 +326,18 @@ class Replayer:
                 await self.event(e)
             except ValueError as error:  # the header is line 1
                 raise ValueError(f"line {k + 2}: {error}") from None
+            if not self.merge:
+                await self._send()  # paced, or virtual: the event's steps go now
             if self.on_progress is not None and k % step == step - 1 and k + 1 < n:
                 self.on_progress((k + 1) / n)
-        await self._send_held()
+        await self._step_held()
+        await self._send()
 
     async def event(self, e: dict) -> None:
         task = self._task(e["tid"])
         op = e["op"]
         if self._held is not None and (op != "access" or self._held[0] is not task):
-            await self._send_held()
+            await self._step_held()
         if op == "access":
             await self._access(task, e["pages"])
             return
@@ -383,8 +422,8 @@ class Replayer:
             space = task.space  # a thread (or a vfork-style child sharing the mm)
             group = task.group if "CLONE_THREAD" in flags else child
         else:
-            await self._run_on(task)
-            r = await self._sys(task, fork=common_pb2.ForkArgs())
+            r = await self._sys(task, answer=True, fork=common_pb2.ForkArgs())
+            assert r is not None
             space = self._space()
             space.mm = r.child_mm
             space.pages = task.space.pages.copy()
@@ -413,7 +452,7 @@ class Replayer:
         return True
 
     async def _access(self, task: Task, pages: Pages) -> None:
-        """The event's accesses, added to those held for the task (sent now unless
+        """The event's accesses, added to those held for the task (a step now unless
         consecutive events may be merged)."""
         if task.ended:
             raise ValueError(f"task {task.tid} accesses memory after it ended")
@@ -425,25 +464,26 @@ class Replayer:
             i = space.pages.translate(pages, i, stop, addresses, writes)
             if i < stop:  # outside every mapping
                 lo, hi = space.pages.gap(pages.packed[i] >> 1)
-                await self._send_held()
+                await self._step_held()
                 await self._map(task, lo, hi - lo, True, implicit=True)
                 assert space.pages.lookup(lo), "the gap was just mapped"
                 self.counters["accesses_outside_mappings"] += 1
                 _, addresses, writes = self._held = (task, [], bytearray())
             elif len(addresses) >= ACCESS_BATCH:
-                await self._send_held()
+                await self._step_held()
                 _, addresses, writes = self._held = (task, [], bytearray())
         self.counters["access_pages"] += n
         if not self.merge:
-            await self._send_held()
+            await self._step_held()
 
-    async def _send_held(self) -> None:
-        """One Access of the accesses held, on their task's CPU."""
+    async def _step_held(self) -> None:
+        """The accesses held, as one step on their task's CPU."""
         held, self._held = self._held, None
         if held is not None and held[1]:
             task, addresses, writes = held
             cpu = await self._run_on(task)
-            await self.d.access(cpu, addresses, writes=bytes(writes))
+            await self._step(cpu, cpu_pb2.Step(access=cpu_pb2.AccessRequest(
+                packed_addresses=pack_addresses(addresses), writes=bytes(writes))))
             self.counters["access_batches"] += 1
             task.space.cpus.add(cpu.id)
 

@@ -9,16 +9,18 @@ heartbeat; when fenced, flush everything and register again. The membership's ru
 services/cpu/membership.py; here are the calls and one timer for the lease.
 
 An Access that called the memory service sends its hit report after answering (its
-walks promised it: services/memory/promises.py); one that did not awaits it.
+walks promised it: services/memory/promises.py); one that did not awaits it. A Run (a
+task's consecutive steps in one call) reports once for all its access steps.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import grpc
 
@@ -27,7 +29,7 @@ from services.common.addresses import USER_VA_END, user_addresses, vpn_of
 from services.common.costmodel import CostModel, tlb_events
 from services.common.chaos import ChaosCounts, ChaosPlan, epoch_metadata
 from services.common.errors import (REASON_CPU_FENCED, FailedPrecondition, InvalidArgument,
-                                   error_of)
+                                   SimError, error_of)
 from services.common.liveness import Liveness
 from services.common.metrics import histogram, labelled, node_registry
 from services.common.policy import Policy
@@ -45,7 +47,8 @@ log = logging.getLogger("tlbsim.cpu")
 
 RPC_TIMEOUT_S = 30.0
 REPORT_DRAIN_S = 5.0  # a stopping CPU waits this long for its last access report
-MAX_ACCESSES = 1 << 20  # per request: bounded work and memory
+MAX_ACCESSES = 1 << 20  # per request (a Run's access steps together): bounded work and memory
+MAX_RUN_STEPS = 4096
 
 
 async def _yield() -> None:
@@ -412,6 +415,9 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     @rpc
     @completes
     async def SwitchMm(self, request, context):
+        return await self._switch_mm(request)
+
+    async def _switch_mm(self, request) -> pb.SwitchMmResponse:
         async with self._exec:
             if self.core.fenced:
                 self._require_runnable()
@@ -430,35 +436,24 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     @rpc
     @completes
     async def Access(self, request, context):
-        packed = request.packed_addresses
-        if packed and request.addresses:
-            raise InvalidArgument("addresses and packed_addresses: give one of the two")
-        n = len(packed) // 8 if packed else len(request.addresses)
-        if n > MAX_ACCESSES:
-            raise InvalidArgument(f"{n} accesses in one request: at most {MAX_ACCESSES}")
-        if request.writes and len(request.writes) != n:
-            raise InvalidArgument(f"writes has {len(request.writes)} flags for {n} addresses")
-        if packed:  # ~1 ms per 100k addresses; the repeated field's copy and max() ~6 ms
-            addresses: Sequence[int] = user_addresses(packed)
-        else:  # a list: upb copies it out fastest
-            addresses = request.addresses[:]
-            if n and max(addresses) >= USER_VA_END:
-                for a in addresses:
-                    vpn_of(a)  # raises, naming the first bad address
+        return await self._access(request, _addresses(request, MAX_ACCESSES))
+
+    async def _access(self, request, addresses: Sequence[int],
+                      report: "_Report | None" = None) -> pb.AccessResponse:
+        """`report`: a Run's, which reports for its steps (else this Access reports)."""
+        own = report is None
+        served = report or _Report(self._next_report_token())
         async with self._exec:
             mm = self._require_runnable()
             fault_latency: list[float] = []
             fault_vtime: list[int] = []
             virtual = request.HasField("vtime_ns")
             fence_epoch = self.member.fence_epoch
-            token = self._next_report_token()
-            promised = False
 
             def promise() -> int:
-                """This call's token: the report goes out after the Access answers."""
-                nonlocal promised
-                promised = True
-                return token
+                """The report's token: it goes out after the Access (or Run) answers."""
+                served.promised = True
+                return served.token
 
             def not_fenced_since() -> None:
                 """An Access in flight when the CPU is fenced stops before its next fill,
@@ -520,10 +515,9 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                 self._fenced_error(e)  # fenced (or its lease ran out) inside the core
                 raise
             finally:
-                if promised:  # the memory service waits for it (Stats): not the Access
-                    self._report_after(mm, token)
-                else:
-                    await self._report_hits(mm)
+                served.mm = mm
+                if own:
+                    await self._send_report(served)
             return pb.AccessResponse(accesses=s.accesses, hits=s.hits, misses=s.misses,
                                      faults=s.faults, segv=s.segv,
                                      fault_latency_s=fault_latency,
@@ -539,6 +533,14 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             await self._reachable.wait()
         return await method(request, timeout=RPC_TIMEOUT_S, wait_for_ready=True,
                             metadata=epoch_metadata(self.epoch if epoch is None else epoch))
+
+    async def _send_report(self, report: "_Report") -> None:
+        """What was served under `report`: after the answer if a walk promised it (the
+        memory service waits for it in Stats, not the caller), else now."""
+        if report.promised:
+            self._report_after(report.mm, report.token)
+        elif report.mm:
+            await self._report_hits(report.mm)
 
     async def _report_hits(self, mm: int) -> None:
         report = self.core.take_hits()
@@ -574,6 +576,9 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
     @rpc
     @completes
     async def Syscall(self, request, context):
+        return await self._syscall(request)
+
+    async def _syscall(self, request) -> common_pb2.SyscallResponse:
         async with self._exec:
             mm = self._require_runnable()
             virtual = request.HasField("vtime_ns")
@@ -597,6 +602,37 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
             if virtual:
                 r.result.vtime_ns = v.clock
             return r.result
+
+    @reachable
+    @rpc
+    @completes
+    async def Run(self, request, context):
+        steps = _run_steps(request)  # all checked before any runs
+        results: list[pb.StepResult] = []
+        # One report for the run's accesses, not one per step (a report is of one mm:
+        # a switch sends what was served before it).
+        report = _Report(self._next_report_token())
+        try:
+            for kind, step, addresses in steps:
+                t0 = time.perf_counter()
+                try:
+                    if kind == "access":
+                        result = {"access": await self._access(step, addresses, report)}
+                    elif kind == "syscall":
+                        result = {"syscall": await self._syscall(step)}
+                    else:
+                        if report.mm:
+                            await self._send_report(report)
+                            report = _Report(self._next_report_token())
+                        result = {"switch_mm": await self._switch_mm(step)}
+                except (SimError, grpc.aio.AioRpcError):
+                    if not results:
+                        raise  # the run's first step: the call's own failure
+                    break  # answered below; the caller starts again at this step
+                results.append(pb.StepResult(latency_s=time.perf_counter() - t0, **result))
+        finally:
+            await self._send_report(report)
+        return pb.RunResponse(results=results)
 
     @reachable
     @rpc
@@ -696,6 +732,15 @@ class CpuNode(cpu_pb2_grpc.CpuServiceServicer):
                         ((cpu, "call_refused"), f.calls_refused)])
 
 
+@dataclasses.dataclass
+class _Report:
+    """What an Access served, or a Run's access steps of one mm: reported once, with
+    the token its walks promised (if any did)."""
+    token: int
+    mm: int = 0          # the mm it was served for (0: nothing ran yet)
+    promised: bool = False
+
+
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
@@ -708,3 +753,49 @@ class _TlbShape:
     def as_dict(self) -> dict:
         return {"tlb_entries": self.entries, "tlb_ways": self.ways,
                 "cost_model": self.cost_model.name}
+
+
+def _addresses(request: pb.AccessRequest, limit: int) -> Sequence[int]:
+    """An AccessRequest's addresses, checked (user space, at most `limit`, one write
+    flag each if any)."""
+    packed = request.packed_addresses
+    if packed and request.addresses:
+        raise InvalidArgument("addresses and packed_addresses: give one of the two")
+    n = len(packed) // 8 if packed else len(request.addresses)
+    if n > limit:
+        raise InvalidArgument(f"{n} accesses in one request: at most {limit}")
+    if request.writes and len(request.writes) != n:
+        raise InvalidArgument(f"writes has {len(request.writes)} flags for {n} addresses")
+    if packed:  # ~1 ms per 100k addresses; the repeated field's copy and max() ~6 ms
+        return user_addresses(packed)
+    addresses = request.addresses[:]  # a list: upb copies it out fastest
+    if n and max(addresses) >= USER_VA_END:
+        for a in addresses:
+            vpn_of(a)  # raises, naming the first bad address
+    return addresses
+
+
+def _run_steps(request: pb.RunRequest) -> list[tuple[str, Any, Sequence[int]]]:
+    """A Run's steps as (kind, request, an access step's addresses), all checked: a
+    malformed one refuses the whole run before any step runs."""
+    if len(request.steps) > MAX_RUN_STEPS:
+        raise InvalidArgument(f"{len(request.steps)} steps in one run: at most {MAX_RUN_STEPS}")
+    steps: list[tuple[str, Any, Sequence[int]]] = []
+    total = 0
+    for k, step in enumerate(request.steps):
+        kind = step.WhichOneof("step")
+        if kind is None:
+            raise InvalidArgument(f"step {k} is empty: give switch_mm, access or syscall")
+        inner = getattr(step, kind)
+        if inner.HasField("vtime_ns") or (kind == "access" and inner.HasField("until_vtime_ns")):
+            raise InvalidArgument(f"step {k} has a virtual time: a run is wall-clock only "
+                                  "(in virtual time each step is its own call)")
+        try:
+            addresses = _addresses(inner, MAX_ACCESSES) if kind == "access" else ()
+        except InvalidArgument as e:
+            raise InvalidArgument(f"step {k}: {e.message}") from None
+        total += len(addresses)
+        steps.append((kind, inner, addresses))
+    if total > MAX_ACCESSES:
+        raise InvalidArgument(f"{total} accesses in one run: at most {MAX_ACCESSES}")
+    return steps

@@ -84,6 +84,38 @@ async def test_bad_fixed_mmaps(env, offset, pages, code, text):
     assert r.address == base + 64 * PAGE
 
 
+def run_of(*steps):
+    return cpu_pb2.RunRequest(steps=list(steps))
+
+
+def step_mmap(address):
+    return cpu_pb2.Step(syscall=fixed_mmap(address, 1))
+
+
+async def test_bad_runs_are_refused_before_any_step_runs(env):
+    c, cl, cpu, mm, base = env
+    free = base + 64 * PAGE
+    good = step_mmap(free)
+    timed = cpu_pb2.Step(syscall=common_pb2.SyscallRequest(
+        munmap=common_pb2.RangeArgs(address=base, pages=1), vtime_ns=5))
+    bad_access = cpu_pb2.Step(access=cpu_pb2.AccessRequest(addresses=[base], writes=b"\x01\x01"))
+    many = cpu_pb2.Step(access=cpu_pb2.AccessRequest(packed_addresses=pack_addresses(
+        [base] * 300_000)))
+    before = await state(cl)
+    for request, text in [
+            (run_of(good, cpu_pb2.Step()), "step 1 is empty"),
+            (run_of(good, timed), "step 1 has a virtual time"),
+            (run_of(good, cpu_pb2.Step(access=cpu_pb2.AccessRequest(
+                addresses=[base], until_vtime_ns=9))), "wall-clock only"),
+            (run_of(good, good, bad_access), "step 2: writes has 2 flags for 1"),
+            (run_of(*[good] * 4097), "4097 steps in one run: at most 4096"),
+            (run_of(good, many, many, many, many), "1200000 accesses in one run")]:
+        await expect(cpu.Run(request), grpc.StatusCode.INVALID_ARGUMENT, text)
+    assert await state(cl) == before
+    r = await cpu.Run(run_of(good))  # nothing ran: the address is still free
+    assert r.results[0].syscall.address == free
+
+
 async def test_bad_access_addresses(env):
     c, cl, cpu, mm, base = env
     before = await state(cl)
