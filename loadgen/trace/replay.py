@@ -26,9 +26,11 @@ mapped segments, to know what a call covers:
   within its 2 MiB block (`implicit_mappings`), so it is simulated, not dropped.
 A task's consecutive steps (switching its CPU to its mm, system calls, accesses) go to
 its CPU together in one Run call (wall-clock time, at full speed: nothing the replayer
-needs comes back from them but a fork's child mm), sent when another CPU's task takes
-over or RUN_ACCESSES accumulate; paced (--speed), each event's steps go at its time, and
-in virtual time each step is its own call, taking its turn.
+needs comes back from them but a fork's child mm). One run is in flight at a time, in
+the trace's order; while it runs the replayer translates the events after it, and sends
+what is ready once it is answered (or another CPU's task takes over, or RUN_ACCESSES
+accumulate). Paced (--speed), each event's steps go at its time; in virtual time each
+step is its own call, taking its turn.
 Tasks are placed on CPUs round-robin in the order they appear; a CPU shared by tasks of
 different address spaces switches mm before each of their calls, and a CPU loads a
 new mm after execve (`mm_switches`).
@@ -59,6 +61,9 @@ if TYPE_CHECKING:  # the scenarios import this module
 # consecutive access events of one task (lackey writes a batch per 1,024 pages or fewer)
 # go in one step, up to this many: nothing happens between them in the trace.
 ACCESS_BATCH = 1 << 16
+# How often the replayer, translating the events that follow a run in flight, looks
+# whether the CPU answered (to send what is ready): a look gives the event loop a turn.
+LOOK_EVERY_S = 0.0005
 # A run is sent once its access steps hold this many accesses (bounded messages; the
 # CPU takes up to 2^20 in one Run).
 RUN_ACCESSES = 1 << 18
@@ -207,7 +212,8 @@ class Replayer:
         self._held: tuple[Task, list[int], bytearray] | None = None  # accesses not yet a step
         self._run: tuple[Cpu, list[cpu_pb2.Step]] | None = None  # steps not yet sent
         self._run_accesses = 0
-        self._answered: list[cpu_pb2.StepResult] = []  # the last run sent, its results
+        self._inflight: asyncio.Future[list[cpu_pb2.StepResult]] | None = None
+        self._answered: list[cpu_pb2.StepResult] = []  # the last run answered, its results
 
     # --- tasks, CPUs and mms ---------------------------------------------------------------
     def _space(self) -> Space:
@@ -253,7 +259,7 @@ class Replayer:
             self.loaded[cpu.id] = 0
         if not answer:
             return None
-        await self._send()
+        await self._send(wait=True)
         return self._answered[-1].syscall  # the call was the last step of the last run
 
     # --- runs ----------------------------------------------------------------------------
@@ -269,11 +275,23 @@ class Replayer:
             if self._run_accesses >= RUN_ACCESSES:
                 await self._send()
 
-    async def _send(self) -> None:
-        """The steps not yet sent, in one run on their CPU (its results: `_answered`)."""
+    async def _send(self, wait: bool = False) -> None:
+        """The steps not yet sent, as one run on their CPU once the run in flight is
+        answered (runs keep the trace's order); meanwhile the replayer goes on with the
+        events that follow. `wait`: until this one is answered too (`_answered`)."""
+        await self._landed()
         run, self._run, self._run_accesses = self._run, None, 0
         if run is not None:
-            self._answered = await self.d.run(*run)
+            self._inflight = asyncio.ensure_future(self.d.run(*run))
+            await asyncio.sleep(0)  # it starts: its request goes out
+        if wait:
+            await self._landed()
+
+    async def _landed(self) -> None:
+        """Until the run in flight is answered (raising what it raised)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            self._answered = await inflight
 
     async def _map(self, task: Task, start: int, pages: int, writable: bool,
                    implicit: bool = False) -> None:
@@ -312,7 +330,7 @@ class Replayer:
 
     # --- events ------------------------------------------------------------------------------
     async def replay(self) -> None:
-        t0 = time.perf_counter()
+        t0 = look_at = time.perf_counter()
         n = len(self.events)
         step = max(1, n // 100)
         for k, e in enumerate(self.events):
@@ -327,11 +345,17 @@ class Replayer:
             except ValueError as error:  # the header is line 1
                 raise ValueError(f"line {k + 2}: {error}") from None
             if not self.merge:
-                await self._send()  # paced, or virtual: the event's steps go now
+                await self._send(wait=True)  # paced, or virtual: the event's steps go now
+            elif time.perf_counter() >= look_at:  # is the run in flight answered?
+                await asyncio.sleep(0)  # (only the event loop can tell)
+                look_at = time.perf_counter() + LOOK_EVERY_S
+                if self._inflight is None or self._inflight.done():
+                    await self._step_held()  # the CPU is free: what is ready goes
+                    await self._send()
             if self.on_progress is not None and k % step == step - 1 and k + 1 < n:
                 self.on_progress((k + 1) / n)
         await self._step_held()
-        await self._send()
+        await self._send(wait=True)
 
     async def event(self, e: dict) -> None:
         task = self._task(e["tid"])

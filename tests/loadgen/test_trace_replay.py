@@ -13,7 +13,7 @@ import pytest
 from loadgen import output
 from loadgen.output import trace_notes
 from loadgen.runner import failed, run
-from loadgen.scenarios import RunConfig
+from loadgen.scenarios import Driver, RunConfig
 from loadgen.trace.fmt import Pages, read_trace, write_trace
 from services.common.errors import InvalidArgument
 from services.common.policy import Policy
@@ -230,3 +230,37 @@ async def test_a_trace_outside_user_space_is_refused_naming_the_line(cluster, tm
     path = synthetic(tmp_path, event)
     with pytest.raises(InvalidArgument, match=re.escape(says)):
         await run(cluster.client, RunConfig("replay", Policy(), cpus=4, rounds=1, trace=path))
+
+
+async def test_runs_go_one_at_a_time_in_the_traces_order(cluster, monkeypatch):
+    """At full speed the replayer sends a run and goes on translating the events after
+    it; the next run waits for its answer. The steps that reach the CPU are those of a
+    paced replay (one event at a time), in the same order."""
+    path = os.path.join(FIXTURES, "ls-accesses.tlbt.gz")
+    real, sent, flying = Driver.run, [], []
+
+    async def run_watched(self, cpu, steps):
+        flying.append(1)
+        assert len(flying) == 1, "two runs in flight"
+        try:
+            sent.append(list(steps))
+            return await real(self, cpu, steps)
+        finally:
+            flying.pop()
+
+    monkeypatch.setattr(Driver, "run", run_watched)
+    merged = (await replay(cluster, path))["results"]
+    runs, sent[:] = list(sent), []
+    paced = (await run(cluster.client, RunConfig(
+        "replay", Policy(deadline_s=10.0), cpus=4, rounds=1, trace=path,
+        speed=1e9)))["results"]
+
+    def calls(runs):
+        steps = [s for r in runs for s in r]
+        addresses = b"".join(s.access.packed_addresses for s in steps if s.HasField("access"))
+        return [s for s in steps if not s.HasField("access")], addresses
+
+    assert 2 <= len(runs) < merged["replay"]["access_batches"]
+    assert calls(runs) == calls(sent)
+    for key in ("faults", "segv", "tlb_hit_rate", "stale_accesses"):
+        assert merged[key] == paced[key], key
