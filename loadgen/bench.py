@@ -6,6 +6,8 @@
   need a cluster with a broker (`tlbsim up --mqtt`; the bench's own cluster has one
   when mosquitto is installed) and are skipped, with a note, otherwise.
 - munmap of 512 pages, one shootdown per page vs gathered (the quiet LATR variant).
+- A recorded trace (`/bin/ls` with --accesses) replayed on 4 CPUs vs the same replay
+  in this process (services/machine.py: no RPC).
 - TLB-hit accesses per second in one CPU service vs its TLB alone in this process;
   faults per second at the memory service vs the same call on present pages; faults
   through a CPU service (an Access of 64 fresh pages) vs the domain in this process and
@@ -22,20 +24,25 @@ import asyncio
 import statistics
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 
 from loadgen import costbench, output
-from loadgen.cluster import Cluster
+from loadgen.cluster import Cluster, Cpu
 from loadgen.runner import run
 from loadgen.scenarios import RunConfig
+from loadgen.trace.fmt import read_trace
+from loadgen.trace.replay import Replayer
+from loadgen.vsched import VirtualScheduler
 from services.common import wire
-from services.common.addresses import pack_addresses
+from services.common.addresses import pack_addresses, user_addresses
 from services.common.policy import FlushMode, ForkMode, Policy, Transport
 from services.common.stats import p50_p99
 from services.cpu.core import CpuCore
 from services.cpu.tlb import Entry
-from services.memory.kernel import Kernel
+from services.machine import Machine, make_machine
+from services.memory.service import syscall as memory_syscall
 from tlbsim.v1 import common_pb2, coordinator_pb2, cpu_pb2, memory_pb2
 
 TARGETS = (1, 2, 4, 8)
@@ -48,6 +55,10 @@ RSS_PAGES = (100_000, 1_000_000)
 CLUSTER_ROWS: tuple[tuple[int, int | None], ...] = ((16, 1), (16, 8), (256, None))
 CLUSTER_PAGES = 64  # the munmap each cluster runs: one shootdown to every other CPU
 POPULATE_CHUNK = 100_000  # pages per populating mmap: bounded work per call
+# The replay row: `/bin/ls` recorded with --accesses (89,130 page accesses), on 4 CPUs.
+BENCH_TRACE = Path(__file__).resolve().parents[1] / "tests/fixtures/traces/ls-accesses.tlbt.gz"
+REPLAY_CPUS = 4
+REPLAY_ROUNDS = 5
 
 
 async def _process_on(cluster: Cluster, cpu: int = 0) -> int:
@@ -132,17 +143,16 @@ FRESH_PAGES = 64  # an Access of this many fresh pages: one read-ahead window
 async def cpu_faults_vs_floor(cluster: Cluster, rounds: int) -> dict:
     """Faults per second through a CPU service: `Access` writes to FRESH_PAGES fresh
     pages (one CPU), timed at the client, interleaved round by round with two floors:
-    the same Access run by a `CpuCore` on a `Kernel` in this process (the domain alone:
-    no RPC), and a `Walk` of as many pages in one gRPC call (what moving a batch of that
+    the same accesses on the machine in this process (services/machine.py: the domain
+    alone, no RPC), and a `Walk` of as many pages in one gRPC call (what moving a batch of that
     size costs), in items per second."""
     policy = Policy()
     await cluster.reset(policy, 1)
     cpu = cluster.cpus[0]
     mm = await _process_on(cluster)
-    kernel = Kernel(policy, _no_shootdown)
-    core = CpuCore(0, policy.tlb_entries, policy.tlb_ways)
-    local_mm = kernel.create_mm()
-    core.switch(local_mm, kernel.switch_mm(0, local_mm))
+    machine = make_machine(1)
+    local_mm = machine.kernel.create_mm()
+    await machine.switch(0, local_mm)
     served: list[float] = []
     floor: list[float] = []
     rpc_items: list[float] = []
@@ -160,11 +170,10 @@ async def cpu_faults_vs_floor(cluster: Cluster, rounds: int) -> dict:
         # The Access's report follows its answer (services/memory/promises.py): Stats
         # waits for it, so it is not judged while the floor is timed, slowing the floor.
         await cluster.memory.Stats(memory_pb2.MemoryStatsRequest(), metadata=cluster.meta())
-        local = (await kernel.mmap(0, local_mm, FRESH_PAGES, True)).address
+        local = (await machine.syscall(0, "mmap", FRESH_PAGES, True)).address
         addresses = [local + i * 4096 for i in range(FRESH_PAGES)]
         t0 = time.perf_counter()
-        s = await core.run_accesses(addresses, writes, **_in_process(kernel, core))
-        kernel.report_accesses(core.take_hits(), local_mm)
+        s = await machine.access(0, addresses, write=writes)  # and reports what it served
         floor.append(s.faults / (time.perf_counter() - t0))
         if s.faults != FRESH_PAGES:
             raise AssertionError(f"the floor faulted {s.faults} of {FRESH_PAGES} pages")
@@ -180,23 +189,73 @@ async def cpu_faults_vs_floor(cluster: Cluster, rounds: int) -> dict:
             "ratio": service / domain if domain else 0.0}
 
 
-def _in_process(kernel: Kernel, core: CpuCore):
-    """The CPU's miss, walk and batch calls straight into a kernel (no RPC)."""
-    async def miss(vpn: int, write: bool, vt: int | None):
-        return await kernel.handle_miss(0, core.loaded_mm, vpn, write, vt)
+async def replay_vs_floor(cluster: Cluster, rounds: int, trace: Path = BENCH_TRACE) -> dict:
+    """A recorded trace replayed on REPLAY_CPUS CPUs of the cluster (the report's
+    ops/s: accesses and system calls), interleaved round by round with the same replay
+    in this process (the replayer, kernel and cores of services/machine.py: no RPC)."""
+    header, events = read_trace(str(trace))
+    served: list[float] = []
+    floor: list[float] = []
+    for _ in range(rounds):
+        report = await run(cluster, RunConfig("replay", Policy(), cpus=REPLAY_CPUS, rounds=1,
+                                              trace=str(trace)))
+        r = report["results"]
+        if r["stale_accesses"] or r["audit_violations"]:
+            raise AssertionError(f"the replay of {trace.name}: {r['stale_accesses']} stale "
+                                 f"accesses, {r['audit_violations']} audit violations")
+        served.append(r["ops_per_s"])
+        local = _InProcess(make_machine(REPLAY_CPUS))
+        t0 = time.perf_counter()
+        cpus = [Cpu(i, cast(Any, None)) for i in range(REPLAY_CPUS)]  # (no service to call)
+        await Replayer(local, cpus, header, events).replay()
+        floor.append(local.ops / (time.perf_counter() - t0))
+        if local.ops != r["ops"]:
+            raise AssertionError(f"the in-process replay did {local.ops} operations, the "
+                                 f"cluster's {r['ops']}")
+    service, domain = statistics.median(served), statistics.median(floor)
+    return {"trace": trace.name, "cpus": REPLAY_CPUS, "rounds": rounds,
+            "ops": local.ops, "ops_per_s": service,
+            "floor_in_process_ops_per_s": domain,
+            "ratio": service / domain if domain else 0.0}
 
-    async def walk(vpns: list[int]):
-        return kernel.walk(0, core.loaded_mm, vpns)
 
-    async def misses(vpns: list[int], touches):
-        ptes, batch, results, error = await kernel.walk_and_fault(0, core.loaded_mm, vpns,
-                                                                  touches)
-        return ptes, batch, [*results, error] if error is not None else results
-    return {"miss": miss, "walk": walk, "misses": misses}
+class _InProcess:
+    """What the replayer needs of a Driver, on the whole machine in this process: each
+    step as the CPU service does it, without the services."""
+    virtual: VirtualScheduler | None = None  # wall-clock time
+    stopping = False
 
+    def __init__(self, machine: Machine):
+        self.machine = machine
+        self.ops = 0  # accesses and system calls, as the report counts them
 
-async def _no_shootdown(order, targets):
-    raise AssertionError("the in-process floor's faults need no shootdown")
+    async def create_mm(self) -> int:
+        return self.machine.kernel.create_mm()
+
+    async def run(self, cpu: Cpu, steps: list[cpu_pb2.Step]) -> list[cpu_pb2.StepResult]:
+        m, out = self.machine, []
+        for step in steps:
+            kind = step.WhichOneof("step")
+            if kind == "switch_mm":
+                await m.switch(cpu.id, step.switch_mm.mm)
+                out.append(cpu_pb2.StepResult(switch_mm=cpu_pb2.SwitchMmResponse()))
+            elif kind == "access":
+                a = step.access
+                s = await m.access(cpu.id, user_addresses(a.packed_addresses), write=a.writes)
+                self.ops += s.accesses
+                out.append(cpu_pb2.StepResult(access=cpu_pb2.AccessResponse(
+                    accesses=s.accesses, hits=s.hits, misses=s.misses, faults=s.faults,
+                    segv=s.segv)))
+            else:
+                core = m.cpus[cpu.id]
+                r = await memory_syscall(m.kernel, cpu.id, core.loaded_mm, step.syscall)
+                m.apply_local(cpu.id, r)
+                if step.syscall.WhichOneof("call") == "exit":
+                    core.switch(0, 0)
+                self.ops += 1
+                out.append(cpu_pb2.StepResult(syscall=common_pb2.SyscallResponse(
+                    address=r.address, child_mm=r.child_mm)))
+        return out
 
 
 def vm_rss_bytes(pid: int) -> int:
@@ -313,6 +372,7 @@ async def bench(coordinator: str, rounds: int, munmap_rounds: int,
         hits = await tlb_hits_vs_floor(cluster, rounds=10)
         faults = await faults_vs_floor(cluster, pages=1000, rounds=3)
         cpu_faults = await cpu_faults_vs_floor(cluster, rounds=rounds)
+        replay = await replay_vs_floor(cluster, rounds=REPLAY_ROUNDS)
         shootdowns, skipped = [], []
         for transport in Transport:
             if transport is Transport.MQTT and not await _has_broker(cluster):
@@ -325,7 +385,7 @@ async def bench(coordinator: str, rounds: int, munmap_rounds: int,
         flush_ceiling = await costbench.ceiling_sweep(cluster, model=cost_model)  # issue 9
     return {"shootdown": shootdowns, "skipped_transports": skipped, "munmap_512": munmap,
             "fork": fork, "flush_ceiling": flush_ceiling, "tlb_hits": hits, "faults": faults,
-            "cpu_faults": cpu_faults,
+            "cpu_faults": cpu_faults, "replay": replay,
             "memory_rss": rss,
             "elapsed_s": round(time.perf_counter() - t0, 2)}
 
@@ -444,6 +504,11 @@ def print_throughput(result: dict) -> None:
                   f"{c['floor_domain_faults_per_s']:,.0f}", f"{c['ratio']:.2f}x")
         t.add_row("", "", f"a Walk of {c['pages']} pages per gRPC call (items)",
                   f"{c['floor_rpc_items_per_s']:,.0f}", "")
+    p = result.get("replay")
+    if p is not None:
+        t.add_row(f"trace replay ({p['trace']}, {p['cpus']} CPUs; accesses and calls)",
+                  f"{p['ops_per_s']:,.0f}", "the same replay, in-process",
+                  f"{p['floor_in_process_ops_per_s']:,.0f}", f"{p['ratio']:.2f}x")
     output.console.print(t)
     rss = result.get("memory_rss")
     if rss is None:

@@ -24,7 +24,8 @@ def loaded_by(*modules: str) -> list[str]:
 
 
 def test_the_domain_loads_no_rpc_protobuf_mqtt_or_metrics():
-    loaded = loaded_by("services.memory.kernel", "services.cpu.core", "services.common.cohost")
+    loaded = loaded_by("services.memory.kernel", "services.cpu.core", "services.common.cohost",
+                       "services.machine")
     assert "services.memory.kernel" in loaded and "services.cpu.core" in loaded
     bad = [m for m in loaded if any(m == f or m.startswith(f + ".")
                                     for f in FORBIDDEN_IN_DOMAIN)]

@@ -398,9 +398,12 @@ class Driver:
                 await self._machine_still_there()
             raise
 
+    async def create_mm(self) -> int:
+        return (await self._memory(self.cluster.memory.CreateMm,
+                                   memory_pb2.CreateMmRequest())).mm
+
     async def new_process(self, cpus: list[Cpu]) -> int:
-        mm = (await self._memory(self.cluster.memory.CreateMm,
-                                 memory_pb2.CreateMmRequest())).mm
+        mm = await self.create_mm()
         await self.gather(*(self.switch(c, mm) for c in cpus))
         return mm
 

@@ -46,16 +46,28 @@ import operator
 import time
 from itertools import repeat
 from operator import and_, lshift, rshift
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from loadgen.trace.fmt import Pages
 from services.common.addresses import (PAGE_SHIFT, PAGE_SIZE, PTE_TABLE_PAGES, USER_VPN_END,
                                        pack_addresses)
 from services.memory.mm import MMAP_MIN_VPN
-from tlbsim.v1 import common_pb2, cpu_pb2, memory_pb2
+from tlbsim.v1 import common_pb2, cpu_pb2
 
 if TYPE_CHECKING:  # the scenarios import this module
-    from loadgen.scenarios.base import Cpu, Driver
+    from loadgen.scenarios.base import Cpu
+    from loadgen.vsched import VirtualScheduler
+
+
+class Stepper(Protocol):
+    """What the replayer needs of a Driver (loadgen/scenarios/base.py; `tlbsim bench`
+    has one on the machine in its own process, the replay's floor)."""
+    virtual: VirtualScheduler | None
+    stopping: bool
+
+    async def create_mm(self) -> int: ...
+
+    async def run(self, cpu: Cpu, steps: list[cpu_pb2.Step]) -> list[cpu_pb2.StepResult]: ...
 
 # Accesses per access step at most. In wall-clock time, at full speed, the accesses of
 # consecutive access events of one task (lackey writes a batch per 1,024 pages or fewer)
@@ -190,7 +202,7 @@ class Task:
 
 
 class Replayer:
-    def __init__(self, d: Driver, cpus: list[Cpu], header: dict, events: list[dict],
+    def __init__(self, d: Stepper, cpus: list[Cpu], header: dict, events: list[dict],
                  speed: float = 0.0, on_progress: Callable[[float], None] | None = None):
         self.d, self.cpus, self.header, self.events, self.speed = d, cpus, header, events, speed
         self.on_progress = on_progress  # the share of the events replayed, every percent
@@ -239,8 +251,7 @@ class Replayer:
         """Make the task's CPU run the task's mm (creating the mm on first use)."""
         space = task.space
         if not space.mm:
-            space.mm = (await self.d.cluster.memory.CreateMm(memory_pb2.CreateMmRequest(),
-                                                             timeout=60)).mm
+            space.mm = await self.d.create_mm()
             self.counters["mms_created"] += 1
         if self.loaded.get(task.cpu.id) != space.mm:
             if task.cpu.id in self.loaded:

@@ -43,12 +43,19 @@ class Translation(Protocol):
 
 
 class FlushLike(Protocol):
-    mm: int
-    start_vpn: int
-    pages: int
-    new_tlb_gen: int
-    mm_tlb_gen: int
-    all_mms: bool
+    """A flush as the CPU reads it: the wire's FlushRequest, or the kernel's FlushOrder."""
+    @property
+    def mm(self) -> int: ...
+    @property
+    def start_vpn(self) -> int: ...
+    @property
+    def pages(self) -> int: ...
+    @property
+    def new_tlb_gen(self) -> int: ...
+    @property
+    def mm_tlb_gen(self) -> int: ...
+    @property
+    def all_mms(self) -> bool: ...
 
 
 # (vpn, write, the CPU's virtual time or None) -> the walk's or the fault's answer

@@ -19,7 +19,8 @@ from services.common.policy import Policy, SharedFlush
 from services.common.server import channel, completes, rpc
 from services.common.stats import COUNT_BUCKETS
 from services.memory.digest import kernel_digest
-from services.memory.kernel import DEFAULT_FRAMES, FlushOrder, Kernel, ShootdownResult
+from services.memory.kernel import (DEFAULT_FRAMES, FlushOrder, Kernel, ShootdownResult,
+                                    SyscallResult)
 from services.memory.promises import Promises
 from tlbsim.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, memory_pb2 as pb,
                        memory_pb2_grpc)
@@ -247,26 +248,7 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
     @completes
     async def Syscall(self, request, context):
         self._check_epoch(context)
-        k, cpu, mm, call = self.kernel, request.cpu, request.mm, request.call
-        which, vt = call.WhichOneof("call"), _vtime(call)
-        if which == "mmap":
-            a = call.mmap
-            r = await k.mmap(cpu, mm, a.pages, a.writable, a.populate, vt=vt,
-                             address=a.address if a.HasField("address") else None)
-        elif which == "munmap":
-            r = await k.munmap(cpu, mm, call.munmap.address, call.munmap.pages, vt=vt)
-        elif which == "madvise_dontneed":
-            a = call.madvise_dontneed
-            r = await k.madvise_dontneed(cpu, mm, a.address, a.pages, vt=vt)
-        elif which == "mprotect":
-            a = call.mprotect
-            r = await k.mprotect(cpu, mm, a.address, a.pages, a.writable, vt=vt)
-        elif which == "fork":
-            r = await k.fork(cpu, mm, vt=vt)
-        elif which == "exit":
-            r = await k.exit(cpu, mm, vt=vt)
-        else:
-            raise InvalidArgument("syscall: no call given")
+        r = await syscall(self.kernel, request.cpu, request.mm, request.call)
         result = common_pb2.SyscallResponse(address=r.address, child_mm=r.child_mm,
                                             shootdowns=r.shootdowns, pages_freed=r.pages_freed,
                                             latency_s=r.latency_s, vtime_ns=r.vt)
@@ -452,6 +434,29 @@ class MemoryNode(memory_pb2_grpc.MemoryServiceServicer):
 def _ptes(ptes) -> list[pb.Pte]:
     return [pb.Pte(present=True, pfn=p[0], writable=p[1], tid=p[2]) if p else pb.Pte()
             for p in ptes]
+
+
+async def syscall(k: Kernel, cpu: int, mm: int, call: common_pb2.SyscallRequest
+                  ) -> SyscallResult:
+    """A SyscallRequest's call on the kernel, for `cpu` running `mm`."""
+    which, vt = call.WhichOneof("call"), _vtime(call)
+    if which == "mmap":
+        a = call.mmap
+        return await k.mmap(cpu, mm, a.pages, a.writable, a.populate, vt=vt,
+                            address=a.address if a.HasField("address") else None)
+    if which == "munmap":
+        return await k.munmap(cpu, mm, call.munmap.address, call.munmap.pages, vt=vt)
+    if which == "madvise_dontneed":
+        a = call.madvise_dontneed
+        return await k.madvise_dontneed(cpu, mm, a.address, a.pages, vt=vt)
+    if which == "mprotect":
+        a = call.mprotect
+        return await k.mprotect(cpu, mm, a.address, a.pages, a.writable, vt=vt)
+    if which == "fork":
+        return await k.fork(cpu, mm, vt=vt)
+    if which == "exit":
+        return await k.exit(cpu, mm, vt=vt)
+    raise InvalidArgument("syscall: no call given")
 
 
 def _vtime(request) -> int | None:

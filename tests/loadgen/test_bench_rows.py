@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from loadgen.bench import (FRESH_PAGES, cluster_sizes, cpu_faults_vs_floor, faults_vs_floor,
-                           memory_rss_per_page, tlb_hits_vs_floor)
+                           memory_rss_per_page, replay_vs_floor, tlb_hits_vs_floor)
 from tests.harness import InProcessCluster
 from tlbsim.v1 import memory_pb2
 
@@ -30,6 +30,15 @@ async def test_throughput_and_rss_rows_measure_what_they_name():
         assert 0 < first < both
         stats = await c.client.memory.Stats(memory_pb2.MemoryStatsRequest())
         assert stats.used_frames == 1  # the RSS row handed its frames back (the zero page stays)
+
+
+async def test_the_replay_row_replays_the_trace_on_the_cluster_and_in_process():
+    async with InProcessCluster(cpus=4) as c:
+        replay = await replay_vs_floor(c.client, rounds=2)  # raises if the two differ in ops
+        assert replay["ops"] == 89_192 and replay["cpus"] == 4  # 89,130 accesses, 62 calls
+        assert replay["ops_per_s"] > 0 and replay["floor_in_process_ops_per_s"] > 0
+        stats = await c.client.memory.Stats(memory_pb2.MemoryStatsRequest())
+        assert sum(stats.faults.values()) == 151  # the cluster's last replay, not the floor's
 
 
 def test_the_rss_script_prints_only_the_rss_rows_of_its_own_cluster():
