@@ -506,7 +506,7 @@ def print_throughput(result: dict) -> None:
                   f"{c['floor_rpc_items_per_s']:,.0f}", "")
     p = result.get("replay")
     if p is not None:
-        t.add_row(f"trace replay ({p['trace']}, {p['cpus']} CPUs; accesses and calls)",
+        t.add_row(f"trace replay on {p['cpus']} CPUs (ops: accesses and calls)",
                   f"{p['ops_per_s']:,.0f}", "the same replay, in-process",
                   f"{p['floor_in_process_ops_per_s']:,.0f}", f"{p['ratio']:.2f}x")
     output.console.print(t)

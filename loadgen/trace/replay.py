@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import dataclasses
 import operator
 import time
@@ -68,6 +69,7 @@ class Stepper(Protocol):
     async def create_mm(self) -> int: ...
 
     async def run(self, cpu: Cpu, steps: list[cpu_pb2.Step]) -> list[cpu_pb2.StepResult]: ...
+
 
 # Accesses per access step at most. In wall-clock time, at full speed, the accesses of
 # consecutive access events of one task (lackey writes a batch per 1,024 pages or fewer)
@@ -341,6 +343,14 @@ class Replayer:
 
     # --- events ------------------------------------------------------------------------------
     async def replay(self) -> None:
+        try:
+            await self._replay()
+        finally:  # an event failed: the run in flight still lands before that is told
+            if self._inflight is not None:
+                with contextlib.suppress(Exception):
+                    await self._landed()
+
+    async def _replay(self) -> None:
         t0 = look_at = time.perf_counter()
         n = len(self.events)
         step = max(1, n // 100)

@@ -1,5 +1,6 @@
 """Recorded traces of real programs, replayed on a 4-CPU cluster (issue 5, point 2)."""
 
+import asyncio
 import gzip
 import json
 import os
@@ -264,3 +265,17 @@ async def test_runs_go_one_at_a_time_in_the_traces_order(cluster, monkeypatch):
     assert calls(runs) == calls(sent)
     for key in ("faults", "segv", "tlb_hit_rate", "stale_accesses"):
         assert merged[key] == paced[key], key
+
+
+async def test_a_failing_event_lets_the_run_in_flight_land_first(cluster, tmp_path):
+    """The replayer sends a run and goes on; an event after it that is wrong ends the
+    replay only once that run is answered: nothing of it is left running."""
+    at = 0x7F00_0000_0000
+    stranger = {"op": "access", "tid": 2, "pages": Pages()}
+    stranger["pages"].add(at >> 12, False)
+    path = synthetic(tmp_path, mmap_event(at, 64), accesses(*range(at >> 12, (at >> 12) + 64)),
+                     stranger)
+    with pytest.raises(InvalidArgument, match="line 4: task 2 appears without a clone"):
+        await run(cluster.client, RunConfig("replay", Policy(), cpus=4, rounds=1, trace=path))
+    flying = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Driver.run"]
+    assert flying == []
