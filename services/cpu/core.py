@@ -296,8 +296,7 @@ class CpuCore:
         tlb.flushes_applied += 1
         gen = tlb.announce_gen(f.mm, max(f.mm_tlb_gen, f.new_tlb_gen))
         if f.pages:
-            removed = sum(tlb.invalidate_page(f.mm, vpn)
-                          for vpn in range(f.start_vpn, f.start_vpn + f.pages))
+            removed = tlb.invalidate_range(f.mm, f.start_vpn, f.pages)
             outcome = RANGE
         else:
             removed = tlb.invalidate_mm(f.mm)

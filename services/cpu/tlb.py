@@ -228,6 +228,16 @@ class Tlb:
         self._live[mm] -= 1
         return 1
 
+    def invalidate_range(self, mm: int, start_vpn: int, pages: int) -> int:
+        """`invalidate_page` of every page of the range: page by page when the range is
+        no larger than the TLB, else in one pass over the entries (a flush naming 2^40
+        pages must not take 2^40 steps)."""
+        if pages > self.nsets * self.ways:
+            end = start_vpn + pages
+            held = [vpn for s in self._sets for m, vpn in s if m == mm and start_vpn <= vpn < end]
+            return sum(self.invalidate_page(mm, vpn) for vpn in held)
+        return sum(self.invalidate_page(mm, vpn) for vpn in range(start_vpn, start_vpn + pages))
+
     def invalidate_mm(self, mm: int) -> int:
         removed = self._live.pop(mm, 0)
         self._epoch[mm] = self._epoch.get(mm, 0) + 1
@@ -259,8 +269,7 @@ class Tlb:
             self.counters.flush_elided += 1
             return ELIDED, 0
         if pages and new_gen == local + 1 == mm_gen:
-            removed = sum(self.invalidate_page(mm, vpn)
-                          for vpn in range(start_vpn, start_vpn + pages))
+            removed = self.invalidate_range(mm, start_vpn, pages)
             self.counters.flush_range += 1
             self.counters.flush_page += pages
             outcome = RANGE

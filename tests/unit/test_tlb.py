@@ -35,6 +35,34 @@ def test_a_range_flush_needs_the_next_generation_exactly():
     assert tlb.local_gen[1] == 1
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 2), st.integers(0, 300)), max_size=80),
+       st.integers(1, 2), st.integers(0, 300), st.integers(1, 400))
+def test_a_range_invalidates_what_page_by_page_would(held, mm, start, pages):
+    """Longer than the TLB is large (64 entries), a range is invalidated by a pass over
+    the entries instead: the same entries go."""
+    def tlb_holding() -> Tlb:
+        tlb = Tlb(64, 4)
+        for m in (1, 2):
+            tlb.switch_to(m, 0)
+        for m, v in held:
+            tlb.fill(m, v, Entry(v, True, v))
+        return tlb
+
+    ranged, by_page = tlb_holding(), tlb_holding()
+    removed = ranged.invalidate_range(mm, start, pages)
+    assert removed == sum(by_page.invalidate_page(mm, v) for v in range(start, start + pages))
+    assert sorted(ranged.entries()) == sorted(by_page.entries())
+
+
+def test_a_flush_naming_two_to_the_forty_pages_takes_one_pass_over_the_tlb():
+    """(Found by the RPC fuzzer: a Flush of 2^40 pages looped over them, and the CPU
+    service stopped answering.)"""
+    tlb = filled(vpns=range(8))
+    assert tlb.apply_flush(1, 4, 1 << 40, new_gen=1, mm_gen=1) == (RANGE, 4)
+    assert tlb.invalidate_range(1, 0, 1 << 40) == 4 and len(tlb) == 0
+
+
 def test_a_range_flush_that_would_skip_a_generation_becomes_full():
     tlb = filled()
     # Flush 2 arrives first while the mm is already at 2: flush 1 may still be in flight.
