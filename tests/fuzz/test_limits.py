@@ -173,6 +173,22 @@ async def test_fuzz_found_ping_fanout_of_2_to_the_32_rounds_held_the_event_loop(
     assert len(r.latency_s) == 3
 
 
+async def test_fuzz_found_a_hardware_flush_of_2_to_the_40_pages_held_the_cpu(env):
+    """A Flush naming 2^40 pages invalidated them one at a time: the CPU service (and
+    everything on its event loop) stopped answering. It is one pass over the TLB now."""
+    c, cl, cpu = env
+    mm = (await cpu.DumpTlb(cpu_pb2.DumpTlbRequest())).loaded_mm
+    for gen, hardware in ((1, True), (2, False)):  # INVLPGB, then an IPI's ranged flush
+        base = (await cpu.Syscall(syscall(mmap=common_pb2.MmapArgs(pages=1)))).address
+        await cpu.Access(cpu_pb2.AccessRequest(addresses=[base]), timeout=5)
+        ack = await cpu.Flush(common_pb2.FlushRequest(
+            shootdown_id=gen, mm=mm, start_vpn=0, pages=1 << 40, new_tlb_gen=gen,
+            mm_tlb_gen=gen, hardware=hardware), timeout=5)
+        assert ack.entries_removed == 1  # the range covered the page the Access filled
+        dump = await cpu.DumpTlb(cpu_pb2.DumpTlbRequest(), timeout=5)
+        assert len(dump.entries) == 0
+
+
 def test_fuzz_found_a_trace_event_whose_op_is_a_list():
     """{"op": []} raised TypeError (unhashable) instead of the parser's own error."""
     header = '{"format": "tlbsim-trace", "version": 1, "source": "strace", "events": 1}'

@@ -97,12 +97,17 @@ async def test_a_run_does_exactly_what_its_steps_as_calls_do():
     assert all(r[0] != "access" or r[1] for r in results)
 
 
+async def one_cpu(c: InProcessCluster, policy: Policy = Policy()):
+    """A reset machine and a fresh mm: (the client, the mm, CPU 0's stub)."""
+    cl = c.client
+    await cl.reset(policy, 1)
+    mm = (await cl.memory.CreateMm(memory_pb2.CreateMmRequest())).mm
+    return cl, mm, cl.cpus[0].stub
+
+
 async def test_a_failing_step_ends_the_run_and_the_next_call_meets_it():
     async with InProcessCluster(cpus=1) as c:
-        cl = c.client
-        await cl.reset(Policy(), 1)
-        mm = (await cl.memory.CreateMm(memory_pb2.CreateMmRequest())).mm
-        cpu = cl.cpus[0].stub
+        cl, mm, cpu = await one_cpu(c)
         bad = mmap(A, 2)  # over the mapping the run's second step makes
         steps = [switch(mm), mmap(A, 4), access(A, 4), bad, mmap(B, 1)]
         r = await cpu.Run(cpu_pb2.RunRequest(steps=steps))
@@ -119,10 +124,8 @@ async def test_a_failing_step_ends_the_run_and_the_next_call_meets_it():
 
 async def test_the_driver_rides_out_a_cpu_fenced_between_steps_and_runs_each_once():
     async with InProcessCluster(cpus=1) as c:
-        cl = c.client
-        await cl.reset(Policy(), 1)
+        cl, mm, _ = await one_cpu(c)
         d = Driver(cl, Measurements())
-        mm = (await cl.memory.CreateMm(memory_pb2.CreateMmRequest())).mm
         node = c.cpus[0].node
         real, done = node._syscall, []
 
@@ -151,10 +154,7 @@ async def test_a_runs_report_names_the_mm_each_access_ran_in():
     still maps B through the same PTE table and its later hits are legitimate — unless
     they were judged as the child's."""
     async with InProcessCluster(cpus=1) as c:
-        cl = c.client
-        await cl.reset(Policy(fork="share"), 1)
-        mm = (await cl.memory.CreateMm(memory_pb2.CreateMmRequest())).mm
-        cpu = cl.cpus[0].stub
+        cl, mm, cpu = await one_cpu(c, Policy(fork="share"))
         r = await cpu.Run(cpu_pb2.RunRequest(steps=[
             switch(mm), mmap(A, 1), mmap(B, 4), access(B, 4, b"\x01" * 4), access(A, 1),
             sys(fork=common_pb2.ForkArgs())]))
