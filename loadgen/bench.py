@@ -247,11 +247,9 @@ class _InProcess:
                     accesses=s.accesses, hits=s.hits, misses=s.misses, faults=s.faults,
                     segv=s.segv)))
             else:
-                core = m.cpus[cpu.id]
-                r = await memory_syscall(m.kernel, cpu.id, core.loaded_mm, step.syscall)
-                m.apply_local(cpu.id, r)
-                if step.syscall.WhichOneof("call") == "exit":
-                    core.switch(0, 0)
+                r = await memory_syscall(m.kernel, cpu.id, m.cpus[cpu.id].loaded_mm,
+                                         step.syscall)
+                m.returned(cpu.id, step.syscall.WhichOneof("call"), r)
                 self.ops += 1
                 out.append(cpu_pb2.StepResult(syscall=common_pb2.SyscallResponse(
                     address=r.address, child_mm=r.child_mm)))

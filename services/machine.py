@@ -63,9 +63,13 @@ class Machine:
     def report(self, report: HitReport, mm: int = 0) -> int:
         return self.kernel.report_accesses(report, mm)
 
-    def apply_local(self, cpu: int, result, virtual: bool = False) -> None:
+    def returned(self, cpu: int, call: str, result, virtual: bool = False) -> None:
+        """What the CPU service does when a system call returns: the initiator flushes
+        itself, and after `exit` it runs no mm."""
         for f in result.local_flushes:
             self.cpus[cpu].local_flush(f, virtual)
+        if call == "exit":
+            self.cpus[cpu].switch(0, 0)
 
     async def syscall(self, cpu: int, name: str, *args, vt: int | None = None, **kw):
         """`vt`: in virtual time, the call starts then (the CPU's clock if later); the
@@ -73,13 +77,13 @@ class Machine:
         core = self.cpus[cpu]
         if vt is None:
             result = await getattr(self.kernel, name)(cpu, core.loaded_mm, *args, **kw)
-            self.apply_local(cpu, result)
+            self.returned(cpu, name, result)
             return result
         core.v.start(vt)
         result = await getattr(self.kernel, name)(cpu, core.loaded_mm, *args, vt=core.v.clock,
                                                   **kw)
         core.v.advance(result.vt - core.v.clock)
-        self.apply_local(cpu, result, virtual=True)
+        self.returned(cpu, name, result, virtual=True)
         return result
 
     def dumps(self) -> list[dict]:

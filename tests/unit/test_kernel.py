@@ -162,6 +162,7 @@ async def test_exit_frees_everything():
     mm, base, _ = await process_on_all(m, 600, ncpus=2)
     await m.syscall(0, "exit")
     assert m.kernel.frames.used == m.kernel.reserved_frames  # the zero page
+    assert m.cpus[0].loaded_mm == 0  # as the CPU service leaves it: running no mm
     with pytest.raises(FailedPrecondition, match="exited"):
         m.kernel.mm(mm)
 
